@@ -1,0 +1,34 @@
+"""The `denuc` command line: one sub-command per module in this package.
+
+Each sub-command module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from denuc.errors import InputError
+
+SUBCOMMANDS = ["evaluate", "detect", "train-detector"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="denuc", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"denuc.cli.{name.replace('-', '_')}")
+        module.add_parser(subparsers)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].run(args)
+    except InputError as error:
+        print(f"denuc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from denuc.cli import main
+
+sys.exit(main())

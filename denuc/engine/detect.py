@@ -1,0 +1,183 @@
+"""Running a point detector on images of any size: sliding window, tile ownership, point NMS.
+
+``Detector`` is the user-facing object: ``Detector.from_pretrained("default").detect(image, mpp=0.5)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.spatial import cKDTree
+
+from denuc.config import DetectorConfig
+from denuc.errors import InputError
+from denuc.io.atomic import atomic_path
+from denuc.io.images import read_image, resample, to_rgb_uint8
+from denuc.models.detector import PointDetector
+from denuc.nuclei import Nuclei
+
+PRETRAINED = {"default": "detector_default.safetensors"}
+"""Detectors shipped inside the package (denuc/weights)."""
+
+ALIGN = 32  # the backbone's total stride: tile origins and sizes are multiples of it so grids line up
+
+
+def point_nms(xy: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of points kept by greedy point NMS: in descending score, drop points within ``radius``
+    (<=) of an already kept point. Ties in score keep the earlier point."""
+    if len(xy) == 0 or radius <= 0:
+        return np.arange(len(xy))
+    order = np.argsort(-scores, kind="stable")
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    if len(pairs) == 0:
+        return order
+    rank = np.empty(len(xy), dtype=np.int64)
+    rank[order] = np.arange(len(xy))
+    # orient each pair (stronger, weaker); only a kept stronger point suppresses
+    stronger = np.where(rank[pairs[:, 0]] < rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    weaker = pairs[:, 0] + pairs[:, 1] - stronger
+    by_stronger = np.argsort(stronger, kind="stable")
+    stronger, weaker = stronger[by_stronger], weaker[by_stronger]
+    heads, starts = np.unique(stronger, return_index=True)
+    ends = np.append(starts[1:], len(stronger))
+    # walk the points that have weaker neighbours, strongest first; a suppressed point suppresses nothing
+    suppressed = np.zeros(len(xy), dtype=bool)
+    for k in np.argsort(rank[heads], kind="stable"):
+        if not suppressed[heads[k]]:
+            suppressed[weaker[starts[k]:ends[k]]] = True
+    return order[~suppressed[order]]
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile start positions covering [0, length) with the given overlap; the last tile ends at ``length``
+    when length >= tile (its start is then aligned down, which only adds overlap)."""
+    step = tile - overlap
+    starts = list(range(0, max(length - tile, 0) + 1, step))
+    if starts[-1] + tile < length:
+        starts.append((length - tile) // ALIGN * ALIGN)
+    return starts
+
+
+def _ownership_bounds(starts: list[int], tile: int, length: int) -> list[tuple[float, float]]:
+    """For each tile, the interval of coordinates it owns: split overlaps at their midpoint."""
+    bounds = []
+    for k, start in enumerate(starts):
+        low = -np.inf if k == 0 else (start + starts[k - 1] + tile) / 2 - 0.5
+        high = np.inf if k == len(starts) - 1 else (starts[k + 1] + start + tile) / 2 - 0.5
+        bounds.append((low, high))
+    return bounds
+
+
+class Detector:
+    """A trained point detector with its working resolution and thresholds."""
+
+    def __init__(self, model: PointDetector, device: str | torch.device = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+
+    @property
+    def config(self) -> DetectorConfig:
+        return self.model.config
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu") -> "Detector":
+        """Load a detector from a ``.safetensors`` file written by ``save`` or a shipped name ("default")."""
+        if str(path_or_name) in PRETRAINED:
+            path = resources.files("denuc") / "weights" / PRETRAINED[str(path_or_name)]
+        else:
+            path = Path(path_or_name)
+        if not Path(str(path)).is_file():
+            raise InputError(path_or_name, f"no such detector file (shipped names: {sorted(PRETRAINED)})")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types
+            raise InputError(path, f"not a readable safetensors file: {error}") from None
+        if "denuc_detector" not in metadata:
+            raise InputError(path, "safetensors file has no 'denuc_detector' config: not a denuc detector")
+        config = DetectorConfig.from_json(metadata["denuc_detector"])
+        model = PointDetector(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(path, f"weights do not fit a {config.backbone} detector: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
+        return cls(model, device)
+
+    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> None:
+        metadata = {"denuc_detector": self.config.to_json(), "format": "denuc-detector-1"}
+        metadata.update({k: json.dumps(v) for k, v in (extra_metadata or {}).items()})
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=metadata)
+
+    def with_settings(self, **changes) -> "Detector":
+        """The same weights with other inference settings (score_threshold, nms_radius_um, tile_size, ...)."""
+        self.model.config = replace(self.config, **changes)
+        return self
+
+    @torch.inference_mode()
+    def detect_resampled(self, image: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Detect on an RGB uint8 image already at the model's pixel size; returns (xy, scores) before NMS.
+
+        The image is cut into tiles of ``tile_size`` with ``tile_overlap``; each point is kept only by the tile
+        that owns its position (overlaps are split at their midpoint), so none is lost or doubled at borders.
+        """
+        cfg = self.config
+        h, w = image.shape[:2]
+        tile_h = min(cfg.tile_size, -(-h // ALIGN) * ALIGN)
+        tile_w = min(cfg.tile_size, -(-w // ALIGN) * ALIGN)
+        pad_h, pad_w = max(tile_h - h, 0), max(tile_w - w, 0)
+        if pad_h or pad_w:  # white, like glass: the detector sees no tissue there
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255)
+        ys, xs = tile_origins(image.shape[0], tile_h, cfg.tile_overlap), tile_origins(image.shape[1], tile_w, cfg.tile_overlap)
+        ybounds, xbounds = _ownership_bounds(ys, tile_h, h), _ownership_bounds(xs, tile_w, w)
+        jobs = [(y, x, yb, xb) for y, yb in zip(ys, ybounds) for x, xb in zip(xs, xbounds)]
+        all_xy, all_scores = [], []
+        tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float()
+        for first in range(0, len(jobs), batch_size):
+            batch = jobs[first:first + batch_size]
+            tiles = torch.stack([tensor[:, y:y + tile_h, x:x + tile_w] for y, x, _, _ in batch])
+            logits, points = self.model(tiles.contiguous(memory_format=torch.channels_last))
+            scores = logits.softmax(-1)[..., 1]
+            for k, (y, x, (ylo, yhi), (xlo, xhi)) in enumerate(batch):
+                keep = scores[k] > cfg.score_threshold
+                xy = points[k][keep].cpu().numpy().astype(np.float64) + (x, y)
+                s = scores[k][keep].cpu().numpy().astype(np.float64)
+                owned = (xy[:, 0] >= xlo) & (xy[:, 0] < xhi) & (xy[:, 1] >= ylo) & (xy[:, 1] < yhi)
+                inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= w - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= h - 0.5)
+                all_xy.append(xy[owned & inside])
+                all_scores.append(s[owned & inside])
+        return np.concatenate(all_xy).reshape(-1, 2), np.concatenate(all_scores)
+
+    def detect(self, image: np.ndarray | str | os.PathLike, mpp: float | None = None, batch_size: int = 8) -> Nuclei:
+        """Detect nuclei in an RGB image (array or file) whose pixel size is ``mpp`` um/px.
+
+        The image is resampled to the model's working resolution, detected tile by tile, and the points are
+        mapped back to the input image's pixels. The result's labels are all "unlabelled".
+        """
+        source = str(image) if not isinstance(image, np.ndarray) else "<array>"
+        if mpp is None:
+            raise InputError(source, "pixel size unknown: pass mpp (um/px), e.g. 0.5 for 20x or 0.25 for 40x scans")
+        if not (np.isfinite(mpp) and mpp > 0):
+            raise InputError(source, f"pixel size must be a positive number of um/px, got {mpp}")
+        rgb = read_image(image) if source != "<array>" else to_rgb_uint8(image, source)
+        h, w = rgb.shape[:2]
+        work = resample(rgb, mpp / self.config.mpp)
+        fy, fx = work.shape[0] / h, work.shape[1] / w
+        xy, scores = self.detect_resampled(work, batch_size=batch_size)
+        keep = point_nms(xy, scores, self.config.nms_radius_um / self.config.mpp)
+        xy, scores = xy[keep], scores[keep]
+        xy = np.stack([(xy[:, 0] + 0.5) / fx - 0.5, (xy[:, 1] + 0.5) / fy - 0.5], axis=1).reshape(-1, 2)
+        xy[:, 0] = np.clip(xy[:, 0], -0.5, w - 0.5)
+        xy[:, 1] = np.clip(xy[:, 1], -0.5, h - 0.5)
+        return Nuclei(xy=xy, scores=scores, mpp=mpp, image_size=(w, h))

@@ -1,0 +1,66 @@
+"""Reading H&E images into RGB uint8 arrays, and resampling them to a model's pixel size."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from denuc.errors import InputError
+
+Image.MAX_IMAGE_PIXELS = None  # large tiles are legitimate here; memory is the caller's choice
+
+
+def to_rgb_uint8(array: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """Convert an image array to (H, W, 3) uint8 RGB, or refuse with a message saying why.
+
+    - RGBA is composited onto white (transparent background in exports is white glass, not black).
+    - 16-bit images are scaled to 8 bits (divided by 257, so 65535 -> 255).
+    - Grayscale is refused: an H&E model on a grayscale image would silently produce nonsense.
+    """
+    array = np.asarray(array)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
+        raise InputError(source, "grayscale image: denuc needs an RGB H&E image (convert it or check the file)")
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise InputError(source, f"unsupported image shape {array.shape}: expected (H, W, 3) RGB or (H, W, 4) RGBA")
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif array.dtype in (np.float32, np.float64):
+        if not np.isfinite(array).all():
+            raise InputError(source, "image contains NaN or infinite values")
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        array = np.clip(array * scale, 0, 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise InputError(source, f"unsupported pixel type {array.dtype}: expected 8- or 16-bit RGB")
+    if array.shape[2] == 4:
+        alpha = array[..., 3:4].astype(np.float32) / 255.0
+        array = (array[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file (PNG, JPEG, TIFF, BMP, ...) as (H, W, 3) uint8 RGB."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+            if image.mode in ("L", "LA", "1", "I", "F") or image.mode.startswith("I;16"):
+                raise InputError(path, f"grayscale image (mode {image.mode}): denuc needs an RGB H&E image")
+            array = np.asarray(image)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"cannot read image: {error}") from None
+    return to_rgb_uint8(array, str(path))
+
+
+def resample(image: np.ndarray, factor: float) -> np.ndarray:
+    """Resize an RGB uint8 image by ``factor`` (antialiased bicubic); factor 1 returns it unchanged."""
+    if abs(factor - 1.0) < 1e-6:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, int(round(w * factor))), max(1, int(round(h * factor))))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=None))
