@@ -24,6 +24,12 @@ class DetectorConfig:
     tile_size: int = 256
     tile_overlap: int = 32
 
+    def __post_init__(self) -> None:
+        # tiles start on multiples of the backbone's stride (32) so every tile's anchor grid lines up
+        if self.tile_size % 32 or self.tile_overlap % 32 or not 0 <= self.tile_overlap < self.tile_size:
+            raise ValueError(f"tile_size ({self.tile_size}) and tile_overlap ({self.tile_overlap}) must be "
+                             "multiples of 32 with overlap < tile size")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

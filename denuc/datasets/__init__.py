@@ -1,0 +1,24 @@
+"""Annotated datasets of nucleus points, read from the user's own copy: ``get_dataset("brcam2c", root)``."""
+
+from __future__ import annotations
+
+import os
+
+from denuc.datasets.base import SPLITS, Dataset, Sample
+from denuc.datasets.brcam2c import BRCAM2C
+from denuc.datasets.crchisto import CRCHisto
+from denuc.errors import InputError
+
+DATASETS: dict[str, type[Dataset]] = {cls.name: cls for cls in (BRCAM2C, CRCHisto)}
+
+
+def get_dataset(name: str, root: str | os.PathLike) -> Dataset:
+    """The dataset ``name`` ("brcam2c" or "crchisto", any case) read from the folder ``root``."""
+    try:
+        cls = DATASETS[name.lower()]
+    except KeyError:
+        raise InputError(name, f"unknown dataset; expected one of {sorted(DATASETS)}") from None
+    return cls(root)
+
+
+__all__ = ["BRCAM2C", "CRCHisto", "DATASETS", "SPLITS", "Dataset", "Sample", "get_dataset"]

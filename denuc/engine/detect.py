@@ -56,12 +56,15 @@ def point_nms(xy: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile start positions covering [0, length) with the given overlap; the last tile ends at ``length``
-    when length >= tile (its start is then aligned down, which only adds overlap)."""
-    step = tile - overlap
-    starts = list(range(0, max(length - tile, 0) + 1, step))
+    """Tile start positions covering [0, length) with at least ``overlap`` pixels of overlap.
+
+    ``length`` and ``tile`` are multiples of ALIGN (images are padded to one), so every start is too.
+    """
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, tile - overlap))
     if starts[-1] + tile < length:
-        starts.append((length - tile) // ALIGN * ALIGN)
+        starts.append(length - tile)
     return starts
 
 
@@ -134,16 +137,16 @@ class Detector:
         """
         cfg = self.config
         h, w = image.shape[:2]
-        tile_h = min(cfg.tile_size, -(-h // ALIGN) * ALIGN)
-        tile_w = min(cfg.tile_size, -(-w // ALIGN) * ALIGN)
-        pad_h, pad_w = max(tile_h - h, 0), max(tile_w - w, 0)
-        if pad_h or pad_w:  # white, like glass: the detector sees no tissue there
-            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255)
+        # pad to a multiple of ALIGN (and at least one tile) with white, like glass: no tissue there
+        padded_h, padded_w = -(-h // ALIGN) * ALIGN, -(-w // ALIGN) * ALIGN
+        tile_h, tile_w = min(cfg.tile_size, padded_h), min(cfg.tile_size, padded_w)
+        if (padded_h, padded_w) != (h, w):
+            image = np.pad(image, ((0, padded_h - h), (0, padded_w - w), (0, 0)), constant_values=255)
         ys, xs = tile_origins(image.shape[0], tile_h, cfg.tile_overlap), tile_origins(image.shape[1], tile_w, cfg.tile_overlap)
         ybounds, xbounds = _ownership_bounds(ys, tile_h, h), _ownership_bounds(xs, tile_w, w)
         jobs = [(y, x, yb, xb) for y, yb in zip(ys, ybounds) for x, xb in zip(xs, xbounds)]
         all_xy, all_scores = [], []
-        tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float()
+        tensor = torch.tensor(image, device=self.device).permute(2, 0, 1).float()
         for first in range(0, len(jobs), batch_size):
             batch = jobs[first:first + batch_size]
             tiles = torch.stack([tensor[:, y:y + tile_h, x:x + tile_w] for y, x, _, _ in batch])

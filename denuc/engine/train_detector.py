@@ -171,8 +171,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool = False,
-                   progress: bool = True) -> Path:
-    """Train (or resume) a detector in ``run_dir``; returns the path of the best model (``best.safetensors``)."""
+                   progress: bool = True, epochs_this_run: int | None = None) -> Path:
+    """Train (or resume) a detector in ``run_dir``; returns the path of the best model (``best.safetensors``).
+
+    ``epochs_this_run`` stops after that many epochs (for time-boxed jobs); ``resume=True`` continues.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -200,7 +203,8 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     train = [TrainImage(name, image, nuclei.xy) for name, image, nuclei in load_split(cfg, "train")]
     val = load_split(cfg, "val")
     detector = Detector(model)
-    for epoch in range(start_epoch, cfg.epochs):
+    stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
+    for epoch in range(start_epoch, stop):
         model.train()
         started = time.perf_counter()
         sums = {"loss": 0.0, "cls": 0.0, "coord": 0.0}
@@ -218,10 +222,10 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
             loss.backward()
             optimizer.step()
             scheduler.step()
-            sums["loss"] += float(loss)
+            sums["loss"] += loss.item()
             sums["cls"] += parts["cls"]
             sums["coord"] += parts["coord"]
-            bar.set_postfix(loss=f"{float(loss):.4f}", cls=f"{parts['cls']:.4f}", coord=f"{parts['coord']:.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", cls=f"{parts['cls']:.4f}", coord=f"{parts['coord']:.4f}")
         model.eval()
         val_f1 = validate(detector, val) if val else {"mean": float("nan")}
         row = {"epoch": epoch + 1, **{k: v / cfg.iters_per_epoch for k, v in sums.items()},

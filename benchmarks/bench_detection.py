@@ -1,0 +1,59 @@
+"""Detection accuracy of a detector on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um).
+
+    python benchmarks/bench_detection.py [--model default] [--split test] [--out benchmarks/results/detection.json]
+
+Prints precision / recall / F1 per dataset and saves them as JSON. Images are read at their native pixel size
+and the detector resamples them to its working resolution, exactly as a user's call would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from denuc.datasets import get_dataset
+from denuc.engine.detect import Detector
+from denuc.engine.evaluate import evaluate
+from denuc.io.atomic import atomic_path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--radius-um", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "detection.json")
+    args = parser.parse_args()
+
+    detector = Detector.from_pretrained(args.model)
+    results = {"model": str(args.model), "config": json.loads(detector.config.to_json()), "split": args.split,
+               "radius_um": args.radius_um, "protocol": "denuc", "torch": torch.__version__,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "datasets": {}}
+    for name, root in DATASETS.items():
+        started = time.perf_counter()
+        pairs = []
+        for sample in get_dataset(name, root).samples(args.split):
+            pred = detector.detect(sample.image_path, mpp=sample.nuclei.mpp)
+            pairs.append((sample.name, pred, sample.nuclei))
+        det = evaluate(pairs, radius_um=args.radius_um).detection
+        results["datasets"][name] = {"images": len(pairs), "tp": det.tp, "fp": det.fp, "fn": det.fn,
+                                     "precision": det.precision, "recall": det.recall, "f1": det.f1,
+                                     "seconds": time.perf_counter() - started}
+        print(f"{name:9s} {args.split}: P {det.precision:.4f}  R {det.recall:.4f}  F1 {det.f1:.4f} "
+              f"({len(pairs)} images, TP {det.tp} FP {det.fp} FN {det.fn})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""`denuc evaluate`: score predicted nucleus points against ground truth (per-class and detection F1).
+
+Predictions and ground truth are point files (CSV or GeoJSON, see docs/formats.md), one per image, paired by
+file stem; or the ground truth is a dataset split. The protocols are described in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from denuc.engine.evaluate import PROTOCOLS
+from denuc.errors import InputError
+
+POINT_SUFFIXES = (".csv", ".geojson", ".json")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help=__doc__.split(": ", 1)[1].splitlines()[0],
+                              description=__doc__.split(": ", 1)[1])
+    p.add_argument("--pred", type=Path, required=True,
+                   help="predictions: a point file, or a folder of point files named by image stem")
+    gt = p.add_mutually_exclusive_group(required=True)
+    gt.add_argument("--gt", type=Path, help="ground truth: a point file, or a folder of point files")
+    gt.add_argument("--gt-dataset", metavar="NAME", help="ground truth from a dataset, e.g. brcam2c or crchisto")
+    p.add_argument("--dataset-root", type=Path, help="folder of the dataset given by --gt-dataset")
+    p.add_argument("--split", default="test", help="dataset split to score (default: test)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="denuc", help="scoring protocol (default: denuc)")
+    p.add_argument("--radius-um", type=float, default=3.0, help="matching radius in micrometres (default: 3)")
+    p.add_argument("--mpp", type=float, help="pixel size in um/px, for ground truth that does not give one")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="bootstrap resamples of the images for 95%% confidence intervals (default: 0, none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
+    p.add_argument("--missing-as-empty", action="store_true",
+                   help="score an image without a prediction file as having no predictions (default: error)")
+    p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from denuc.engine.evaluate import evaluate
+    from denuc.io.atomic import atomic_path
+
+    if args.mpp is not None and not args.mpp > 0:
+        raise InputError("--mpp", f"pixel size must be a positive number of um/px, got {args.mpp}")
+    ground_truth = _dataset_ground_truth(args) if args.gt_dataset else _file_ground_truth(args)
+    predictions = _prediction_files(args.pred, ground_truth)
+    pairs = []
+    for name, gt in ground_truth.items():
+        if gt.mpp is None:
+            if args.mpp is None:
+                raise InputError(name, "pixel size unknown: pass --mpp (um/px), e.g. --mpp 0.5 for a 20x scan")
+            gt = replace(gt, mpp=args.mpp)
+        pairs.append((name, _read_prediction(name, predictions, gt, args.missing_as_empty), gt))
+    unused = sorted(set(predictions) - set(ground_truth))
+    if unused:
+        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
+        print(f"note: {len(unused)} prediction file(s) without ground truth were not scored: {shown}",
+              file=sys.stderr)
+    report = evaluate(pairs, radius_um=args.radius_um, protocol=args.protocol, bootstrap=args.bootstrap,
+                      seed=args.seed)
+    print(report.format_table())
+    if args.out is not None:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"report written to {args.out}")
+    return 0
+
+
+def _file_ground_truth(args: argparse.Namespace) -> dict:
+    from denuc.io import read_points
+
+    if args.dataset_root is not None:
+        raise InputError("--dataset-root", "only used with --gt-dataset")
+    return {name: read_points(path, mpp=args.mpp) for name, path in _point_files(args.gt).items()}
+
+
+def _dataset_ground_truth(args: argparse.Namespace) -> dict:
+    from denuc.datasets import get_dataset
+
+    if args.dataset_root is None:
+        raise InputError("--gt-dataset", "pass --dataset-root, the folder holding the dataset")
+    ground_truth = {}
+    for sample in get_dataset(args.gt_dataset, args.dataset_root).samples(args.split):
+        gt = sample.nuclei
+        if args.mpp is not None and gt.mpp is not None and abs(gt.mpp - args.mpp) > 1e-9 * gt.mpp:
+            raise InputError(sample.name, f"the dataset gives {gt.mpp} um/px; --mpp {args.mpp} disagrees "
+                                          "(the ground-truth points are in the dataset's pixels)")
+        ground_truth[sample.name] = gt
+    if not ground_truth:
+        raise InputError(args.dataset_root, f"the {args.gt_dataset} split {args.split!r} has no images")
+    return ground_truth
+
+
+def _prediction_files(pred: Path, ground_truth: dict) -> dict[str, Path]:
+    """Prediction files by image name; a single file for a single image is paired whatever its name."""
+    if pred.is_file() and len(ground_truth) == 1:
+        return {next(iter(ground_truth)): pred}
+    return _point_files(pred)
+
+
+def _read_prediction(name: str, predictions: dict[str, Path], gt, missing_as_empty: bool):
+    from denuc.io import read_points
+    from denuc.nuclei import Nuclei
+
+    if name in predictions:
+        return read_points(predictions[name])
+    if missing_as_empty:
+        return Nuclei(xy=[], classes=gt.classes)
+    raise InputError(name, "no prediction file for this image (pass --missing-as-empty to score it as having "
+                           "no predictions)")
+
+
+def _point_files(path: Path) -> dict[str, Path]:
+    """Point files by stem: the file itself, or those in the folder (not recursive)."""
+    if path.is_file():
+        return {path.stem: path}
+    if not path.is_dir():
+        raise InputError(path, "no such file or folder")
+    files: dict[str, Path] = {}
+    for file in sorted(path.iterdir()):
+        if file.is_file() and file.suffix.lower() in POINT_SUFFIXES:
+            if file.stem in files:
+                raise InputError(path, f"two point files for image {file.stem!r}: {files[file.stem].name} and "
+                                       f"{file.name}; keep one")
+            files[file.stem] = file
+    if not files:
+        raise InputError(path, f"no point files ({', '.join(POINT_SUFFIXES)}) in this folder")
+    return files

@@ -1,0 +1,189 @@
+"""The point detector: architecture, matching, loss, NMS, tiling, training and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from denuc.config import DatasetSpec, DetectorConfig, DetectorTrainConfig
+from denuc.engine.detect import Detector, point_nms, tile_origins
+from denuc.engine.evaluate import evaluate
+from denuc.engine.train_detector import TrainImage, detection_loss, match_anchors, random_crop, train_detector
+from denuc.models.detector import BACKBONES, PointDetector, count_parameters
+from denuc.nuclei import Nuclei
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BRCAM2C = SHARED / "datasets" / "brcam2c"
+needs_brcam2c = pytest.mark.skipif(not BRCAM2C.is_dir(), reason=f"BRCAM2C not found at {BRCAM2C}")
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("stride", [4, 8])
+def test_shapes(backbone: str, stride: int) -> None:
+    model = PointDetector(DetectorConfig(backbone=backbone, head_stride=stride)).eval()
+    with torch.inference_mode():
+        logits, points = model(torch.rand(2, 3, 64, 96) * 255)
+    anchors = (64 // stride) * (96 // stride)
+    assert logits.shape == (2, anchors, 2) and points.shape == (2, anchors, 2)
+
+
+def test_parameter_counts_grow_with_width() -> None:
+    counts = [count_parameters(PointDetector(DetectorConfig(backbone=f"shufflenet_v2_x{w}")))
+              for w in ("0_5", "1_0", "1_5", "2_0")]
+    assert counts == sorted(counts)
+    assert 0.2e6 < counts[0] < 0.4e6  # the paper's 0.3M for the 0.5x detector
+
+
+def test_anchors_sit_at_cell_centres() -> None:
+    model = PointDetector(DetectorConfig(head_stride=8))
+    anchors = model.anchors(2, 3)
+    # cell (0, 0) covers pixels 0..7, whose centre is 3.5; row-major order
+    assert anchors[0].tolist() == [3.5, 3.5]
+    assert anchors[1].tolist() == [11.5, 3.5]
+    assert anchors[3].tolist() == [3.5, 11.5]
+
+
+def test_untrained_head_predicts_anchors() -> None:
+    model = PointDetector(DetectorConfig(head_stride=4)).eval()
+    with torch.inference_mode():
+        _, points = model(torch.zeros(1, 3, 32, 32))
+    assert torch.equal(points[0], model.anchors(8, 8))
+
+
+def test_match_anchors_hand_built() -> None:
+    points = torch.tensor([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    probs = torch.tensor([0.1, 0.9, 0.2])
+    gt = torch.tensor([[1.0, 0.0], [9.0, 0.0]])
+    # costs (0.1 x d - p): gt0 -> [0.0, 0.0, 1.7]; gt1 -> [0.8, 0.0, 0.9]
+    # gt0's cheapest are anchors 0 and 1 (tie: lower index), gt1's is anchor 1.
+    anchors, gts = match_anchors(points, probs, gt, distance_weight=0.1, topk=1)
+    assert sorted(zip(anchors.tolist(), gts.tolist())) == [(0, 0), (1, 1)]
+    # top-2: gt0 claims 0 and 1, gt1 claims 1 and 0; anchor 1 costs gt1 less (0.0 vs 0.0 tie -> earlier claim)
+    anchors, gts = match_anchors(points, probs, gt, distance_weight=0.1, topk=2)
+    assert len(set(anchors.tolist())) == len(anchors)  # each anchor goes to one ground-truth point
+    empty_a, empty_g = match_anchors(points, probs, torch.zeros(0, 2), 0.1, 1)
+    assert len(empty_a) == 0 and len(empty_g) == 0
+
+
+def test_point_nms_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(0, 50))
+        xy = rng.integers(0, 20, (n, 2)).astype(float)
+        scores = rng.integers(0, 5, n).astype(float)  # many ties
+        kept: list[int] = []
+        for i in np.argsort(-scores, kind="stable"):
+            if all(np.hypot(*(xy[i] - xy[j])) > 3.0 for j in kept):
+                kept.append(int(i))
+        assert point_nms(xy, scores, 3.0).tolist() == kept
+
+
+def test_tile_origins_cover_the_image() -> None:
+    for length in (32, 256, 320, 480, 1024):
+        starts = tile_origins(length, min(256, length), 32)
+        assert starts[0] == 0 and starts[-1] + min(256, length) == length
+        assert all(s % 32 == 0 for s in starts)
+        assert all(b - a <= 224 for a, b in zip(starts, starts[1:]))
+
+
+def _brcam2c_image(split: str = "train", index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from denuc.datasets import get_dataset
+    from denuc.io.images import read_image
+
+    sample = get_dataset("brcam2c", BRCAM2C).samples(split)[index]
+    return read_image(sample.image_path), sample.nuclei.xy
+
+
+@pytest.fixture(scope="module")
+def overfit_detector() -> tuple[Detector, np.ndarray, np.ndarray]:
+    """A 0.5x detector trained briefly on one real BRCAM2C image (0.5 um/px, the working resolution)."""
+    image, xy = _brcam2c_image()
+    cfg = DetectorTrainConfig(model=DetectorConfig(head_stride=4), batch_size=4, lr=3e-3, color_jitter=0.0,
+                              scale_jitter=0.0)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = PointDetector(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    item = TrainImage("one", image, xy)
+    losses = []
+    for _ in range(150):
+        crops, targets = zip(*(random_crop(item, 256, cfg, rng) for _ in range(cfg.batch_size)))
+        images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c in crops])
+        logits, points = model(images)
+        loss, _ = detection_loss(logits, points, [torch.from_numpy(t).float() for t in targets], cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    detector = Detector(model)
+    detector.losses = losses
+    return detector, image, xy
+
+
+@needs_brcam2c
+def test_loss_falls_and_detector_overfits_one_image(overfit_detector) -> None:
+    detector, image, xy = overfit_detector
+    assert np.mean(detector.losses[-10:]) < 0.5 * np.mean(detector.losses[:10])
+    pred = detector.detect(image, mpp=0.5)
+    gt = Nuclei(xy=xy, mpp=0.5)
+    f1 = evaluate([("one", pred, gt)], radius_um=3.0).detection.f1
+    assert f1 >= 0.9, f"detection F1 after overfitting one image: {f1:.3f}"
+
+
+@needs_brcam2c
+def test_sliding_window_equals_whole_image(overfit_detector) -> None:
+    detector, image, _ = overfit_detector
+    whole = detector.with_settings(tile_size=512, tile_overlap=0).detect(image, mpp=0.5)
+    tiled = detector.with_settings(tile_size=128, tile_overlap=64).detect(image, mpp=0.5)
+    detector.with_settings(tile_size=256, tile_overlap=32)
+    # nothing doubled at tile borders: no two points closer than the NMS radius
+    radius_px = detector.config.nms_radius_um / 0.5
+    from scipy.spatial import cKDTree
+
+    assert len(cKDTree(tiled.xy).query_pairs(radius_px)) == 0
+    # same nuclei: tiles see less context than the whole image, so allow sub-pixel shifts and a few flips at
+    # the score threshold
+    report = evaluate([("img", tiled, Nuclei(xy=whole.xy, mpp=0.5))], radius_um=0.5)
+    assert report.detection.f1 >= 0.97, report.detection
+
+
+@needs_brcam2c
+def test_save_and_load_round_trip(tmp_path: Path, overfit_detector) -> None:
+    detector, image, _ = overfit_detector
+    detector.save(tmp_path / "det.safetensors")
+    loaded = Detector.from_pretrained(tmp_path / "det.safetensors")
+    assert loaded.config == detector.config
+    a, b = detector.detect(image[:200, :300], mpp=0.5), loaded.detect(image[:200, :300], mpp=0.5)
+    np.testing.assert_allclose(a.xy, b.xy)
+
+
+def test_detect_empty_and_small_images() -> None:
+    detector = Detector(PointDetector(DetectorConfig()))
+    blank = np.full((40, 50, 3), 255, np.uint8)  # smaller than a tile: padded
+    result = detector.with_settings(score_threshold=0.999).detect(blank, mpp=0.5)
+    assert len(result) == 0 and result.image_size == (50, 40)
+
+
+def test_detect_needs_pixel_size() -> None:
+    from denuc.errors import InputError
+
+    detector = Detector(PointDetector(DetectorConfig()))
+    with pytest.raises(InputError, match="pixel size"):
+        detector.detect(np.zeros((64, 64, 3), np.uint8))
+
+
+@needs_brcam2c
+def test_resume_gives_identical_weights(tmp_path: Path) -> None:
+    cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=2, iters_per_epoch=2,
+                              batch_size=2, crop_size=128, warmup_iters=1)
+    train_detector(cfg, tmp_path / "straight", progress=False)
+    train_detector(cfg, tmp_path / "resumed", progress=False, epochs_this_run=1)  # "dies" after epoch 1
+    train_detector(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
