@@ -82,3 +82,78 @@ class DetectorTrainConfig:
         data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
         data["model"] = DetectorConfig(**data.get("model", {}))
         return cls(**data)
+
+
+@dataclass
+class ClassifierConfig:
+    """A nucleus classifier: the image encoder whose dense features are read at nucleus points, and the head.
+
+    ``encoder`` is a name understood by ``denuc.models.encoders.create_encoder`` (a built-in foundation model,
+    ``timm:<model>`` or ``torchvision:<model>``); ``encoder_weights`` the local file its weights come from (None:
+    random initialisation, or weights stored in the model file itself).
+    """
+
+    encoder: str = "timm:regnetx_002"
+    encoder_weights: str | None = None
+    encoder_layers: list[int] | list[str] | None = None  # None: the encoder's default levels
+    encoder_kwargs: dict = field(default_factory=lambda: {"num_classes": 0})  # architecture overrides
+    head: str = "linear"  # "linear" or "mlp"
+    mlp_hidden: int = 256
+    mpp: float = 0.5  # working resolution (um/px); must match the detector's in a NucleusModel
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ClassifierConfig":
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown classifier config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+CLASSIFIER_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Training of a nucleus classifier on the labelled ground truth of one or more datasets.
+
+    Modes: ``frozen`` (features extracted once and cached, only the head trains: the paper's "Linear"),
+    ``lora`` (low-rank adapters on the encoder's linear and convolution layers) and ``full`` (every weight).
+    """
+
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    mode: str = "frozen"
+    detector: str = "default"  # its false positives on the training images are the "not a nucleus" examples
+    negatives: bool = True
+    match_radius_um: float = 3.0  # a detection farther than this from every ground-truth point is a negative
+    class_balanced: bool = False  # weight the loss by inverse class frequency
+    epochs: int = 20
+    iters_per_epoch: int = 100  # lora / full: crops batches per epoch (frozen: full passes over the cache)
+    batch_size: int = 8
+    crop_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    color_jitter: float = 0.1
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+
+    def __post_init__(self) -> None:
+        if self.mode not in CLASSIFIER_MODES:
+            raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClassifierTrainConfig":
+        data = dict(data)
+        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
+        data["model"] = ClassifierConfig(**data.get("model", {}))
+        return cls(**data)

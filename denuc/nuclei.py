@@ -41,6 +41,7 @@ class Nuclei:
         classes: the taxonomy (names and colours). Labels must be one of these names or ``UNLABELLED``.
         mpp: pixel size in micrometres per pixel, or None when unknown.
         image_size: (width, height) of the image in pixels, or None when unknown.
+        embeddings: optional (n, d) float16 feature vectors the classifier saw at each point.
     """
 
     xy: np.ndarray
@@ -50,6 +51,7 @@ class Nuclei:
     classes: list[NucleusClass] = field(default_factory=list)
     mpp: float | None = None
     image_size: tuple[int, int] | None = None
+    embeddings: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.xy = np.asarray(self.xy, dtype=np.float64).reshape(-1, 2)
@@ -62,7 +64,10 @@ class Nuclei:
             self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
         if self.probs is not None:
             self.probs = np.asarray(self.probs, dtype=np.float64).reshape(n, -1)
-        for name, arr in (("labels", self.labels), ("scores", self.scores), ("probs", self.probs)):
+        if self.embeddings is not None:
+            self.embeddings = np.asarray(self.embeddings).reshape(n, -1)
+        for name, arr in (("labels", self.labels), ("scores", self.scores), ("probs", self.probs),
+                          ("embeddings", self.embeddings)):
             if arr is not None and len(arr) != n:
                 raise ValueError(f"Nuclei: {name} has {len(arr)} entries for {n} points")
 
@@ -82,6 +87,7 @@ class Nuclei:
             labels=self.labels[index],
             scores=None if self.scores is None else self.scores[index],
             probs=None if self.probs is None else self.probs[index],
+            embeddings=None if self.embeddings is None else self.embeddings[index],
         )
 
     def scaled(self, factor: float) -> "Nuclei":
@@ -124,6 +130,20 @@ class Nuclei:
         if self.mpp is not None and not (np.isfinite(self.mpp) and self.mpp > 0):
             raise InputError(source, f"pixel size must be a positive number of um/px, got {self.mpp}")
         return self
+
+
+def concat(parts: Sequence[Nuclei], template: Nuclei | None = None) -> Nuclei:
+    """One Nuclei holding the points of ``parts`` in order; metadata from ``template`` (or the first part)."""
+    template = template if template is not None else (parts[0] if parts else Nuclei(xy=np.zeros((0, 2))))
+    if not parts:
+        return template.subset(np.zeros(len(template), dtype=bool))
+
+    def join(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+    return replace(template, xy=np.concatenate([p.xy for p in parts]), labels=join("labels"), scores=join("scores"),
+                   probs=join("probs"), embeddings=join("embeddings"))
 
 
 def default_colors(n: int) -> list[tuple[int, int, int]]:

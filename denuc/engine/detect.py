@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
 from denuc.io.images import read_image, resample, to_rgb_uint8
 from denuc.models.detector import PointDetector
-from denuc.nuclei import Nuclei
+from denuc.nuclei import Nuclei, concat
 
 PRETRAINED = {"default": "detector_default.safetensors"}
 """Detectors shipped inside the package (denuc/weights)."""
@@ -78,6 +79,35 @@ def _ownership_bounds(starts: list[int], tile: int, length: int) -> list[tuple[f
     return bounds
 
 
+def iter_tiles(image: np.ndarray, config: DetectorConfig,
+               predict: Callable[[np.ndarray], list[Nuclei]], batch_size: int = 8) -> Iterator[Nuclei]:
+    """Run ``predict`` (a (B, H, W, 3) batch of tiles -> Nuclei per tile, in tile pixels) over an image in
+    overlapping tiles of ``config.tile_size``; yield per tile the nuclei it owns, in image pixels.
+
+    Overlaps are split at their midpoint, so each point is kept by exactly one tile. The image is padded with
+    white (like glass: no tissue) to a multiple of ALIGN; points in the padding are dropped.
+    """
+    h, w = image.shape[:2]
+    padded_h, padded_w = -(-h // ALIGN) * ALIGN, -(-w // ALIGN) * ALIGN
+    tile_h, tile_w = min(config.tile_size, padded_h), min(config.tile_size, padded_w)
+    if (padded_h, padded_w) != (h, w):
+        image = np.pad(image, ((0, padded_h - h), (0, padded_w - w), (0, 0)), constant_values=255)
+    ys = tile_origins(padded_h, tile_h, config.tile_overlap)
+    xs = tile_origins(padded_w, tile_w, config.tile_overlap)
+    ybounds, xbounds = _ownership_bounds(ys, tile_h, h), _ownership_bounds(xs, tile_w, w)
+    jobs = [(y, x, yb, xb) for y, yb in zip(ys, ybounds) for x, xb in zip(xs, xbounds)]
+    for first in range(0, len(jobs), batch_size):
+        batch = jobs[first:first + batch_size]
+        tiles = np.stack([image[y:y + tile_h, x:x + tile_w] for y, x, _, _ in batch])
+        for (y, x, (ylo, yhi), (xlo, xhi)), nuclei in zip(batch, predict(tiles)):
+            gx, gy = nuclei.xy[:, 0] + x, nuclei.xy[:, 1] + y
+            owned = ((gx >= xlo) & (gx < xhi) & (gy >= ylo) & (gy < yhi)
+                     & (gx >= -0.5) & (gx <= w - 0.5) & (gy >= -0.5) & (gy <= h - 0.5))
+            kept = nuclei.subset(owned)
+            kept.xy = kept.xy + (x, y)
+            yield kept
+
+
 class Detector:
     """A trained point detector with its working resolution and thresholds."""
 
@@ -129,38 +159,34 @@ class Detector:
         return self
 
     @torch.inference_mode()
+    def detect_tiles(self, tiles: np.ndarray | torch.Tensor) -> list[Nuclei]:
+        """Points of a batch of RGB uint8 tiles (B, H, W, 3) at the model's pixel size, H and W multiples of 32.
+
+        Returns per tile the points (with scores) in tile pixels, above the score threshold and after point NMS
+        within the tile (so overlapping tiles mostly agree on which of two close points survives).
+        """
+        cfg = self.config
+        batch = torch.as_tensor(tiles, device=self.device).permute(0, 3, 1, 2).float()
+        logits, points = self.model(batch.contiguous(memory_format=torch.channels_last))
+        scores = logits.softmax(-1)[..., 1]
+        radius = cfg.nms_radius_um / cfg.mpp
+        results = []
+        for k in range(len(batch)):
+            keep = scores[k] > cfg.score_threshold
+            xy = points[k][keep].cpu().numpy().astype(np.float64)
+            s = scores[k][keep].cpu().numpy().astype(np.float64)
+            kept = point_nms(xy, s, radius)
+            results.append(Nuclei(xy=xy[kept], scores=s[kept], mpp=cfg.mpp))
+        return results
+
     def detect_resampled(self, image: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Detect on an RGB uint8 image already at the model's pixel size; returns (xy, scores) before NMS.
+        """Detect on an RGB uint8 image already at the model's pixel size; returns (xy, scores).
 
         The image is cut into tiles of ``tile_size`` with ``tile_overlap``; each point is kept only by the tile
         that owns its position (overlaps are split at their midpoint), so none is lost or doubled at borders.
         """
-        cfg = self.config
-        h, w = image.shape[:2]
-        # pad to a multiple of ALIGN (and at least one tile) with white, like glass: no tissue there
-        padded_h, padded_w = -(-h // ALIGN) * ALIGN, -(-w // ALIGN) * ALIGN
-        tile_h, tile_w = min(cfg.tile_size, padded_h), min(cfg.tile_size, padded_w)
-        if (padded_h, padded_w) != (h, w):
-            image = np.pad(image, ((0, padded_h - h), (0, padded_w - w), (0, 0)), constant_values=255)
-        ys, xs = tile_origins(image.shape[0], tile_h, cfg.tile_overlap), tile_origins(image.shape[1], tile_w, cfg.tile_overlap)
-        ybounds, xbounds = _ownership_bounds(ys, tile_h, h), _ownership_bounds(xs, tile_w, w)
-        jobs = [(y, x, yb, xb) for y, yb in zip(ys, ybounds) for x, xb in zip(xs, xbounds)]
-        all_xy, all_scores = [], []
-        tensor = torch.tensor(image, device=self.device).permute(2, 0, 1).float()
-        for first in range(0, len(jobs), batch_size):
-            batch = jobs[first:first + batch_size]
-            tiles = torch.stack([tensor[:, y:y + tile_h, x:x + tile_w] for y, x, _, _ in batch])
-            logits, points = self.model(tiles.contiguous(memory_format=torch.channels_last))
-            scores = logits.softmax(-1)[..., 1]
-            for k, (y, x, (ylo, yhi), (xlo, xhi)) in enumerate(batch):
-                keep = scores[k] > cfg.score_threshold
-                xy = points[k][keep].cpu().numpy().astype(np.float64) + (x, y)
-                s = scores[k][keep].cpu().numpy().astype(np.float64)
-                owned = (xy[:, 0] >= xlo) & (xy[:, 0] < xhi) & (xy[:, 1] >= ylo) & (xy[:, 1] < yhi)
-                inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= w - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= h - 0.5)
-                all_xy.append(xy[owned & inside])
-                all_scores.append(s[owned & inside])
-        return np.concatenate(all_xy).reshape(-1, 2), np.concatenate(all_scores)
+        found = concat(list(iter_tiles(image, self.config, self.detect_tiles, batch_size)))
+        return found.xy, found.scores
 
     def detect(self, image: np.ndarray | str | os.PathLike, mpp: float | None = None, batch_size: int = 8) -> Nuclei:
         """Detect nuclei in an RGB image (array or file) whose pixel size is ``mpp`` um/px.
@@ -168,19 +194,25 @@ class Detector:
         The image is resampled to the model's working resolution, detected tile by tile, and the points are
         mapped back to the input image's pixels. The result's labels are all "unlabelled".
         """
-        source = str(image) if not isinstance(image, np.ndarray) else "<array>"
-        if mpp is None:
-            raise InputError(source, "pixel size unknown: pass mpp (um/px), e.g. 0.5 for 20x or 0.25 for 40x scans")
-        if not (np.isfinite(mpp) and mpp > 0):
-            raise InputError(source, f"pixel size must be a positive number of um/px, got {mpp}")
-        rgb = read_image(image) if source != "<array>" else to_rgb_uint8(image, source)
-        h, w = rgb.shape[:2]
-        work = resample(rgb, mpp / self.config.mpp)
-        fy, fx = work.shape[0] / h, work.shape[1] / w
-        xy, scores = self.detect_resampled(work, batch_size=batch_size)
-        keep = point_nms(xy, scores, self.config.nms_radius_um / self.config.mpp)
-        xy, scores = xy[keep], scores[keep]
-        xy = np.stack([(xy[:, 0] + 0.5) / fx - 0.5, (xy[:, 1] + 0.5) / fy - 0.5], axis=1).reshape(-1, 2)
-        xy[:, 0] = np.clip(xy[:, 0], -0.5, w - 0.5)
-        xy[:, 1] = np.clip(xy[:, 1], -0.5, h - 0.5)
-        return Nuclei(xy=xy, scores=scores, mpp=mpp, image_size=(w, h))
+        return predict_image(image, mpp, self.config, self.detect_tiles, batch_size)
+
+
+def predict_image(image: np.ndarray | str | os.PathLike, mpp: float | None, config: DetectorConfig,
+                  predict: Callable[[np.ndarray], list[Nuclei]], batch_size: int = 8) -> Nuclei:
+    """Run a tile predictor (see ``iter_tiles``) over a whole image of pixel size ``mpp``: resample to
+    ``config.mpp``, tile, keep owned points, point NMS across tiles, and map back to the image's pixels."""
+    source = str(image) if not isinstance(image, np.ndarray) else "<array>"
+    if mpp is None:
+        raise InputError(source, "pixel size unknown: pass mpp (um/px), e.g. 0.5 for 20x or 0.25 for 40x scans")
+    if not (np.isfinite(mpp) and mpp > 0):
+        raise InputError(source, f"pixel size must be a positive number of um/px, got {mpp}")
+    rgb = read_image(image) if source != "<array>" else to_rgb_uint8(image, source)
+    h, w = rgb.shape[:2]
+    work = resample(rgb, mpp / config.mpp)
+    fy, fx = work.shape[0] / h, work.shape[1] / w
+    found = concat(list(iter_tiles(work, config, predict, batch_size)))
+    found = found.subset(point_nms(found.xy, found.scores, config.nms_radius_um / config.mpp))
+    xy = np.stack([(found.xy[:, 0] + 0.5) / fx - 0.5, (found.xy[:, 1] + 0.5) / fy - 0.5], axis=1).reshape(-1, 2)
+    xy[:, 0] = np.clip(xy[:, 0], -0.5, w - 0.5)
+    xy[:, 1] = np.clip(xy[:, 1], -0.5, h - 0.5)
+    return replace(found, xy=xy, mpp=mpp, image_size=(w, h))

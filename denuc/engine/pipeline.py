@@ -1,0 +1,161 @@
+"""The full model users run: a detector, optionally followed by a classifier of the detected nuclei.
+
+``NucleusModel`` is what ``denuc predict`` and the whole-slide engine use. It works on tiles at the model's
+working pixel size (``predict_tiles``) so that slide readers can stream tiles to it, and on whole images of
+any pixel size (``predict``). With no classifier every nucleus is "unlabelled" (detection only).
+
+A model *bundle* is one safetensors file: the detector's tensors under ``detector.``, the classifier's under
+``classifier.`` (see ``denuc.engine.classify``), and both configs plus the taxonomies in its metadata. A bare
+detector file (``Detector.save``) loads as a detection-only model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from denuc.config import DetectorConfig
+from denuc.engine.classify import Classifier
+from denuc.engine.detect import PRETRAINED, Detector, predict_image
+from denuc.errors import InputError
+from denuc.io.atomic import atomic_path
+from denuc.models.detector import PointDetector
+from denuc.nuclei import Nuclei, NucleusClass
+
+BUNDLES = {"default": "bundle_default.safetensors"}
+"""Bundles shipped inside the package (denuc/weights); other names fall back to the shipped detectors."""
+
+BUNDLE_FORMAT = "denuc-bundle-1"
+_DETECTOR, _CLASSIFIER = "detector.", "classifier."
+
+
+class NucleusModel:
+    """Detector + optional classifier, sharing the detector's working resolution and tiling."""
+
+    def __init__(self, detector: Detector, classifier: Classifier | None = None) -> None:
+        if classifier is not None and not np.isclose(classifier.config.mpp, detector.config.mpp):
+            raise ValueError(f"the classifier works at {classifier.config.mpp} um/px but the detector at "
+                             f"{detector.config.mpp} um/px")
+        self.detector = detector
+        self.classifier = None if classifier is None else classifier.eval().to(detector.device)
+
+    @property
+    def mpp(self) -> float:
+        return self.detector.config.mpp
+
+    @property
+    def classes(self) -> list[NucleusClass]:
+        return [] if self.classifier is None else list(self.classifier.classes)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu",
+                        taxonomy: str | None = None) -> "NucleusModel":
+        """A shipped model name or a model file; detector-only files (a bare detector) are accepted too.
+
+        ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved).
+        """
+        path = _resolve(path_or_name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as error:  # safetensors raises its own error types
+            raise InputError(path, f"not a readable safetensors file: {error}") from None
+        if metadata.get("format") != BUNDLE_FORMAT:
+            if taxonomy is not None:
+                raise InputError(path, f"a detector-only model has no taxonomy {taxonomy!r}")
+            return cls(Detector.from_pretrained(path, device=device))
+        state = load_file(str(path))
+        detector = _detector_from_state({k[len(_DETECTOR):]: v for k, v in state.items() if k.startswith(_DETECTOR)},
+                                        metadata, path, device)
+        classifier = Classifier.from_state({k[len(_CLASSIFIER):]: v for k, v in state.items()
+                                            if k.startswith(_CLASSIFIER)}, metadata, path)
+        if taxonomy is not None:
+            classifier.use_taxonomy(taxonomy)
+        try:
+            return cls(detector, classifier)
+        except ValueError as error:
+            raise InputError(path, str(error)) from None
+
+    def save(self, path: str | os.PathLike, half: bool = False, extra_metadata: dict | None = None) -> None:
+        """Write the bundle (a classifier is required; a detector alone is saved by ``Detector.save``).
+
+        ``half`` stores floating-point tensors as float16 (half the size; they are cast back on loading).
+        """
+        if self.classifier is None:
+            raise ValueError("a bundle needs a classifier; save a detector-only model with Detector.save")
+        tensors = {_DETECTOR + k: v for k, v in self.detector.model.state_dict().items()}
+        tensors |= {_CLASSIFIER + k: v for k, v in self.classifier.state_tensors().items()}
+        tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                   for k, v in tensors.items()}
+        metadata = {"format": BUNDLE_FORMAT, "denuc_detector": self.detector.config.to_json(),
+                    **self.classifier.metadata()}
+        metadata.update({k: json.dumps(v) for k, v in (extra_metadata or {}).items()})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    def predict_tiles(self, tiles: np.ndarray, embeddings: bool = False) -> list[Nuclei]:
+        """Nuclei of each RGB uint8 tile of a (B, H, W, 3) batch at ``self.mpp``, in tile pixels.
+
+        H and W must be multiples of 32. Point NMS is applied within each tile; ownership between overlapping
+        tiles is the caller's business (see ``denuc.engine.detect.iter_tiles``). With a classifier, detections
+        it calls "not a nucleus" are dropped; the others get the most probable class and ``probs``, the
+        class probabilities given that the point is a nucleus (renormalised without "not a nucleus").
+        """
+        found = self.detector.detect_tiles(tiles)
+        if self.classifier is None:
+            return found
+        classes = self.classes
+        results = []
+        for nuclei, (probs, features) in zip(found, self.classifier.classify_tiles(tiles, [n.xy for n in found])):
+            nucleus = probs.argmax(1) < len(classes)  # the last column is "not a nucleus"
+            kept = nuclei.subset(nucleus)
+            class_probs = probs[nucleus, :len(classes)]
+            class_probs = class_probs / np.maximum(class_probs.sum(1, keepdims=True), 1e-12)
+            kept.probs = class_probs
+            kept.labels = np.array([classes[i].name for i in class_probs.argmax(1)], dtype=object)
+            kept.classes = list(classes)
+            if embeddings:
+                kept.embeddings = features[nucleus].astype(np.float16)
+            results.append(kept)
+        return results
+
+    def predict(self, image: np.ndarray | str | os.PathLike, mpp: float | None = None, batch_size: int = 8,
+                embeddings: bool = False) -> Nuclei:
+        """Nuclei of a whole RGB image (array or file) whose pixel size is ``mpp`` um/px, in its own pixels."""
+        return predict_image(image, mpp, self.detector.config,
+                             lambda tiles: self.predict_tiles(tiles, embeddings), batch_size)
+
+
+def _resolve(path_or_name: str | os.PathLike) -> Path:
+    """The file of a shipped bundle or detector name (a shipped bundle first), else ``path_or_name`` itself."""
+    name = str(path_or_name)
+    for table in (BUNDLES, PRETRAINED):
+        if name in table:
+            path = Path(str(resources.files("denuc") / "weights" / table[name]))
+            if path.is_file():
+                return path
+    path = Path(path_or_name)
+    if not path.is_file():
+        raise InputError(path_or_name, f"no such model file (shipped names: {sorted(set(BUNDLES) | set(PRETRAINED))})")
+    return path
+
+
+def _detector_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str], source: Path,
+                         device: str) -> Detector:
+    try:
+        config = DetectorConfig.from_json(metadata["denuc_detector"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise InputError(source, f"bad detector metadata: {error!r}") from None
+    model = PointDetector(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(source, f"detector tensors do not fit a {config.backbone} detector: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return Detector(model, device)
