@@ -113,7 +113,7 @@ class ClassifierConfig:
         return cls(**data)
 
 
-CLASSIFIER_MODES = ("frozen", "lora", "full")
+CLASSIFIER_MODES = ("frozen", "lora", "full", "joint")
 
 
 @dataclass
@@ -121,7 +121,8 @@ class ClassifierTrainConfig:
     """Training of a nucleus classifier on the labelled ground truth of one or more datasets.
 
     Modes: ``frozen`` (features extracted once and cached, only the head trains: the paper's "Linear"),
-    ``lora`` (low-rank adapters on the encoder's linear and convolution layers) and ``full`` (every weight).
+    ``lora`` (low-rank adapters on the encoder's linear and convolution layers), ``full`` (every weight), and
+    ``joint``: the end-to-end baseline, one network for detection and classification (``train_joint``).
     """
 
     datasets: list[DatasetSpec] = field(default_factory=list)

@@ -63,9 +63,9 @@ class Nuclei:
         if self.scores is not None:
             self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
         if self.probs is not None:
-            self.probs = np.asarray(self.probs, dtype=np.float64).reshape(n, -1)
+            self.probs = _rows(np.asarray(self.probs, dtype=np.float64), n)
         if self.embeddings is not None:
-            self.embeddings = np.asarray(self.embeddings).reshape(n, -1)
+            self.embeddings = _rows(np.asarray(self.embeddings), n)
         for name, arr in (("labels", self.labels), ("scores", self.scores), ("probs", self.probs),
                           ("embeddings", self.embeddings)):
             if arr is not None and len(arr) != n:
@@ -130,6 +130,13 @@ class Nuclei:
         if self.mpp is not None and not (np.isfinite(self.mpp) and self.mpp > 0):
             raise InputError(source, f"pixel size must be a positive number of um/px, got {self.mpp}")
         return self
+
+
+def _rows(array: np.ndarray, n: int) -> np.ndarray:
+    """``array`` as n rows; with no points a 2-D (0, k) array keeps its k (reshape(0, -1) cannot infer it)."""
+    if n == 0 and array.ndim == 2:
+        return array
+    return array.reshape(n, -1)
 
 
 def concat(parts: Sequence[Nuclei], template: Nuclei | None = None) -> Nuclei:

@@ -11,7 +11,7 @@ import sys
 
 from denuc.errors import InputError
 
-SUBCOMMANDS = ["evaluate", "detect", "train-detector"]
+SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,7 @@ class Classifier(nn.Module):
         """For RGB uint8 tiles (B, H, W, 3) at ``config.mpp`` and per tile (n, 2) points in tile pixels:
         per tile the (n, classes + 1) probabilities (last column "not a nucleus") and (n, d) features."""
         device = next(self.parameters()).device
-        images = torch.as_tensor(np.ascontiguousarray(tiles), device=device).permute(0, 3, 1, 2).float()
+        images = torch.as_tensor(np.array(tiles), device=device).permute(0, 3, 1, 2).float()  # a writable copy
         query = [torch.as_tensor(p, dtype=torch.float64, device=device).reshape(-1, 2) for p in points]
         features = self.point_features(images, query)
         head = self.heads[self.taxonomy]

@@ -28,6 +28,8 @@ PRETRAINED = {"default": "detector_default.safetensors"}
 """Detectors shipped inside the package (denuc/weights)."""
 
 ALIGN = 32  # the backbone's total stride: tile origins and sizes are multiples of it so grids line up
+RUNTIMES = ("torch", "onnx")
+"""Where the detector's network runs: PyTorch (any device) or ONNX Runtime (CPU)."""
 
 
 def point_nms(xy: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
@@ -112,7 +114,9 @@ class Detector:
     """A trained point detector with its working resolution and thresholds."""
 
     def __init__(self, model: PointDetector, device: str | torch.device = "cpu") -> None:
-        self.model = model.eval().to(device)
+        # channels-last weights, as the tiles are fed: measured several times faster on CPU than contiguous
+        # ones (docs/benchmarks.md); the model is taken over, as eval() already does
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.device = torch.device(device)
 
     @property
@@ -120,8 +124,12 @@ class Detector:
         return self.model.config
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu") -> "Detector":
-        """Load a detector from a ``.safetensors`` file written by ``save`` or a shipped name ("default")."""
+    def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu",
+                        runtime: str = "torch") -> "Detector":
+        """Load a detector from a ``.safetensors`` file written by ``save`` or a shipped name ("default").
+
+        ``runtime``: "torch", or "onnx" to run the network in ONNX Runtime (CPU only; see ``make_detector``).
+        """
         if str(path_or_name) in PRETRAINED:
             path = resources.files("denuc") / "weights" / PRETRAINED[str(path_or_name)]
         else:
@@ -144,7 +152,7 @@ class Detector:
         if missing or unexpected:
             raise InputError(path, f"weights do not fit a {config.backbone} detector: missing {missing[:5]}, "
                                    f"unexpected {unexpected[:5]}")
-        return cls(model, device)
+        return make_detector(model, device, runtime)
 
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> None:
         metadata = {"denuc_detector": self.config.to_json(), "format": "denuc-detector-1"}
@@ -159,6 +167,13 @@ class Detector:
         return self
 
     @torch.inference_mode()
+    def forward(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nucleus probability (B, A) and position (B, A, 2) of every anchor, for RGB uint8 tiles (B, H, W, 3)."""
+        batch = torch.as_tensor(tiles, device=self.device).permute(0, 3, 1, 2).float()
+        logits, points = self.model(batch.contiguous(memory_format=torch.channels_last))
+        return logits.softmax(-1)[..., 1], points
+
+    @torch.inference_mode()
     def detect_tiles(self, tiles: np.ndarray | torch.Tensor) -> list[Nuclei]:
         """Points of a batch of RGB uint8 tiles (B, H, W, 3) at the model's pixel size, H and W multiples of 32.
 
@@ -166,12 +181,10 @@ class Detector:
         within the tile (so overlapping tiles mostly agree on which of two close points survives).
         """
         cfg = self.config
-        batch = torch.as_tensor(tiles, device=self.device).permute(0, 3, 1, 2).float()
-        logits, points = self.model(batch.contiguous(memory_format=torch.channels_last))
-        scores = logits.softmax(-1)[..., 1]
+        scores, points = self.forward(tiles)
         radius = cfg.nms_radius_um / cfg.mpp
         results = []
-        for k in range(len(batch)):
+        for k in range(len(scores)):
             keep = scores[k] > cfg.score_threshold
             xy = points[k][keep].cpu().numpy().astype(np.float64)
             s = scores[k][keep].cpu().numpy().astype(np.float64)
@@ -195,6 +208,21 @@ class Detector:
         mapped back to the input image's pixels. The result's labels are all "unlabelled".
         """
         return predict_image(image, mpp, self.config, self.detect_tiles, batch_size)
+
+
+def make_detector(model: PointDetector, device: str | torch.device = "cpu", runtime: str = "torch") -> Detector:
+    """A ``Detector`` for inference on ``model``: "torch" runs it in PyTorch on ``device``; "onnx" exports it
+    to ONNX Runtime (CPU; the ``onnx`` extra), the fastest CPU path measured (docs/benchmarks.md), with the
+    same outputs within float32 rounding (tests/test_onnx.py)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+    if runtime == "onnx":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f'runtime="onnx" runs on the CPU; use runtime="torch" for device {device!r}')
+        from denuc.engine.onnx_runtime import OnnxDetector  # optional dependency: imported only when asked for
+
+        return OnnxDetector(model)
+    return Detector(model, device)
 
 
 def predict_image(image: np.ndarray | str | os.PathLike, mpp: float | None, config: DetectorConfig,

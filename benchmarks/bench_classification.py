@@ -1,0 +1,124 @@
+"""Detection + classification on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um), end to end.
+
+    python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
+        [--joint joint=runs/y/best.safetensors] [--split test] [--out benchmarks/results/classification.json]
+
+For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
+then classifier with the dataset's own head), and the points are scored per class (F1), as the mean class F1
+and as class-agnostic detection F1. Then the same classifier at the ground-truth coordinates (the upper bound
+of classification: every point is a true nucleus, so the class is the argmax over the taxonomy alone;
+unlabelled ground truth is not scored). Prints a table and saves every figure as JSON; models already in the
+output file (same split and radius) are kept, so models can be scored one run at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from denuc.datasets import get_dataset
+from denuc.engine.evaluate import Report, evaluate
+from denuc.engine.pipeline import NucleusModel
+from denuc.engine.train_joint import JointModel
+from denuc.io.atomic import atomic_path
+from denuc.io.images import read_image, resample
+from denuc.nuclei import UNLABELLED
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
+REFERENCES = {  # published BRCAM2C test figures (3 um), from the dataset notes
+    "brcam2c": {"MCSpatNet": {"lymphocyte": 0.6315, "tumour": 0.7856, "stromal": 0.5466, "mean_f1": 0.6546},
+                "DeNuC (UNI2-H, 40x)": {"lymphocyte": 0.6973, "tumour": 0.8510, "stromal": 0.6108,
+                                        "mean_f1": 0.7197}}}
+
+
+def summary(report: Report) -> dict:
+    out = {"mean_f1": report.mean_f1, "micro_f1": report.micro_f1,
+           "classes": {name: c.to_dict() for name, c in report.classes.items()}}
+    if report.detection is not None:
+        out["detection"] = report.detection.to_dict()
+    return out
+
+
+def at_ground_truth(model: NucleusModel, sample) -> np.ndarray:
+    """Labels the classifier gives the ground-truth points (argmax over the taxonomy, "not a nucleus" ignored)."""
+    image = read_image(sample.image_path)
+    work = resample(image, sample.nuclei.mpp / model.mpp)
+    gt = sample.nuclei.scaled(work.shape[1] / image.shape[1])
+    ((probs, _),) = model.classifier.classify_tiles(work[None], [gt.xy])
+    names = np.array([c.name for c in model.classes], dtype=object)
+    return names[probs[:, : len(names)].argmax(1)] if len(gt) else np.zeros(0, dtype=object)
+
+
+def bench(name: str, path: str, split: str, radius_um: float, joint: bool = False) -> dict:
+    """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only)."""
+    result = {"bundle": path, "kind": "joint" if joint else "bundle", "datasets": {}}
+    if Path(path).is_file():
+        result["bundle_bytes"] = Path(path).stat().st_size
+    for dataset, root in DATASETS.items():
+        if joint:
+            model = JointModel.load(path)
+            predict = lambda sample: model.predict(sample.image_path, sample.nuclei.mpp, dataset)  # noqa: E731
+        else:
+            model = NucleusModel.from_pretrained(path, taxonomy=dataset)
+            predict = lambda sample: model.predict(sample.image_path, mpp=sample.nuclei.mpp)  # noqa: E731
+        started = time.perf_counter()
+        end_to_end, upper = [], []
+        for sample in get_dataset(dataset, root).samples(split):
+            end_to_end.append((sample.name, predict(sample), sample.nuclei))
+            if not joint:
+                labels = np.where(sample.nuclei.labels == UNLABELLED, UNLABELLED, at_ground_truth(model, sample))
+                upper.append((sample.name, replace(sample.nuclei, labels=labels), sample.nuclei))
+        seconds = time.perf_counter() - started
+        e2e = evaluate(end_to_end, radius_um=radius_um)
+        entry = {"images": len(end_to_end), "seconds": seconds, "end_to_end": summary(e2e)}
+        per_class = "  ".join(f"{k} {c.f1:.4f}" for k, c in e2e.classes.items())
+        print(f"{name:10s} {dataset:9s} end to end: {per_class}  mean F1 {e2e.mean_f1:.4f}  "
+              f"detection F1 {e2e.detection.f1:.4f}", flush=True)
+        if upper:
+            gt = evaluate(upper, radius_um=radius_um)
+            entry["ground_truth_points"] = summary(gt)
+            per_class = "  ".join(f"{k} {c.f1:.4f}" for k, c in gt.classes.items())
+            print(f"{'':10s} {dataset:9s} at GT points: {per_class}  mean F1 {gt.mean_f1:.4f}", flush=True)
+        result["datasets"][dataset] = entry
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", metavar="NAME=BUNDLE",
+                        help="a bundle to score under a name (repeat); default: default=default")
+    parser.add_argument("--joint", action="append", default=[], metavar="NAME=FILE",
+                        help="a joint end-to-end baseline (denuc.engine.train_joint) to score end to end (repeat)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--radius-um", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "classification.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
+    results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "torch": torch.__version__,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
+               "models": {}}
+    if args.out.exists():  # keep the figures of models scored by earlier runs with the same protocol
+        earlier = json.loads(args.out.read_text())
+        if all(earlier.get(k) == results[k] for k in ("split", "radius_um", "protocol")):
+            results["models"] = earlier["models"]
+    for name, path in models.items():
+        results["models"][name] = bench(name, path, args.split, args.radius_um)
+    for name, path in (item.split("=", 1) for item in args.joint):
+        results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

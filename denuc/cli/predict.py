@@ -1,0 +1,114 @@
+"""`denuc predict`: nuclei of whole slides (or images): tables, QuPath GeoJSON, overview and summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from importlib import resources
+from pathlib import Path
+
+from denuc.cli.detect import SAMPLE
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+                  ".png", ".jpg", ".jpeg", ".bmp"}
+"""What a folder is searched for: the formats OpenSlide reads, and plain images."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help=__doc__.split(": ", 1)[1],
+                              description="Detect and classify the nuclei of whole-slide images; see docs/slides.md.")
+    p.add_argument("inputs", nargs="*", type=Path,
+                   help="slides (SVS, NDPI, MRXS, tiled TIFF, DICOM, ...), plain images, or folders of them")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one set of files per slide)")
+    p.add_argument("--sample", action="store_true", help="also run on the bundled sample H&E image (0.5 um/px)")
+    p.add_argument("--model", default="default", help="a shipped model name or a model file (default: %(default)s)")
+    p.add_argument("--detector-only", action="store_true", help="detect only: no classifier, every nucleus unlabelled")
+    p.add_argument("--mpp", type=float, help="pixel size of the inputs in um/px: overrides the slide metadata")
+    p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide, not just the tissue")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
+    p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="tile-reading threads; 0 reads in the main thread")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-slide lines (errors still print)")
+
+
+def collect_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; folders replaced by the slides and images in them (recursively, sorted). A DICOM slide is
+    a folder of .dcm files: its first file stands for it."""
+    from denuc.errors import InputError
+
+    found = []
+    for path in inputs:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+                           and not p.name.startswith("."))
+            seen_dicom = set()
+            for file in files:
+                if file.suffix.lower() == ".dcm":
+                    if file.parent in seen_dicom:
+                        continue
+                    seen_dicom.add(file.parent)
+                found.append(file)
+            if not files:
+                raise InputError(path, f"folder holds no slides or images (looked for {sorted(SLIDE_SUFFIXES)})")
+        else:
+            found.append(path)
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    from denuc.engine.pipeline import NucleusModel
+    from denuc.engine.slide import model_fingerprint, predict_slide
+    from denuc.errors import InputError
+    from denuc.io.slides import open_slide
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise InputError("denuc predict", "--batch-size must be >= 1 and --workers >= 0")
+    jobs = [(path, args.mpp, None) for path in collect_inputs(args.inputs)]
+    if args.sample:
+        sample = Path(str(resources.files("denuc") / "data" / SAMPLE[0]))
+        jobs.append((sample, SAMPLE[1], f"bundled sample image ({SAMPLE[1]} um/px)"))
+    if not jobs:
+        raise InputError("denuc predict", "no slides given (pass slide files or folders, or --sample)")
+    model = NucleusModel.from_pretrained(args.model, device=args.device)
+    if args.detector_only:
+        model = NucleusModel(model.detector)
+    if args.embeddings and model.classifier is None:
+        raise InputError(args.model, "--embeddings saves the classifier's features, and this model has no classifier")
+    model_id = model_fingerprint(model)
+    say = (lambda *a: None) if args.quiet else print
+    failed, stems = [], {}
+    for path, mpp, mpp_source in jobs:
+        try:
+            if path.stem in stems:
+                raise InputError(path, f"same file name as {stems[path.stem]}: its outputs in {args.out} would "
+                                       "overwrite each other; process it into another --out folder")
+            stems[path.stem] = path
+            with open_slide(path, mpp=mpp) as slide, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if mpp_source:
+                    slide.mpp_source = mpp_source
+                summary = predict_slide(
+                    slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
+                    batch_size=args.batch_size, workers=args.workers, embeddings=args.embeddings,
+                    progress=not args.quiet, model_name=str(args.model), model_id=model_id)
+            for warning in caught:
+                print(f"denuc predict: warning: {warning.message}", file=sys.stderr)
+        except InputError as error:
+            print(f"denuc predict: error: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        if summary.get("skipped"):
+            say(f"{path}: already done with the same model and settings, kept ({args.out / path.stem}_summary.json)")
+            continue
+        density = summary["density_per_mm2"]["all"]
+        say(f"{path}: {summary['nuclei']} nuclei in {summary['tissue']['area_mm2']:.2f} mm^2 of tissue "
+            f"({density or 0:.0f}/mm^2), {summary['runtime_s']:.1f} s -> {args.out / path.stem}.*")
+    if failed:
+        print(f"denuc predict: {len(failed)} of {len(jobs)} inputs failed: "
+              + ", ".join(os.fspath(p) for p in failed), file=sys.stderr)
+        return 2
+    return 0

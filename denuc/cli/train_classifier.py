@@ -1,0 +1,76 @@
+"""`denuc train-classifier`: train a nucleus classifier on detector outputs and save a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from denuc.config import CLASSIFIER_MODES, ClassifierConfig, ClassifierTrainConfig
+    from denuc.models.heads import HEADS
+
+    model, train = ClassifierConfig(), ClassifierTrainConfig()
+    p = subparsers.add_parser("train-classifier", help=__doc__.split(": ", 1)[1])
+    p.add_argument("--dataset", action="append", required=True, metavar="NAME=ROOT",
+                   help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)")
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, caches and the bundle go here")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir exactly")
+    p.add_argument("--encoder", default=model.encoder,
+                   help="uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model>")
+    p.add_argument("--weights", default=None, help="the encoder's weights file (none: random initialisation)")
+    p.add_argument("--encoder-kwargs", default=None, metavar="JSON",
+                   help=f"architecture overrides (default {json.dumps(model.encoder_kwargs)} for timm models, "
+                        "none otherwise)")
+    p.add_argument("--layers", default=None, help="comma-separated feature levels (default: the encoder's)")
+    p.add_argument("--head", default=model.head, choices=HEADS)
+    p.add_argument("--mode", default=train.mode, choices=CLASSIFIER_MODES,
+                   help="frozen encoder + head, LoRA, full fine-tuning, or the joint end-to-end baseline")
+    p.add_argument("--detector", default=train.detector, help="detector for the negatives and the bundle")
+    p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
+    p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
+    for name in ("epochs", "iters_per_epoch", "batch_size", "crop_size", "lora_rank", "seed", "threads"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(train, name))
+    for name in ("lr", "weight_decay"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(train, name))
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec
+    from denuc.engine.train_classifier import train_classifier
+    from denuc.engine.train_joint import train_joint
+    from denuc.errors import InputError
+
+    specs = []
+    for item in args.dataset:
+        if "=" not in item:
+            raise InputError(item, "--dataset takes NAME=ROOT, e.g. brcam2c=/data/brcam2c")
+        name, root = item.split("=", 1)
+        specs.append(DatasetSpec(name, root))
+    if args.encoder_kwargs is not None:
+        try:
+            kwargs = json.loads(args.encoder_kwargs)
+        except json.JSONDecodeError as error:
+            raise InputError("--encoder-kwargs", f"not JSON: {error}") from None
+    else:
+        kwargs = dict(ClassifierConfig().encoder_kwargs) if args.encoder.startswith("timm:") else {}
+    layers = None
+    if args.layers:
+        layers = [int(v) if v.lstrip("-").isdigit() else v for v in args.layers.split(",")]
+    weights = None if args.weights is None else str(Path(args.weights).resolve())
+    cfg = ClassifierTrainConfig(
+        datasets=specs,
+        model=ClassifierConfig(encoder=args.encoder, encoder_weights=weights, encoder_layers=layers,
+                               encoder_kwargs=kwargs, head=args.head),
+        mode=args.mode, detector=args.detector, negatives=not args.no_negatives,
+        class_balanced=args.class_balanced, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+        batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
+        threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
+    )
+    if args.mode == "joint":
+        print(f"joint model: {train_joint(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)}")
+    else:
+        print(f"model: {train_classifier(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)}")
+    return 0

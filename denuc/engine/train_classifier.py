@@ -1,0 +1,353 @@
+"""Training a nucleus classifier: frozen encoder + head on cached features, LoRA, or full fine-tuning.
+
+What it learns from, per training image (resampled to the working pixel size):
+- every *labelled* ground-truth point, with its class; unlabelled points (CRCHisto's nuclei without a class) are
+  never a class nor a negative;
+- "not a nucleus": the detector's detections farther than ``match_radius_um`` from every ground-truth point,
+  labelled or not (``negatives=True``).
+
+Each dataset keeps its own taxonomy and head. Every epoch is scored end to end on the validation splits: the
+detector's detections on each validation image are classified and matched to the ground truth
+(``denuc.engine.evaluate``, 3 um); the epoch with the best mean over datasets of the mean class F1 is kept.
+The run directory holds ``last.pt`` (resumable), ``log.csv`` / ``log.json``, the detections and (frozen mode)
+the feature cache, and ``model.safetensors``: the bundle of the detector and the selected classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy.spatial import cKDTree
+from torch import nn
+from tqdm import tqdm
+
+import denuc.datasets as datasets
+import denuc.engine.evaluate as evaluation
+from denuc.config import ClassifierTrainConfig
+from denuc.engine.classify import Classifier
+from denuc.engine.detect import Detector
+from denuc.engine.pipeline import NucleusModel
+from denuc.engine.train_detector import _color_jitter, _lr_factor, _rng_state, _write_json, load_split
+from denuc.io.atomic import atomic_path
+from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
+
+
+@dataclass
+class PointImage:
+    """An image at the working pixel size with the points to learn from (or to score on)."""
+
+    name: str  # "<dataset>/<sample>"
+    taxonomy: str  # the dataset's name: which head its points go through
+    image: np.ndarray  # (H, W, 3) uint8
+    xy: np.ndarray  # (n, 2) training: labelled ground truth + negatives; validation: detections
+    targets: np.ndarray  # (n,) class index; len(classes) is "not a nucleus"; validation: unused (-1)
+    gt: Nuclei  # the image's ground truth at the working pixel size
+
+
+def taxonomies(cfg: ClassifierTrainConfig) -> dict[str, list[NucleusClass]]:
+    """The class list of each training dataset, by dataset name."""
+    return {spec.name: list(datasets.get_dataset(spec.name, spec.root).classes) for spec in cfg.datasets}
+
+
+def false_positives(detections: np.ndarray, gt: Nuclei, radius_px: float) -> np.ndarray:
+    """The detections farther than ``radius_px`` from every ground-truth point (unlabelled ones included:
+    an unlabelled point is a nucleus, so a detection on it is no negative)."""
+    if len(gt) == 0 or len(detections) == 0:
+        return detections
+    distance, _ = cKDTree(gt.xy).query(detections, k=1)
+    return detections[distance > radius_px]
+
+
+def detections_of(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], cache: Path
+                  ) -> dict[str, np.ndarray]:
+    """The detector's points on each image (at the working resolution), computed once and cached."""
+    if cache.exists():
+        stored = load_file(str(cache))
+        if set(stored) == {name for name, _, _ in items}:
+            return {name: xy.numpy().astype(np.float64) for name, xy in stored.items()}
+    found = {name: detector.detect_resampled(image)[0] for name, image, _ in tqdm(items, desc="detecting", leave=False)}
+    with atomic_path(cache) as tmp:
+        save_file({name: torch.from_numpy(xy.astype(np.float32)) for name, xy in found.items()}, str(tmp))
+    return found
+
+
+def point_images(cfg: ClassifierTrainConfig, detector: Detector, split: str, run_dir: Path) -> list[PointImage]:
+    """Training points (``split`` "train": labelled ground truth + negatives) or validation images (detections)."""
+    items = load_split(cfg, split)
+    detections = detections_of(detector, items, run_dir / f"detections_{split}.safetensors")
+    classes = taxonomies(cfg)
+    out = []
+    for name, image, gt in items:
+        taxonomy = name.split("/")[0]
+        names = [c.name for c in classes[taxonomy]]
+        if split == "train":
+            labelled = gt.subset(gt.labels != UNLABELLED)
+            targets = np.array([names.index(label) for label in labelled.labels], dtype=np.int64)
+            xy = labelled.xy
+            if cfg.negatives:
+                negatives = false_positives(detections[name], gt, cfg.match_radius_um / cfg.model.mpp)
+                xy = np.concatenate([xy, negatives])
+                targets = np.concatenate([targets, np.full(len(negatives), len(names), dtype=np.int64)])
+        else:
+            xy, targets = detections[name], np.full(len(detections[name]), -1, dtype=np.int64)
+        out.append(PointImage(name, taxonomy, image, xy.reshape(-1, 2), targets, gt))
+    return out
+
+
+def class_weights(train: list[PointImage], classes: dict[str, list[NucleusClass]], balanced: bool
+                  ) -> dict[str, torch.Tensor]:
+    """Per taxonomy, the loss weight of each output (classes + "not a nucleus"): inverse frequency, mean 1 over
+    the points, when ``balanced``; else all 1."""
+    weights = {}
+    for taxonomy, names in classes.items():
+        counts = np.zeros(len(names) + 1)
+        for item in train:
+            if item.taxonomy == taxonomy:
+                counts += np.bincount(item.targets, minlength=len(names) + 1)
+        w = np.ones(len(counts))
+        if balanced:
+            w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / np.count_nonzero(counts), 0.0)
+        weights[taxonomy] = torch.tensor(w, dtype=torch.float32)
+    return weights
+
+
+def point_loss(logits: list[torch.Tensor], targets: list[torch.Tensor], taxonomy: list[str],
+               weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted mean cross-entropy over all points of a batch (each image through its own taxonomy's head)."""
+    terms, norms = [], []
+    for lg, tg, tax in zip(logits, targets, taxonomy):
+        w = weights[tax][tg]
+        terms.append((F.cross_entropy(lg, tg, reduction="none") * w).sum())
+        norms.append(w.sum())
+    return torch.stack(terms).sum() / torch.stack(norms).sum().clamp(min=1e-6)
+
+
+def labelled_crop(item: PointImage, size: int, color_jitter: float, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random ``size`` crop (white-padded if the image is smaller), flipped, rotated and colour-jittered,
+    with its points and their targets. Unlike the detector's crop it keeps each point's label."""
+    h, w = item.image.shape[:2]
+    y0, x0 = rng.integers(0, max(h - size, 0) + 1), rng.integers(0, max(w - size, 0) + 1)
+    crop = np.full((size, size, 3), 255, dtype=np.float32)
+    part = item.image[y0:y0 + size, x0:x0 + size]
+    crop[:part.shape[0], :part.shape[1]] = part
+    xy = item.xy - (x0, y0)
+    inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= part.shape[1] - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= part.shape[0] - 0.5)
+    xy, targets = xy[inside], item.targets[inside]
+    if rng.random() < 0.5:  # horizontal flip
+        crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
+    for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
+        crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
+    if color_jitter > 0:
+        crop = _color_jitter(crop, color_jitter, rng)
+    return np.ascontiguousarray(crop), xy.reshape(-1, 2), targets
+
+
+def validation_f1(val: list[PointImage], probs: list[np.ndarray], classes: dict[str, list[NucleusClass]]
+                  ) -> dict[str, float]:
+    """Mean class F1 per dataset of the classified detections (end to end), and their unweighted mean."""
+    per_dataset: dict[str, list] = {}
+    for item, p in zip(val, probs):
+        names = [c.name for c in classes[item.taxonomy]] + [NOT_A_NUCLEUS]
+        labels = np.array([names[i] for i in p.argmax(1)], dtype=object).reshape(-1)
+        pred = Nuclei(xy=item.xy, labels=labels, mpp=item.gt.mpp)
+        per_dataset.setdefault(item.taxonomy, []).append((item.name, pred, item.gt))
+    scores = {ds: evaluation.evaluate(pairs).mean_f1 for ds, pairs in per_dataset.items()}
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+@torch.inference_mode()
+def image_features(classifier: Classifier, items: list[PointImage]) -> list[torch.Tensor]:
+    """The encoder's features at each image's points, one whole image at a time."""
+    out = []
+    for item in tqdm(items, desc="features", leave=False):
+        image = torch.from_numpy(np.array(item.image)).permute(2, 0, 1)[None].float()
+        out.append(classifier.point_features(image, [torch.from_numpy(item.xy)])[0].float())
+    return out
+
+
+def cached_features(classifier: Classifier, items: list[PointImage], path: Path, key: dict) -> list[torch.Tensor]:
+    """``image_features``, read from ``path`` when it was written for the same ``key`` (encoder, points)."""
+    if path.exists():
+        stored = load_file(str(path))
+        if json.loads(bytes(stored.pop("key").tolist()).decode()) == key and len(stored) == len(items):
+            return [stored[str(i)].float() for i in range(len(items))]
+    features = image_features(classifier, items)
+    tensors = {str(i): f.half() for i, f in enumerate(features)}
+    tensors["key"] = torch.tensor(list(json.dumps(key, sort_keys=True).encode()), dtype=torch.uint8)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return features
+
+
+def add_lora(classifier: Classifier, rank: int, alpha: float) -> None:
+    """Wrap the encoder in LoRA adapters (peft) on its linear and ungrouped convolution layers; only the
+    adapters (and the heads) train. ``merge_lora`` folds them back into plain layers."""
+    from peft import LoraConfig, LoraModel
+
+    targets = [name for name, m in classifier.encoder.named_modules()
+               if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    classifier.encoder = LoraModel(classifier.encoder, config, "default")
+
+
+def merge_lora(classifier: Classifier) -> Classifier:
+    """A copy of a LoRA classifier with the adapters merged into the encoder's weights (to be saved whole)."""
+    merged = copy.deepcopy(classifier)
+    merged.encoder = merged.encoder.merge_and_unload()
+    merged.embed_encoder = True  # the merged weights are no longer those of the encoder's file
+    return merged
+
+
+def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                     epochs_this_run: int | None = None) -> Path:
+    """Train (or resume) a classifier in ``run_dir``; returns the bundle ``model.safetensors`` (the detector
+    ``cfg.detector`` + the classifier of the best validation epoch)."""
+    if cfg.mode == "joint":
+        raise ValueError("the joint baseline trains with denuc.engine.train_joint.train_joint")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    classes = taxonomies(cfg)
+    classifier = Classifier.create(cfg.model, classes)
+    if cfg.mode == "lora":
+        add_lora(classifier, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.mode != "frozen":
+        classifier.embed_encoder = True  # trained weights live in the bundle
+    detector = Detector.from_pretrained(cfg.detector)
+    if abs(detector.config.mpp - cfg.model.mpp) > 1e-9:
+        raise ValueError(f"detector {cfg.detector} works at {detector.config.mpp} um/px, the classifier at "
+                         f"{cfg.model.mpp}")
+
+    train = point_images(cfg, detector, "train", run_dir)
+    val = point_images(cfg, detector, "val", run_dir)
+    weights = class_weights(train, classes, cfg.class_balanced)
+    trainable = classifier.heads.parameters() if cfg.mode == "frozen" else \
+        [p for p in classifier.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.mode == "frozen":
+        key = {"encoder": cfg.model.to_json(), "detector": cfg.detector, "negatives": cfg.negatives,
+               "radius": cfg.match_radius_um, "datasets": [d.name for d in cfg.datasets]}
+        train_features = cached_features(classifier, train, run_dir / "features_train.safetensors", key)
+        val_features = cached_features(classifier, val, run_dir / "features_val.safetensors", key)
+        batches_per_epoch = _frozen_batches(train, cfg.batch_size * 128)
+    steps = batches_per_epoch if cfg.mode == "frozen" else cfg.iters_per_epoch
+    schedule_cfg = copy.copy(cfg)
+    schedule_cfg.iters_per_epoch = steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, schedule_cfg))
+
+    history: list[dict] = []
+    start_epoch, best = 0, -1.0
+    checkpoint = load_checkpoint(run_dir, cfg.to_dict()) if resume else None
+    if checkpoint is not None:
+        classifier.load_state_dict(checkpoint["classifier"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["history"]
+    _write_json(run_dir / "config.json", cfg.to_dict())
+
+    stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
+    for epoch in range(start_epoch, stop):
+        started = time.perf_counter()
+        # a frozen or LoRA encoder keeps its batch-norm statistics; full fine-tuning updates them
+        classifier.train()
+        classifier.encoder.train(cfg.mode == "full")
+        total = 0.0
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        batches = _frozen_epoch(train, train_features, cfg.batch_size * 128, rng) if cfg.mode == "frozen" else None
+        for _ in bar:
+            if cfg.mode == "frozen":
+                features, targets, taxonomy = next(batches)
+                logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
+            else:
+                picks = rng.integers(0, len(train), cfg.batch_size)
+                crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng) for i in picks]
+                images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
+                taxonomy = [train[i].taxonomy for i in picks]
+                targets = [torch.from_numpy(t) for _, _, t in crops]
+                points = [torch.from_numpy(xy) for _, xy, _ in crops]
+                features = classifier.point_features(images, points)
+                logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
+            loss = point_loss(logits, targets, taxonomy, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        classifier.eval()
+        with torch.inference_mode():
+            features = val_features if cfg.mode == "frozen" else image_features(classifier, val)
+            probs = [classifier.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
+        val_f1 = validation_f1(val, probs, classes)
+        row = {"epoch": epoch + 1, "loss": total / steps, "lr": scheduler.get_last_lr()[0],
+               "seconds": time.perf_counter() - started, **{f"val_f1_{k}": v for k, v in val_f1.items()}}
+        history.append(row)
+        if val_f1["mean"] > best:
+            best = val_f1["mean"]
+            chosen = merge_lora(classifier) if cfg.mode == "lora" else classifier
+            NucleusModel(detector, copy.deepcopy(chosen)).save(
+                run_dir / "model.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
+                                                               "train_config": cfg.to_dict()})
+        save_epoch(run_dir, {"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": _rng_state(rng), "epoch": epoch,
+                             "best": best, "history": history, "config": cfg.to_dict()}, progress)
+    return run_dir / "model.safetensors"
+
+
+def load_checkpoint(run_dir: Path, config: dict) -> dict | None:
+    """The state in ``run_dir/last.pt`` to resume from (None if there is none); it must have ``config``."""
+    path = run_dir / "last.pt"
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["config"] != config:
+        raise ValueError(f"{path}: was trained with another config; resume needs the same one")
+    return checkpoint
+
+
+def save_epoch(run_dir: Path, checkpoint: dict, progress: bool) -> None:
+    """Write ``last.pt`` (the resumable state) and the history as ``log.json`` and ``log.csv``."""
+    history = checkpoint["history"]
+    with atomic_path(run_dir / "last.pt") as tmp:
+        torch.save(checkpoint, tmp)
+    _write_json(run_dir / "log.json", history)
+    with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
+        writer.writeheader()
+        writer.writerows(history)
+    if progress:
+        print(json.dumps(history[-1]), flush=True)
+
+
+def _frozen_batches(train: list[PointImage], batch_points: int) -> int:
+    return max(1, -(-sum(len(item.xy) for item in train) // batch_points))
+
+
+def _frozen_epoch(train: list[PointImage], features: list[torch.Tensor], batch_points: int,
+                  rng: np.random.Generator):
+    """Shuffled batches of cached point features: (features per taxonomy, targets, taxonomy names)."""
+    taxonomy = np.concatenate([[item.taxonomy] * len(item.xy) for item in train])
+    targets = torch.from_numpy(np.concatenate([item.targets for item in train]))
+    every = torch.cat(features)
+    order = rng.permutation(len(targets))
+    for first in range(0, len(order), batch_points):
+        index = order[first:first + batch_points]
+        names = sorted(set(taxonomy[index]))
+        groups = [index[taxonomy[index] == name] for name in names]
+        yield [every[g] for g in groups], [targets[g] for g in groups], names

@@ -1,0 +1,240 @@
+"""Whole-slide images and plain images behind one small API: ``open_slide(path, mpp=None) -> Slide``.
+
+Readers, tried in this order: OpenSlide (SVS, NDPI, MRXS, SCN, BIF, DICOM, generic tiled TIFF, ...), then
+tiffslide for TIFFs OpenSlide cannot open, then Pillow for plain images (PNG, JPEG, BMP, untiled TIFF).
+
+The pixel size comes from ``mpp`` when given (the ``--mpp`` option), else from the file's metadata. When
+neither has it, opening fails with an InputError that says how to pass it: denuc never guesses a pixel size
+from the objective power, because scanners differ (a "20x" scan can be 0.5 or 0.46 um/px).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from denuc.errors import InputError
+from denuc.io.images import read_image
+
+PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+PLAUSIBLE_MPP = (0.05, 50.0)
+"""Pixel sizes (um/px) outside this range are metadata defaults or errors, not real scans."""
+
+
+@dataclass
+class Slide:
+    """An open slide: level 0 is the full resolution; ``mpp`` is the pixel size of level 0 in um/px.
+
+    ``read_region`` and ``thumbnail`` return RGB uint8 arrays; areas outside the slide and transparent
+    pixels read as white (glass). Reading from several threads at once is safe.
+    """
+
+    path: Path
+    backend: str
+    mpp: float
+    mpp_source: str
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    properties: dict[str, str] = field(default_factory=dict)
+    _handle: object = None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def vendor(self) -> str:
+        return self.properties.get("openslide.vendor", self.properties.get("tiffslide.vendor", self.backend))
+
+    def best_level(self, target_mpp: float) -> int:
+        """The coarsest level whose pixels are no larger than ``target_mpp`` (never coarser: no lost detail)."""
+        fitting = [k for k, d in enumerate(self.level_downsamples) if self.mpp * d <= target_mpp * (1 + 1e-3)]
+        return max(fitting, key=lambda k: self.level_downsamples[k]) if fitting else 0
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """The ``width`` x ``height`` pixels of ``level`` whose top-left pixel is (x, y) in *level* pixels.
+
+        The request may reach outside the level; that part is white.
+        """
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        level_w, level_h = self.level_dimensions[level]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, level_w), min(y + height, level_h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = self._read(x0, y0, level, x1 - x0, y1 - y0)
+        return out
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole slide as RGB uint8, resized so that its longer side is at most ``max_size`` pixels."""
+        w, h = self.dimensions
+        scale = min(1.0, max_size / max(w, h))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if self.backend == "pil":
+            return np.asarray(Image.fromarray(self._handle).resize(size, Image.Resampling.BOX))
+        try:
+            image = self._handle.get_thumbnail(size)
+        except Exception as error:  # OpenSlide and tiffslide raise their own error types on corrupt tiles
+            raise InputError(self.path, f"cannot read the slide: {error}") from None
+        return _rgb_on_white(image.resize(size, Image.Resampling.BOX) if image.size != size else image)
+
+    def close(self) -> None:
+        if self.backend != "pil":
+            self._handle.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        if self.backend == "pil":
+            return self._handle[y:y + height, x:x + width]
+        # Both libraries take the location in level-0 pixels and the size in pixels of the level.
+        downsample = self.level_downsamples[level]
+        try:
+            region = self._handle.read_region((round(x * downsample), round(y * downsample)), level, (width, height))
+        except Exception as error:  # a corrupt tile is the slide's problem: name it
+            raise InputError(self.path, f"cannot read region ({x}, {y}) of level {level}: {error}") from None
+        return _rgb_on_white(region)
+
+
+def _rgb_on_white(image: Image.Image) -> np.ndarray:
+    """RGB uint8 of a PIL image; transparent pixels (outside the scanned area) become white."""
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return np.asarray(image.convert("RGB"))
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+    """Open a whole-slide image or a plain image; ``mpp`` (um/px of level 0) overrides the metadata.
+
+    Raises InputError naming the file when it is missing, unreadable, of an unsupported format, or has no
+    pixel size and none was passed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if not path.is_file():
+        raise InputError(path, "not a file")
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise InputError(path, f"--mpp must be a positive number of um/px, got {mpp}")
+    suffix = path.suffix.lower()
+    if suffix in PLAIN_IMAGE_SUFFIXES:
+        backend, handle, properties, levels = _open_pil(path)
+    else:
+        opened = _open_openslide(path)
+        if opened is None and suffix in TIFF_SUFFIXES:
+            opened = _open_tiffslide(path) or _open_pil(path)
+        if opened is None:
+            raise InputError(path, "unsupported or unreadable slide format: OpenSlide cannot open it "
+                                   "(supported: SVS, NDPI, MRXS, SCN, BIF, VMS, DICOM, tiled TIFF; "
+                                   "plain PNG, JPEG, TIFF, BMP images)")
+        backend, handle, properties, levels = opened
+    dimensions, downsamples = levels
+    if mpp is not None:
+        mpp_used, source = float(mpp), "--mpp"
+    else:
+        mpp_used, source = _metadata_mpp(path, properties)
+    return Slide(path, backend, mpp_used, source, dimensions, downsamples, properties, handle)
+
+
+def _open_openslide(path: Path):
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        return None
+    except openslide.OpenSlideError as error:
+        raise InputError(path, f"unreadable slide: {error}") from None
+    levels = ([tuple(d) for d in handle.level_dimensions], [float(d) for d in handle.level_downsamples])
+    return "openslide", handle, dict(handle.properties), levels
+
+
+def _open_tiffslide(path: Path):
+    try:
+        import tiffslide
+    except ImportError:  # optional: without it, TIFFs OpenSlide refuses go straight to Pillow
+        return None
+    try:
+        handle = tiffslide.TiffSlide(str(path))
+        levels = ([tuple(d) for d in handle.level_dimensions], [float(d) for d in handle.level_downsamples])
+    except Exception:  # tiffslide has no error hierarchy of its own; Pillow gets the next try
+        return None
+    return "tiffslide", handle, {k: str(v) for k, v in handle.properties.items() if v is not None}, levels
+
+
+def _open_pil(path: Path):
+    array = read_image(path)
+    properties = {}
+    try:
+        with Image.open(path) as image:
+            # TIFF resolution tags (282/283, unit 296: 2 inch, 3 cm) are real scanner metadata; PNG/JPEG dpi
+            # are almost always an editor's 72 or 96 default and are ignored.
+            if image.format == "TIFF":
+                tags = image.tag_v2
+                if 282 in tags and tags.get(296) in (2, 3):
+                    per_unit = float(tags[282])
+                    unit_um = 25400.0 if tags[296] == 2 else 10000.0
+                    if per_unit > 0:
+                        properties["tiff.mpp"] = repr(unit_um / per_unit)
+    except OSError:
+        pass  # read_image above succeeded, so the pixels are fine; only the optional tags are missing
+    h, w = array.shape[:2]
+    return "pil", array, properties, ([(w, h)], [1.0])
+
+
+def _metadata_mpp(path: Path, properties: dict[str, str]) -> tuple[float, str]:
+    for key_x, key_y in (("openslide.mpp-x", "openslide.mpp-y"), ("tiffslide.mpp-x", "tiffslide.mpp-y"),
+                         ("tiff.mpp", "tiff.mpp")):
+        try:
+            mpp_x, mpp_y = float(properties[key_x]), float(properties.get(key_y, properties[key_x]))
+        except (KeyError, ValueError):
+            continue
+        mpp = (mpp_x + mpp_y) / 2
+        if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+            raise InputError(path, f"implausible pixel size {mpp:g} um/px in the metadata ({key_x}): "
+                                   "pass the right one with --mpp, e.g. --mpp 0.25 for a 40x scan")
+        source = f"metadata: {key_x}" + ("" if key_x == key_y else f", {key_y}")
+        return mpp, source
+    power = properties.get("openslide.objective-power") or properties.get("tiffslide.objective-power")
+    hint = (f"; the objective power is {power}x, which often but not always means "
+            f"{10 / float(power):g} um/px" if _is_number(power) and float(power) > 0 else "")
+    raise InputError(path, "pixel size unknown: the file has no pixel size in its metadata" + hint +
+                     ". Pass it with --mpp (um/px), e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for 40x")
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def write_pyramidal_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, tile: int = 256) -> None:
+    """Save an RGB uint8 image as a tiled, pyramidal TIFF (levels halving down to one tile) with its pixel size
+    in the resolution tags: a generic slide that OpenSlide and tiffslide open. Written atomically."""
+    import tifffile
+
+    from denuc.io.atomic import atomic_path
+
+    levels = [rgb]
+    while max(levels[-1].shape[:2]) > tile:
+        h, w = levels[-1].shape[:2]
+        levels.append(np.asarray(Image.fromarray(levels[-1]).resize((max(1, w // 2), max(1, h // 2)),
+                                                                    Image.Resampling.BOX)))
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tiff:
+        for k, level in enumerate(levels):
+            per_cm = 1e4 / (mpp * rgb.shape[1] / level.shape[1])
+            tiff.write(level, photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": 90},
+                       resolution=(per_cm, per_cm), resolutionunit="CENTIMETER",
+                       subfiletype=0 if k == 0 else 1)

@@ -1,0 +1,255 @@
+"""Nucleus classifier: heads, the classifier on tiles, model bundles (round trip, mismatches), the pipeline's
+"not a nucleus" rejection, and training (unlabelled points excluded, negatives, frozen and full modes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec, DetectorConfig
+from denuc.engine.classify import Classifier
+from denuc.engine.detect import Detector
+from denuc.engine.pipeline import NucleusModel
+from denuc.engine.train_classifier import add_lora, false_positives, merge_lora, point_images, train_classifier
+from denuc.engine.train_joint import JointModel, train_joint
+from denuc.errors import InputError
+from denuc.models.detector import PointDetector
+from denuc.models.heads import create_head
+from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
+
+torch.set_num_threads(1)  # the suite shares two cores; more threads only contend
+
+TINY = ClassifierConfig(encoder="timm:test_efficientnet")  # 99k parameters, levels of 24+32+48+64 channels
+CLASSES = {"a": [NucleusClass("x", (255, 0, 0)), NucleusClass("y", (0, 255, 0))],
+           "b": [NucleusClass("p"), NucleusClass("q"), NucleusClass("r")]}
+
+
+def tiny_detector(threshold: float = 0.0) -> Detector:
+    torch.manual_seed(0)
+    return Detector(PointDetector(DetectorConfig(score_threshold=threshold, tile_size=64, tile_overlap=32)))
+
+
+def tiny_model() -> NucleusModel:
+    torch.manual_seed(0)
+    return NucleusModel(tiny_detector(), Classifier.create(TINY, CLASSES))
+
+
+def tiles(n: int = 2, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def rewrite_metadata(path: Path, out: Path, **changes: str) -> Path:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(str(path)), str(out), metadata={**metadata, **changes})
+    return out
+
+
+def test_heads_map_features_to_classes_plus_one() -> None:
+    for kind in ("linear", "mlp"):
+        assert create_head(kind, 10, 4)(torch.randn(7, 10)).shape == (7, 4)
+    with pytest.raises(ValueError, match="unknown head 'svm'"):
+        create_head("svm", 10, 4)
+
+
+def test_classifier_probabilities_per_point_and_taxonomy() -> None:
+    classifier = Classifier.create(TINY, CLASSES).eval()
+    assert classifier.feature_dim == 24 + 32 + 48 + 64 and classifier.taxonomy == "a"
+    (p0, f0), (p1, f1) = classifier.classify_tiles(tiles(), [np.array([[3.0, 4.0], [60.2, 10.5]]), np.zeros((0, 2))])
+    assert p0.shape == (2, 3) and f0.shape == (2, 168) and p1.shape == (0, 3)
+    np.testing.assert_allclose(p0.sum(1), 1, rtol=1e-6)
+    classifier.use_taxonomy("b")
+    assert classifier.classify_tiles(tiles(1), [np.array([[3.0, 4.0]])])[0][0].shape == (1, 4)
+    with pytest.raises(InputError, match="unknown taxonomy"):
+        classifier.use_taxonomy("c")
+    with pytest.raises(ValueError, match="exclude 'not a nucleus'"):
+        Classifier.create(TINY, {"a": [NucleusClass(NOT_A_NUCLEUS)]})
+
+
+def test_bundle_round_trip(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save(tmp_path / "m.safetensors")
+    loaded = NucleusModel.from_pretrained(tmp_path / "m.safetensors")
+    expected, got = model.predict_tiles(tiles(), embeddings=True), loaded.predict_tiles(tiles(), embeddings=True)
+    assert loaded.classes == CLASSES["a"] and loaded.mpp == 0.5
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(e.xy, g.xy)
+        np.testing.assert_allclose(e.probs, g.probs, atol=1e-6)
+        assert e.labels.tolist() == g.labels.tolist() and g.embeddings.shape == (len(g), 168)
+    assert NucleusModel.from_pretrained(tmp_path / "m.safetensors", taxonomy="b").classes == CLASSES["b"]
+    model.save(tmp_path / "half.safetensors", half=True)
+    assert (tmp_path / "half.safetensors").stat().st_size < 0.6 * (tmp_path / "m.safetensors").stat().st_size
+    half = NucleusModel.from_pretrained(tmp_path / "half.safetensors").predict_tiles(tiles())
+    assert sum(len(n) for n in half) > 0
+    for e, h in zip(expected, half):
+        assert np.mean(e.labels[: len(h)] == h.labels[: len(e)]) > 0.9
+
+
+def test_whole_image_prediction_has_classes_and_no_rejected_label() -> None:
+    found = tiny_model().predict(tiles(1, 100)[0], mpp=0.25)
+    assert found.class_names == ["x", "y"] and found.image_size == (100, 100)
+    assert set(found.labels) <= {"x", "y"} and found.probs.shape == (len(found), 2)
+    found.validate()
+
+
+def test_not_a_nucleus_detections_are_dropped() -> None:
+    model = tiny_model()
+    head = model.classifier.heads["a"][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 1.0, 5.0]))  # "not a nucleus" wins everywhere
+    assert sum(len(n) for n in model.predict_tiles(tiles())) == 0
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.0, 3.0, 2.0]))  # class "y" first, "not a nucleus" second
+    found = model.predict_tiles(tiles())
+    detected = model.detector.detect_tiles(tiles())
+    assert [len(n) for n in found] == [len(n) for n in detected]
+    for nuclei in found:
+        assert set(nuclei.labels) == {"y"} and NOT_A_NUCLEUS not in nuclei.class_names
+        np.testing.assert_allclose(nuclei.probs.sum(1), 1)  # renormalised over the taxonomy
+        np.testing.assert_allclose(nuclei.probs[:, 1], 1 / (1 + np.exp(-3)), rtol=1e-5)
+
+
+def test_bare_detector_loads_detection_only(tmp_path: Path) -> None:
+    tiny_detector().save(tmp_path / "d.safetensors")
+    model = NucleusModel.from_pretrained(tmp_path / "d.safetensors")
+    assert model.classifier is None and model.classes == []
+    assert set(model.predict_tiles(tiles())[0].labels) <= {UNLABELLED}
+    with pytest.raises(ValueError, match="needs a classifier"):
+        model.save(tmp_path / "x.safetensors")
+
+
+def test_bundle_mismatches_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    tiny_model().save(path)
+    fewer = json.dumps({"a": [{"name": "x", "color": [1, 2, 3]}], "b": [{"name": n, "color": [0, 0, 0]} for n in "pqr"]})
+    with pytest.raises(InputError, match=r"m2.safetensors: head 'a' has 3 outputs for 1 classes \['x'\]"):
+        NucleusModel.from_pretrained(rewrite_metadata(path, tmp_path / "m2.safetensors", taxonomies=fewer))
+    other = ClassifierConfig(encoder="timm:test_resnet").to_json()  # 368 features instead of 168
+    with pytest.raises(InputError, match=r"m3.safetensors: head 'a' takes 168 features, but encoder timm:test_resnet"):
+        NucleusModel.from_pretrained(rewrite_metadata(path, tmp_path / "m3.safetensors", denuc_classifier=other))
+    with pytest.raises(InputError, match="no such model file"):
+        NucleusModel.from_pretrained(tmp_path / "missing.safetensors")
+    with pytest.raises(InputError, match="has no taxonomy"):
+        tiny_detector().save(tmp_path / "d.safetensors")
+        NucleusModel.from_pretrained(tmp_path / "d.safetensors", taxonomy="a")
+
+
+def test_referenced_encoder_weights(tmp_path: Path) -> None:
+    """A frozen published encoder is referenced by the path of its weights file, not copied."""
+    weights = tmp_path / "encoder.safetensors"
+    save_file(Classifier.create(TINY, CLASSES).encoder.model.state_dict(), str(weights))
+    config = ClassifierConfig(encoder=TINY.encoder, encoder_weights=str(weights))
+    model = NucleusModel(tiny_detector(), Classifier.create(config, CLASSES))
+    assert not model.classifier.embed_encoder
+    model.save(tmp_path / "m.safetensors")
+    assert not any(k.startswith("classifier.encoder.") for k in load_file(str(tmp_path / "m.safetensors")))
+    loaded = NucleusModel.from_pretrained(tmp_path / "m.safetensors")
+    for e, g in zip(model.predict_tiles(tiles()), loaded.predict_tiles(tiles())):
+        np.testing.assert_allclose(e.probs, g.probs, atol=1e-6)
+    weights.unlink()
+    with pytest.raises(InputError, match="encoder.safetensors: no such weights file"):
+        NucleusModel.from_pretrained(tmp_path / "m.safetensors")
+
+
+def test_false_positives_exclude_points_near_any_ground_truth() -> None:
+    gt = Nuclei(xy=[[10, 10], [50, 50]], labels=["x", UNLABELLED])
+    detections = np.array([[11.0, 10.0], [51.0, 52.0], [80.0, 80.0]])
+    np.testing.assert_array_equal(false_positives(detections, gt, 6.0), [[80.0, 80.0]])
+
+
+def write_fake_crchisto(root: Path) -> None:
+    """Two 96-pixel images with labelled and unlabelled nuclei, in CRCHisto's layout (0.55 um/px)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for split, names in (("train", ["img1"]), ("validation", ["img2"]), ("test", [])):
+        (root / f"split_{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    for name in ("img1", "img2"):
+        folder = root / name
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / f"{name}.bmp")
+        centres = np.array([[10.0, 10.0], [40.0, 20.0], [70.0, 70.0], [20.0, 80.0]])
+        scipy.io.savemat(folder / f"{name}_detection.mat", {"detection": centres})
+        classes = {"epithelial": centres[:1], "fibroblast": centres[1:2], "inflammatory": centres[2:3]}
+        for cls in ("epithelial", "fibroblast", "inflammatory", "others"):  # centres[3] stays unlabelled
+            scipy.io.savemat(folder / f"{name}_{cls}.mat", {"detection": classes.get(cls, np.zeros((0, 2)))})
+
+
+@pytest.fixture
+def fake_run(tmp_path: Path) -> tuple[ClassifierTrainConfig, Path]:
+    write_fake_crchisto(tmp_path / "crchisto")
+    tiny_detector(threshold=0.5).save(tmp_path / "detector.safetensors")
+    cfg = ClassifierTrainConfig(datasets=[DatasetSpec("crchisto", str(tmp_path / "crchisto"))], model=TINY,
+                                detector=str(tmp_path / "detector.safetensors"), epochs=2, iters_per_epoch=2,
+                                batch_size=2, crop_size=64, warmup_iters=1, threads=1)
+    return cfg, tmp_path
+
+
+def test_training_points_exclude_unlabelled_and_add_negatives(fake_run) -> None:
+    cfg, tmp_path = fake_run
+    detector = Detector.from_pretrained(cfg.detector)
+    (item,) = point_images(cfg, detector, "train", tmp_path / "run")
+    labelled = 3
+    assert item.targets[:labelled].tolist() == [0, 1, 2]  # epithelial, fibroblast, inflammatory
+    assert (item.targets[labelled:] == 4).all()  # the rest are "not a nucleus"
+    unlabelled = (np.array([20.0, 80.0]) + 0.5) * (0.55 / 0.5) - 0.5
+    assert np.linalg.norm(item.xy - unlabelled, axis=1).min() > cfg.match_radius_um / cfg.model.mpp
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
+def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str) -> None:
+    cfg, tmp_path = fake_run
+    cfg.mode = mode
+    run = tmp_path / mode
+    bundle = train_classifier(cfg, run, progress=False, epochs_this_run=1)
+    assert len(json.loads((run / "log.json").read_text())) == 1
+    train_classifier(cfg, run, resume=True, progress=False)
+    log = json.loads((run / "log.json").read_text())
+    assert [row["epoch"] for row in log] == [1, 2] and all(0 <= row["val_f1_mean"] <= 1 for row in log)
+    model = NucleusModel.from_pretrained(bundle)
+    assert [c.name for c in model.classes] == ["epithelial", "fibroblast", "inflammatory", "others"]
+    if mode == "frozen":
+        assert (run / "features_train.safetensors").exists()
+
+
+def test_joint_baseline_trains_and_classifies(fake_run) -> None:
+    cfg, tmp_path = fake_run
+    cfg.mode, cfg.epochs = "joint", 1
+    path = train_joint(cfg, tmp_path / "joint", progress=False)
+    model = JointModel.load(path)
+    found = model.predict(tiles(1, 96)[0], mpp=0.5, taxonomy="crchisto")
+    assert found.class_names == ["epithelial", "fibroblast", "inflammatory", "others"]
+    assert set(found.labels) <= set(found.class_names) and found.probs.shape == (len(found), 4)
+
+
+def test_lora_adapters_merge_into_the_encoder() -> None:
+    classifier = Classifier.create(TINY, CLASSES).eval()
+    add_lora(classifier, rank=2, alpha=4.0)
+    trainable = [name for name, p in classifier.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or name.startswith("heads.") for name in trainable)
+    points = [np.array([[3.0, 4.0], [40.0, 50.5]])]
+    base = classifier.classify_tiles(tiles(1), points)[0][0]
+    with torch.no_grad():
+        for name, p in classifier.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B starts at zero: make the adapters change something
+    adapted = classifier.classify_tiles(tiles(1), points)[0][0]
+    merged = merge_lora(classifier)
+    assert merged.embed_encoder and not any("lora" in k for k in merged.state_tensors())
+    np.testing.assert_allclose(merged.classify_tiles(tiles(1), points)[0][0], adapted, atol=1e-5)
+    assert not np.allclose(base, adapted)
+
+
+def test_tiles_without_detections_keep_the_probability_columns() -> None:
+    model = tiny_model()
+    model.detector.with_settings(score_threshold=1.0)  # nothing passes
+    found = model.predict(np.full((80, 80, 3), 255, dtype=np.uint8), mpp=0.5, embeddings=True)
+    assert len(found) == 0 and found.probs.shape == (0, 2) and found.embeddings.shape == (0, 168)

@@ -1,0 +1,70 @@
+"""The ONNX Runtime detector gives the PyTorch detector's outputs, within float32 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from denuc.config import DetectorConfig
+from denuc.engine.detect import Detector, make_detector
+from denuc.models.detector import PointDetector
+
+pytest.importorskip("onnxruntime")
+
+# Stated tolerance: ONNX Runtime folds batch norms into the convolutions and reorders float32 sums, so outputs
+# differ from PyTorch's by rounding only: probabilities by at most 1e-4, point positions by at most 1e-3 px.
+SCORE_ATOL, POINT_ATOL = 1e-4, 1e-3
+
+
+def random_detector(seed: int = 0) -> PointDetector:
+    torch.manual_seed(seed)
+    model = PointDetector(DetectorConfig(score_threshold=0.5)).eval()
+    # random init leaves the offset head at zero and BN statistics at identity: perturb them so the test
+    # covers non-trivial offsets and folded batch norms
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+        model.head.offsets.weight.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def onnx() -> Detector:
+    return make_detector(random_detector(), runtime="onnx")  # one export for the module: it takes seconds
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 256), (1, 96, 160)])
+def test_onnx_matches_torch(onnx: Detector, shape: tuple[int, int, int]) -> None:
+    tiles = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    reference = Detector(random_detector())
+    scores, points = (t.numpy() for t in reference.forward(tiles))
+    onnx_scores, onnx_points = (t.numpy() for t in onnx.forward(tiles))
+    assert onnx_scores.shape == scores.shape and onnx_points.shape == points.shape
+    np.testing.assert_allclose(onnx_scores, scores, atol=SCORE_ATOL, rtol=0)
+    np.testing.assert_allclose(onnx_points, points, atol=POINT_ATOL, rtol=0)
+    assert np.ptp(scores) > 0.01 and np.abs(points - np.round(points)).max() > 0.01  # a non-trivial check
+
+
+def test_onnx_detections_match_torch(onnx: Detector) -> None:
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    reference = Detector(random_detector())
+    scores = np.sort(reference.forward(tiles)[0].numpy().ravel())
+    # a threshold in a gap wider than the tolerance near the median, so no point may fall either side of it;
+    # NMS off: with random weights many neighbours' scores differ by less than the tolerance, and the NMS
+    # code is shared anyway
+    gaps = np.flatnonzero(np.diff(scores) > 4 * SCORE_ATOL)
+    k = gaps[np.argmin(np.abs(gaps - len(scores) // 2))]
+    settings = dict(score_threshold=float(scores[k] + scores[k + 1]) / 2, nms_radius_um=0.0)
+    onnx = onnx.with_settings(**settings)
+    for expected, found in zip(reference.with_settings(**settings).detect_tiles(tiles), onnx.detect_tiles(tiles)):
+        assert len(found) == len(expected) > 0
+        np.testing.assert_allclose(found.xy, expected.xy, atol=POINT_ATOL, rtol=0)
+        np.testing.assert_allclose(found.scores, expected.scores, atol=SCORE_ATOL, rtol=0)
+
+
+def test_unknown_runtime_is_refused() -> None:
+    with pytest.raises(ValueError, match="runtime"):
+        make_detector(random_detector(), runtime="tensorrt")
