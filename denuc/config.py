@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+RUNTIMES = ("torch", "onnx")
+"""Where the detector's network runs: PyTorch (any device) or ONNX Runtime (CPU; the ``onnx`` extra)."""
+
 
 @dataclass
 class DetectorConfig:

@@ -6,6 +6,8 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from denuc.config import RUNTIMES
+
 SAMPLE = ("sample_brcam2c.png", 0.5)  # bundled sample image and its pixel size (BRCA-M2C, BSD-3)
 
 
@@ -17,6 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=float, help="pixel size of the images in um/px (required for plain images)")
     p.add_argument("--model", default="default", help="detector: a shipped name or a .safetensors file")
     p.add_argument("--threshold", type=float, help="score threshold (default: the model's, chosen on validation)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="where the detector runs: torch, or onnx (ONNX Runtime, CPU; the onnx extra)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
 
@@ -33,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         jobs.append((Path(str(resources.files("denuc") / "data" / SAMPLE[0])), SAMPLE[1]))
     if not jobs:
         raise InputError("denuc detect", "no images given (pass image files, or --sample)")
-    detector = Detector.from_pretrained(args.model, device=args.device)
+    detector = Detector.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     if args.threshold is not None:
         detector.with_settings(score_threshold=args.threshold)
     for path, mpp in jobs:

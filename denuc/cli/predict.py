@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from denuc.cli.detect import SAMPLE
+from denuc.config import RUNTIMES
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
                   ".png", ".jpg", ".jpeg", ".bmp"}
@@ -30,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
     p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="where the detector runs: torch, or onnx (ONNX Runtime, CPU; the onnx extra)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="tile-reading threads; 0 reads in the main thread")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-slide lines (errors still print)")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         jobs.append((sample, SAMPLE[1], f"bundled sample image ({SAMPLE[1]} um/px)"))
     if not jobs:
         raise InputError("denuc predict", "no slides given (pass slide files or folders, or --sample)")
-    model = NucleusModel.from_pretrained(args.model, device=args.device)
+    model = NucleusModel.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     if args.detector_only:
         model = NucleusModel(model.detector)
     if args.embeddings and model.classifier is None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.spatial import cKDTree
 
-from denuc.config import DetectorConfig
+from denuc.config import RUNTIMES, DetectorConfig
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
 from denuc.io.images import read_image, resample, to_rgb_uint8
@@ -28,8 +28,6 @@ PRETRAINED = {"default": "detector_default.safetensors"}
 """Detectors shipped inside the package (denuc/weights)."""
 
 ALIGN = 32  # the backbone's total stride: tile origins and sizes are multiples of it so grids line up
-RUNTIMES = ("torch", "onnx")
-"""Where the detector's network runs: PyTorch (any device) or ONNX Runtime (CPU)."""
 
 
 def point_nms(xy: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
@@ -146,12 +144,22 @@ class Detector:
             raise InputError(path, f"not a readable safetensors file: {error}") from None
         if "denuc_detector" not in metadata:
             raise InputError(path, "safetensors file has no 'denuc_detector' config: not a denuc detector")
-        config = DetectorConfig.from_json(metadata["denuc_detector"])
+        return cls.from_state(state, metadata, path, device, runtime)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], metadata: dict[str, str], source: str | os.PathLike,
+                   device: str = "cpu", runtime: str = "torch") -> "Detector":
+        """A detector from its tensors and the safetensors metadata holding its config (``source`` names the
+        file in errors)."""
+        try:
+            config = DetectorConfig.from_json(metadata["denuc_detector"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise InputError(source, f"bad detector metadata: {error!r}") from None
         model = PointDetector(config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise InputError(path, f"weights do not fit a {config.backbone} detector: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
+            raise InputError(source, f"weights do not fit a {config.backbone} detector: missing {missing[:5]}, "
+                                     f"unexpected {unexpected[:5]}")
         return make_detector(model, device, runtime)
 
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> None:
@@ -162,7 +170,7 @@ class Detector:
             save_file(state, str(tmp), metadata=metadata)
 
     def with_settings(self, **changes) -> "Detector":
-        """The same weights with other inference settings (score_threshold, nms_radius_um, tile_size, ...)."""
+        """Change inference settings (score_threshold, nms_radius_um, tile_size, ...) in place; returns self."""
         self.model.config = replace(self.config, **changes)
         return self
 

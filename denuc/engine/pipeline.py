@@ -17,16 +17,13 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from denuc.config import DetectorConfig
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import PRETRAINED, Detector, predict_image
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
-from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei, NucleusClass
 
 BUNDLES = {"default": "bundle_default.safetensors"}
@@ -56,10 +53,11 @@ class NucleusModel:
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu",
-                        taxonomy: str | None = None) -> "NucleusModel":
+                        taxonomy: str | None = None, runtime: str = "torch") -> "NucleusModel":
         """A shipped model name or a model file; detector-only files (a bare detector) are accepted too.
 
-        ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved).
+        ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
+        ``runtime`` is where the detector runs ("torch" or "onnx", see ``denuc.engine.detect.make_detector``).
         """
         path = _resolve(path_or_name)
         try:
@@ -70,10 +68,10 @@ class NucleusModel:
         if metadata.get("format") != BUNDLE_FORMAT:
             if taxonomy is not None:
                 raise InputError(path, f"a detector-only model has no taxonomy {taxonomy!r}")
-            return cls(Detector.from_pretrained(path, device=device))
+            return cls(Detector.from_pretrained(path, device=device, runtime=runtime))
         state = load_file(str(path))
-        detector = _detector_from_state({k[len(_DETECTOR):]: v for k, v in state.items() if k.startswith(_DETECTOR)},
-                                        metadata, path, device)
+        detector = Detector.from_state({k[len(_DETECTOR):]: v for k, v in state.items() if k.startswith(_DETECTOR)},
+                                       metadata, path, device, runtime)
         classifier = Classifier.from_state({k[len(_CLASSIFIER):]: v for k, v in state.items()
                                             if k.startswith(_CLASSIFIER)}, metadata, path)
         if taxonomy is not None:
@@ -145,17 +143,3 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
     if not path.is_file():
         raise InputError(path_or_name, f"no such model file (shipped names: {sorted(set(BUNDLES) | set(PRETRAINED))})")
     return path
-
-
-def _detector_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str], source: Path,
-                         device: str) -> Detector:
-    try:
-        config = DetectorConfig.from_json(metadata["denuc_detector"])
-    except (KeyError, ValueError, TypeError) as error:
-        raise InputError(source, f"bad detector metadata: {error!r}") from None
-    model = PointDetector(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(source, f"detector tensors do not fit a {config.backbone} detector: missing "
-                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
-    return Detector(model, device)
