@@ -1,13 +1,15 @@
 """Whole-slide prediction speed and memory on this CPU: `denuc predict` on a real SVS and a 4x larger slide.
 
-    python benchmarks/bench_slide.py [--model default] [--out benchmarks/results/slide.json]
+    python benchmarks/bench_slide.py [--model default] [--repeats 3] [--out benchmarks/results/slide.json]
 
 Inputs: ../shared/slides/CMU-1-Small-Region.svs (2220 x 2967 px at 0.499 um/px, about 1.6 mm^2, of which
 the tissue mask keeps about 0.64 mm^2), and a synthetic pyramidal TIFF of four times its area (its level 0
 tiled 2 x 2, written with tifffile). Each run is a fresh child process (so its peak resident memory is its
 own) that opens the slide, loads the model and runs ``predict_slide`` with the CLI's defaults (batch 8,
-2 reading threads). Reports wall time, seconds per mm^2 of tissue, nuclei per second and peak memory, for
-detection only and for the full pipeline (detector + classifier) when the model has a classifier.
+2 reading threads), with the detector in PyTorch and in ONNX Runtime. Reports wall time (end to end: opening
+the slide, tissue mask, reading, model, writing every output), seconds per mm^2 of tissue, nuclei per second,
+peak memory and where the time went, for detection only and for the full pipeline (detector + classifier)
+when the model has a classifier. Runs on the region are repeated and the median reported.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 
 
-def one_run(slide_path: str, model_name: str, detector_only: bool, out: str) -> dict:
+def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str, out: str) -> dict:
     """Runs in the child: one slide, one model, fresh process. Returns the figures."""
     import torch
 
@@ -37,7 +39,7 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, out: str) -> 
     from denuc.engine.slide import predict_slide
     from denuc.io.slides import open_slide
 
-    model = NucleusModel.from_pretrained(model_name)
+    model = NucleusModel.from_pretrained(model_name, runtime=runtime)
     if detector_only:
         model = NucleusModel(model.detector)
     started = time.perf_counter()
@@ -46,6 +48,7 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, out: str) -> 
     seconds = time.perf_counter() - started
     area = summary["tissue"]["area_mm2"]
     return {"slide": Path(slide_path).name, "mode": "detection only" if model.classifier is None else "full",
+            "runtime": runtime, "timing_s": summary["timing_s"],
             "classes": [c.name for c in model.classes], "wall_s": seconds, "tissue_mm2": area,
             "slide_mm2": summary["slide"]["dimensions"][0] * summary["slide"]["dimensions"][1]
             * summary["mpp"] ** 2 / 1e6,
@@ -66,8 +69,9 @@ def build_4x_slide(path: Path) -> None:
     write_pyramidal_tiff(path, np.tile(region, (2, 2, 1)), mpp)
 
 
-def child(slide: Path, model: str, detector_only: bool, out: Path) -> dict:
-    command = [sys.executable, __file__, "--child", str(slide), "--model", model, "--child-out", str(out)]
+def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path) -> dict:
+    command = [sys.executable, __file__, "--child", str(slide), "--model", model, "--child-out", str(out),
+               "--runtime", runtime]
     if detector_only:
         command.append("--detector-only")
     result = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -80,15 +84,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slide.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting on the region (median kept)")
     parser.add_argument("--detector-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_run(args.child, args.model, args.detector_only, args.child_out)))
+        print(json.dumps(one_run(args.child, args.model, args.detector_only, args.runtime, args.child_out)))
         return
     if not CMU.is_file():
         sys.exit(f"benchmark slide not found: {CMU}")
 
     from denuc.engine.pipeline import NucleusModel
+    from denuc.engine.slide import software_versions
     from denuc.io.atomic import atomic_path
 
     has_classifier = NucleusModel.from_pretrained(args.model).classifier is not None
@@ -96,18 +103,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "CMU-1-Small-Region-4x.tif"
         build_4x_slide(big)
-        for slide in (CMU, big):
+        for slide, repeats in ((CMU, args.repeats), (big, 1)):
             for detector_only in ([True, False] if has_classifier else [True]):
-                r = child(slide, args.model, detector_only, Path(tmp) / f"out-{len(runs)}")
-                runs.append(r)
-                print(f"{r['slide']:32s} {r['mode']:15s} {r['tissue_mm2']:.2f} mm^2 tissue, {r['tiles']} tiles, "
-                      f"{r['nuclei']} nuclei: {r['wall_s']:.1f} s, {r['s_per_mm2_tissue']:.1f} s/mm^2, "
-                      f"{r['nuclei_per_s']:.0f} nuclei/s, peak {r['peak_rss_mb']:.0f} MB")
+                for runtime in ("torch", "onnx"):
+                    # settings interleaved within each round, so load from other jobs spreads over all alike
+                    trials = [child(slide, args.model, detector_only, runtime, Path(tmp) / f"out-{len(runs)}-{i}")
+                              for i in range(repeats)]
+                    r = sorted(trials, key=lambda t: t["wall_s"])[len(trials) // 2]
+                    r["repeats_wall_s"] = [t["wall_s"] for t in trials]
+                    runs.append(r)
+                    where = ", ".join(f"{k} {v:.2f}" for k, v in r["timing_s"].items())
+                    print(f"{r['slide']:32s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
+                          f"{r['tiles']} tiles, {r['nuclei']} nuclei: {r['wall_s']:.2f} s (median of {repeats}), "
+                          f"{r['s_per_mm2_tissue']:.2f} s/mm^2, {r['nuclei_per_s']:.0f} nuclei/s, "
+                          f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")
     if not has_classifier:
         print(f"model {args.model!r} has no classifier: the full pipeline was not measured")
     results = {"model": args.model, "full_pipeline_measured": has_classifier, "runs": runs,
                "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-               "note": "2-core CPU shared with other jobs: wall times are upper bounds"}
+               "load_average_at_start": os.getloadavg(), "versions": software_versions()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2))

@@ -206,6 +206,7 @@ def predict_slide(
         return {**done, "skipped": True}
     _remove_stale_temporaries(out_dir, paths)
 
+    timings = {"tissue_mask": -time.perf_counter()}
     thumbnail, thumb_mpp = _thumbnail(slide)
     if tissue_mask:
         mask = detect_tissue(thumbnail, thumb_mpp)
@@ -214,6 +215,7 @@ def predict_slide(
         mask = TissueMask(np.ones(thumbnail.shape[:2], dtype=bool), thumb_mpp, threshold=0.0)
         tiles = [(row, col) for row in range(len(grid.ys)) for col in range(len(grid.xs))]
     chunks = [tiles[i:i + chunk_tiles] for i in range(0, len(tiles), chunk_tiles)]
+    timings["tissue_mask"] += time.perf_counter()
 
     manifest = {"settings": settings, "fingerprint": fingerprint, "chunks": len(chunks), "tiles": len(tiles)}
     if resume and (partial / "manifest.json").is_file():
@@ -229,8 +231,10 @@ def predict_slide(
 
     todo = [k for k in range(len(chunks)) if not _shard(partial, k).is_file()]
     _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
-                embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem)
+                embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings)
+    timings["assemble_outputs"] = -time.perf_counter()
     summary = _assemble(slide, model, grid, chunks, partial, paths, mask, thumbnail, embeddings=embeddings)
+    timings["assemble_outputs"] += time.perf_counter()
     summary.update({
         "slide": {"path": str(slide.path), "backend": slide.backend, "vendor": slide.vendor,
                   "dimensions": list(slide.dimensions), "levels": [list(d) for d in slide.level_dimensions],
@@ -247,8 +251,11 @@ def predict_slide(
                   "detector": json.loads(model.detector.config.to_json())},
         "settings": {"batch_size": batch_size, "workers": workers, "device": settings["device"],
                      "tissue_mask": tissue_mask, "embeddings": embeddings, "resumed": len(todo) < len(chunks)},
-        "versions": _versions(),
+        "versions": software_versions(),
         "runtime_s": time.perf_counter() - started,
+        # where the time went (this run's tiles only): reading runs in worker threads, overlapped with the model,
+        # so "waiting_for_tiles" is what reading cost the main thread
+        "timing_s": timings,
         "fingerprint": fingerprint,
         "outputs": {k: p.name for k, p in paths.items() if k != "_embeddings.npy" or embeddings},
     })
@@ -315,34 +322,53 @@ def _read_ahead(read: Callable[[Tile], np.ndarray], tiles: Iterable[Tile], worke
 
 def _run_chunks(slide: Slide, model: NucleusModel, grid: Grid, chunks: list[list[Tile]], todo: list[int],
                 partial: Path, *, batch_size: int, workers: int, embeddings: bool, progress: bool,
-                on_chunk: Callable[[int], None] | None, stem: str) -> None:
+                on_chunk: Callable[[int], None] | None, stem: str, timings: dict[str, float]) -> None:
+    """Predict the chunks ``todo`` and save each as a shard; add seconds per stage to ``timings``."""
     from tqdm.auto import tqdm
 
     total = sum(len(c) for c in chunks)
     bar = tqdm(total=total, initial=total - sum(len(chunks[k]) for k in todo), unit="tile", desc=stem,
                disable=not progress, dynamic_ncols=True)
     nuclei_found = 0
-    reader = _read_ahead(lambda tile: grid.read(slide, tile), (t for k in todo for t in chunks[k]),
-                         workers, depth=max(2 * batch_size, 2 * workers))
+    read_seconds = []  # appended to by the reading threads (list.append is atomic)
+
+    def read(tile: Tile) -> np.ndarray:
+        begin = time.perf_counter()
+        pixels = grid.read(slide, tile)
+        read_seconds.append(time.perf_counter() - begin)
+        return pixels
+
+    reader = _read_ahead(read, (t for k in todo for t in chunks[k]), workers, depth=max(2 * batch_size, 2 * workers))
     radius = model.detector.config.nms_radius_um / model.mpp
+    clock = dict.fromkeys(("waiting_for_tiles", "model", "ownership", "shard_writes"), 0.0)
     try:
         for done, k in enumerate(todo, start=len(chunks) - len(todo) + 1):
             parts = []
             for first in range(0, len(chunks[k]), batch_size):
                 batch = chunks[k][first:first + batch_size]
+                t0 = time.perf_counter()
                 pixels = np.stack([next(reader) for _ in batch])
-                for tile, found in zip(batch, model.predict_tiles(pixels, embeddings=embeddings)):
-                    owned, seam = _owned(grid, slide, tile, found, radius)
+                t1 = time.perf_counter()
+                found = model.predict_tiles(pixels, embeddings=embeddings)
+                t2 = time.perf_counter()
+                for tile, nuclei in zip(batch, found):
+                    owned, seam = _owned(grid, slide, tile, nuclei, radius)
                     parts.append((tile, owned, seam))
                     nuclei_found += len(owned)
+                clock["waiting_for_tiles"] += t1 - t0
+                clock["model"] += t2 - t1
+                clock["ownership"] += time.perf_counter() - t2
                 bar.update(len(batch))
                 bar.set_postfix(nuclei=nuclei_found, refresh=False)
+            t0 = time.perf_counter()
             _write_shard(_shard(partial, k), parts, model, embeddings)
+            clock["shard_writes"] += time.perf_counter() - t0
             if on_chunk is not None:
                 on_chunk(done)
     finally:
         reader.close()
         bar.close()
+        timings.update(clock, reading_in_threads=sum(read_seconds))
 
 
 def _owned(grid: Grid, slide: Slide, tile: Tile, found: Nuclei, radius: float) -> tuple[Nuclei, np.ndarray]:
@@ -528,7 +554,8 @@ class _Overview:
             image.save(tmp, format="PNG")
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
+    """Versions of the software a result depends on (recorded in every summary)."""
     import openslide
 
     return {"denuc": denuc.__version__, "python": platform.python_version(), "torch": torch.__version__,

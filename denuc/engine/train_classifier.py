@@ -193,7 +193,10 @@ def cached_features(classifier: Classifier, items: list[PointImage], path: Path,
 def add_lora(classifier: Classifier, rank: int, alpha: float) -> None:
     """Wrap the encoder in LoRA adapters (peft) on its linear and ungrouped convolution layers; only the
     adapters (and the heads) train. ``merge_lora`` folds them back into plain layers."""
-    from peft import LoraConfig, LoraModel
+    try:
+        from peft import LoraConfig, LoraModel
+    except ImportError:
+        raise ImportError('mode "lora" needs peft: pip install "denuc[lora]"') from None
 
     targets = [name for name, m in classifier.encoder.named_modules()
                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
