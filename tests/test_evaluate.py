@@ -341,6 +341,14 @@ def test_cli_scores_folders_and_writes_json(point_folders, tmp_path: Path, capsy
     assert [p.name for p in out.parent.iterdir()] == ["report.json"]  # no temporary file left
 
 
+def test_cli_reads_the_csv_of_a_csv_and_geojson_pair(point_folders, capsys) -> None:
+    """denuc detect / predict write a CSV and a GeoJSON per image: their output folder scores as it is."""
+    pred, gt = point_folders
+    (pred / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')  # would score 0 if read
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--mpp", "0.5"]) == 0
+    assert "0.7500" in capsys.readouterr().out  # the detection F1 of the CSVs, as above
+
+
 def test_cli_single_files_and_protocol(point_folders, capsys) -> None:
     pred, gt = point_folders
     code = main(["evaluate", "--pred", str(pred / "b.csv"), "--gt", str(gt / "b.csv"), "--mpp", "0.5",

@@ -120,12 +120,14 @@ def _point_files(path: Path) -> dict[str, Path]:
     if not path.is_dir():
         raise InputError(path, "no such file or folder")
     files: dict[str, Path] = {}
-    for file in sorted(path.iterdir()):
-        if file.is_file() and file.suffix.lower() in POINT_SUFFIXES:
-            if file.stem in files:
-                raise InputError(path, f"two point files for image {file.stem!r}: {files[file.stem].name} and "
-                                       f"{file.name}; keep one")
-            files[file.stem] = file
+    # in POINT_SUFFIXES order, so that of a CSV and a GeoJSON with one stem (as denuc detect and predict write
+    # them: the same points) the CSV is read
+    found = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in POINT_SUFFIXES]
+    for file in sorted(found, key=lambda f: (POINT_SUFFIXES.index(f.suffix.lower()), f.name)):
+        if file.stem in files and files[file.stem].suffix.lower() == file.suffix.lower():
+            raise InputError(path, f"two point files for image {file.stem!r}: {files[file.stem].name} and "
+                                   f"{file.name}; keep one")
+        files.setdefault(file.stem, file)
     if not files:
         raise InputError(path, f"no point files ({', '.join(POINT_SUFFIXES)}) in this folder")
     return files

@@ -58,6 +58,8 @@ from denuc.nuclei import Nuclei, concat
 
 THUMBNAIL_MIN_MPP = 2.0  # um per thumbnail pixel: about a nucleus radius, so overview dots can sit on nuclei
 THUMBNAIL_MAX_SIDE = 4096
+OVERVIEW_MIN_SIDE = 1024  # small inputs (plain images) get an overview this large, up to their own pixels
+DOT_RADIUS_UM = 2.4  # overview dots: about a small nucleus
 DOTS_PER_PIXEL_MAX = 1 / 16  # above this many nuclei per overview pixel, dots hide the tissue: draw density
 DENSITY_SIGMA_UM = 50.0
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".geojson", "_embeddings.npy", "_tissue.png", "_overview.png",
@@ -520,6 +522,9 @@ class _Overview:
 
     def __init__(self, thumbnail: np.ndarray, slide: Slide, classes: list, dots: bool) -> None:
         self.dots = dots
+        side = min(max(slide.dimensions), OVERVIEW_MIN_SIDE)
+        if dots and side > max(thumbnail.shape[:2]):  # a small input: a finer picture, so dots sit on nuclei
+            thumbnail = slide.thumbnail(side)
         self.image = Image.fromarray(thumbnail).convert("RGB")
         self.draw = ImageDraw.Draw(self.image)
         self.scale = thumbnail.shape[1] / slide.dimensions[0], thumbnail.shape[0] / slide.dimensions[1]
@@ -535,7 +540,7 @@ class _Overview:
             np.add.at(self.counts, (np.clip(np.round(y).astype(int), 0, h - 1),
                                     np.clip(np.round(x).astype(int), 0, w - 1)), 1)
             return
-        radius = 1.2
+        radius = max(1.2, DOT_RADIUS_UM / self.mpp)
         for px, py, label in zip(x.tolist(), y.tolist(), nuclei.labels.tolist()):
             self.draw.ellipse([px - radius, py - radius, px + radius, py + radius],
                               fill=self.colors.get(label, UNLABELLED_COLOR))
