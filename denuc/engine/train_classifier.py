@@ -16,7 +16,6 @@ the feature cache, and ``model.safetensors``: the bundle of the detector and the
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -36,7 +35,9 @@ from denuc.config import ClassifierTrainConfig
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
 from denuc.engine.pipeline import NucleusModel
-from denuc.engine.train_detector import _color_jitter, _lr_factor, _rng_state, _write_json, load_split
+from denuc.engine import runs
+from denuc.engine.runs import lr_factor
+from denuc.engine.train_detector import color_jitter, load_split
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
 
@@ -131,7 +132,7 @@ def point_loss(logits: list[torch.Tensor], targets: list[torch.Tensor], taxonomy
     return torch.stack(terms).sum() / torch.stack(norms).sum().clamp(min=1e-6)
 
 
-def labelled_crop(item: PointImage, size: int, color_jitter: float, rng: np.random.Generator
+def labelled_crop(item: PointImage, size: int, jitter: float, rng: np.random.Generator
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A random ``size`` crop (white-padded if the image is smaller), flipped, rotated and colour-jittered,
     with its points and their targets. Unlike the detector's crop it keeps each point's label."""
@@ -147,8 +148,8 @@ def labelled_crop(item: PointImage, size: int, color_jitter: float, rng: np.rand
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    if color_jitter > 0:
-        crop = _color_jitter(crop, color_jitter, rng)
+    if jitter > 0:
+        crop = color_jitter(crop, jitter, rng)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2), targets
 
 
@@ -250,19 +251,11 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     steps = batches_per_epoch if cfg.mode == "frozen" else cfg.iters_per_epoch
     schedule_cfg = copy.copy(cfg)
     schedule_cfg.iters_per_epoch = steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, schedule_cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule_cfg))
 
-    history: list[dict] = []
-    start_epoch, best = 0, -1.0
-    checkpoint = load_checkpoint(run_dir, cfg.to_dict()) if resume else None
-    if checkpoint is not None:
-        classifier.load_state_dict(checkpoint["classifier"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["history"]
-    _write_json(run_dir / "config.json", cfg.to_dict())
+    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "classifier", classifier, optimizer,
+                                              scheduler, rng) if resume else (0, -1.0, []))
+    runs.write_json(run_dir / "config.json", cfg.to_dict())
 
     stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
     for epoch in range(start_epoch, stop):
@@ -307,35 +300,9 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             NucleusModel(detector, copy.deepcopy(chosen)).save(
                 run_dir / "model.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
                                                                "train_config": cfg.to_dict()})
-        save_epoch(run_dir, {"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": _rng_state(rng), "epoch": epoch,
-                             "best": best, "history": history, "config": cfg.to_dict()}, progress)
+        runs.save_epoch(run_dir, cfg.to_dict(), "classifier", classifier, optimizer, scheduler, rng, epoch, best,
+                        history, progress)
     return run_dir / "model.safetensors"
-
-
-def load_checkpoint(run_dir: Path, config: dict) -> dict | None:
-    """The state in ``run_dir/last.pt`` to resume from (None if there is none); it must have ``config``."""
-    path = run_dir / "last.pt"
-    if not path.exists():
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint["config"] != config:
-        raise ValueError(f"{path}: was trained with another config; resume needs the same one")
-    return checkpoint
-
-
-def save_epoch(run_dir: Path, checkpoint: dict, progress: bool) -> None:
-    """Write ``last.pt`` (the resumable state) and the history as ``log.json`` and ``log.csv``."""
-    history = checkpoint["history"]
-    with atomic_path(run_dir / "last.pt") as tmp:
-        torch.save(checkpoint, tmp)
-    _write_json(run_dir / "log.json", history)
-    with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
-        writer.writeheader()
-        writer.writerows(history)
-    if progress:
-        print(json.dumps(history[-1]), flush=True)
 
 
 def _frozen_batches(train: list[PointImage], batch_points: int) -> int:

@@ -7,9 +7,6 @@ checkpoints every epoch (``last.pt``, resumable exactly), keeps the epoch with t
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +18,10 @@ from tqdm import tqdm
 
 from denuc.config import DetectorTrainConfig
 import denuc.datasets as datasets
+from denuc.engine import runs
 from denuc.engine.detect import Detector, point_nms
+from denuc.engine.runs import lr_factor
 import denuc.engine.evaluate as evaluation
-from denuc.io.atomic import atomic_path
 from denuc.io.images import read_image, resample
 from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei
@@ -59,7 +57,7 @@ _HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], 
 _RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB)
 
 
-def _color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Stain (HED optical density) scale/shift, then brightness and contrast; float32 RGB 0-255 in and out."""
     od = -np.log(np.clip(crop, 1.0, 255.0) / 255.0)
     hed = od @ _HED_FROM_RGB
@@ -89,7 +87,7 @@ def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.r
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
     if cfg.color_jitter > 0:
-        crop = _color_jitter(crop, cfg.color_jitter, rng)
+        crop = color_jitter(crop, cfg.color_jitter, rng)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2)
 
 
@@ -139,14 +137,6 @@ def detection_loss(logits: torch.Tensor, points: torch.Tensor, targets: list[tor
 
 # ---------------------------------------------------------------------------------------------- loop
 
-def _lr_factor(step: int, cfg: DetectorTrainConfig) -> float:
-    total = cfg.epochs * cfg.iters_per_epoch
-    if step < cfg.warmup_iters:
-        return (step + 1) / cfg.warmup_iters
-    progress = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def validate(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], radius_um: float = 3.0
              ) -> dict[str, float]:
     """Detection F1 per dataset on images already at the working resolution, and their unweighted mean."""
@@ -159,15 +149,6 @@ def validate(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], ra
     scores = {ds: evaluation.evaluate(pairs, radius_um=radius_um).detection.f1 for ds, pairs in per_dataset.items()}
     scores["mean"] = float(np.mean(list(scores.values())))
     return scores
-
-
-def _rng_state(rng: np.random.Generator) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
-
-
-def _write_json(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
 
 
 def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool = False,
@@ -184,21 +165,10 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     rng = np.random.default_rng(cfg.seed)
     model = PointDetector(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
-    history: list[dict] = []
-    start_epoch, best = 0, -1.0
-    checkpoint_path = run_dir / "last.pt"
-    if resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"] != cfg.to_dict():
-            raise ValueError(f"{checkpoint_path}: was trained with another config; resume needs the same one")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["history"]
-    _write_json(run_dir / "config.json", cfg.to_dict())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng)
+                                  if resume else (0, -1.0, []))
+    runs.write_json(run_dir / "config.json", cfg.to_dict())
 
     train = [TrainImage(name, image, nuclei.xy) for name, image, nuclei in load_split(cfg, "train")]
     val = load_split(cfg, "val")
@@ -235,17 +205,8 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
         if val_f1["mean"] > best or not val:
             best = val_f1["mean"]
             detector.save(run_dir / "best.safetensors", {"epoch": epoch + 1, "val_f1": val_f1})
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": _rng_state(rng), "epoch": epoch,
-                        "best": best, "history": history, "config": cfg.to_dict()}, tmp)
-        _write_json(run_dir / "log.json", history)
-        with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[-1]))
-            writer.writeheader()
-            writer.writerows(history)
-        if progress:
-            print(json.dumps(row), flush=True)
+        runs.save_epoch(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng, epoch, best, history,
+                        progress)
     return run_dir / "best.safetensors"
 
 

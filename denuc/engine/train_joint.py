@@ -25,8 +25,10 @@ from tqdm import tqdm
 import denuc.engine.evaluate as evaluation
 from denuc.config import ClassifierTrainConfig, DetectorConfig, DetectorTrainConfig
 from denuc.engine.detect import Detector, predict_image
-from denuc.engine.train_classifier import PointImage, labelled_crop, load_checkpoint, save_epoch, taxonomies
-from denuc.engine.train_detector import _lr_factor, _rng_state, _write_json, detection_loss, load_split
+from denuc.engine import runs
+from denuc.engine.runs import lr_factor
+from denuc.engine.train_classifier import PointImage, labelled_crop, taxonomies
+from denuc.engine.train_detector import detection_loss, load_split
 from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.models.feature_query import sample_features
@@ -116,18 +118,10 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
     model = JointModel(Detector.from_pretrained(cfg.detector), classes)
     detection_cfg = DetectorTrainConfig(model=model.detector.config)  # the detector's loss settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
-    history: list[dict] = []
-    start_epoch, best = 0, -1.0
-    checkpoint = load_checkpoint(run_dir, cfg.to_dict()) if resume else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["history"]
-    _write_json(run_dir / "config.json", cfg.to_dict())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng)
+                                  if resume else (0, -1.0, []))
+    runs.write_json(run_dir / "config.json", cfg.to_dict())
     train, val = joint_items(cfg, "train"), joint_items(cfg, "val")
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -167,9 +161,8 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
         if val_f1["mean"] > best:
             best = val_f1["mean"]
             model.save(run_dir / "best.safetensors", {"epoch": epoch + 1, "val_f1": val_f1})
-        save_epoch(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": _rng_state(rng), "epoch": epoch,
-                             "best": best, "history": history, "config": cfg.to_dict()}, progress)
+        runs.save_epoch(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng, epoch, best, history,
+                        progress)
     return run_dir / "best.safetensors"
 
 

@@ -1,0 +1,68 @@
+"""A training run's folder, shared by the detector, classifier and joint trainers.
+
+``last.pt`` holds everything needed to continue exactly (weights, optimiser, schedule, random states, history);
+``log.json`` / ``log.csv`` hold one row per epoch. The learning rate warms up linearly, then follows a cosine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from denuc.io.atomic import atomic_path
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Learning-rate multiplier at ``step`` for a config with ``epochs``, ``iters_per_epoch``, ``warmup_iters``."""
+    total = cfg.epochs * cfg.iters_per_epoch
+    if step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    progress = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def write_json(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+
+
+def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler, rng: np.random.Generator) -> tuple[int, float, list[dict]]:
+    """Restore the state saved by ``save_epoch`` in ``run_dir`` (weights under ``name``); returns (first epoch
+    to run, best validation score so far, history). With no checkpoint: (0, -1.0, [])."""
+    path = run_dir / "last.pt"
+    if not path.exists():
+        return 0, -1.0, []
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["config"] != config:
+        raise ValueError(f"{path}: was trained with another config; resume needs the same one")
+    model.load_state_dict(checkpoint[name])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    rng.bit_generator.state = checkpoint["rng"]["numpy"]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    return checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["history"]
+
+
+def save_epoch(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler, rng: np.random.Generator, epoch: int, best: float, history: list[dict],
+               progress: bool) -> None:
+    """Write ``last.pt`` (the resumable state, weights under ``name``) and the history as ``log.json`` and
+    ``log.csv``; print the epoch's row when ``progress``."""
+    state = {name: model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}, "epoch": epoch,
+             "best": best, "history": history, "config": config}
+    with atomic_path(run_dir / "last.pt") as tmp:
+        torch.save(state, tmp)
+    write_json(run_dir / "log.json", history)
+    with atomic_path(run_dir / "log.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
+        writer.writeheader()
+        writer.writerows(history)
+    if progress:
+        print(json.dumps(history[-1]), flush=True)
