@@ -27,7 +27,7 @@ from denuc.datasets import get_dataset
 from denuc.engine.evaluate import Report, evaluate
 from denuc.engine.pipeline import NucleusModel
 from denuc.engine.train_joint import JointModel
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import write_json
 from denuc.io.images import read_image, resample
 from denuc.nuclei import UNLABELLED
 
@@ -115,8 +115,7 @@ def main() -> None:
         results["models"][name] = bench(name, path, args.split, args.radius_um)
     for name, path in (item.split("=", 1) for item in args.joint):
         results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(f"saved {args.out}")
 
 

@@ -35,7 +35,7 @@ from denuc.config import DetectorConfig
 from denuc.datasets import get_dataset
 from denuc.engine.detect import Detector, make_detector, tile_origins
 from denuc.engine.onnx_runtime import OnnxDetector, export_onnx
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 from denuc.models.detector import PointDetector
 
@@ -251,8 +251,7 @@ def main() -> None:
     for name, r in forward.items():
         print(f"forward {name:44s} {r['ms_per_256_tile']:7.1f} ms per 256^2")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"saved {args.out}")
 
 

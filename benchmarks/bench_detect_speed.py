@@ -22,7 +22,7 @@ import torch
 
 from denuc.datasets import get_dataset
 from denuc.engine.detect import Detector, tile_origins
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 
 BRCAM2C = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brcam2c"
@@ -88,8 +88,7 @@ def main() -> None:
         print(f"{key:20s} {r['seconds']:.2f} s  {r['tiles_per_s']:.1f} tiles/s  {r['s_per_mm2']:.3f} s/mm^2")
     print(f"working resolution {mpp} um/px, {results['threads']} threads, peak RSS {results['peak_rss_mb']:.0f} MB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(f"saved {args.out}")
 
 

@@ -19,7 +19,7 @@ import torch
 from denuc.datasets import get_dataset
 from denuc.engine.detect import Detector
 from denuc.engine.evaluate import evaluate
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
@@ -50,8 +50,7 @@ def main() -> None:
         print(f"{name:9s} {args.split}: P {det.precision:.4f}  R {det.recall:.4f}  F1 {det.f1:.4f} "
               f"({len(pairs)} images, TP {det.tp} FP {det.fp} FN {det.fn})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(f"saved {args.out}")
 
 

@@ -11,7 +11,6 @@ Usage: python benchmarks/bench_matching.py [--points N] [--protocols denuc,ocelo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from denuc.engine.evaluate import PROTOCOLS, evaluate
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import write_json
 from denuc.nuclei import NucleusClass, Nuclei
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matching.json"
@@ -81,8 +80,7 @@ def main() -> None:
         "numpy": np.__version__,
         "runs": runs,
     }
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result)
     print(f"written to {RESULTS}")
 
 

@@ -20,7 +20,6 @@ benchmarks/results/peers.json:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ from peer_models import CellViT256, HoVerNet, StarDistUNet  # noqa: E402
 from denuc.config import DetectorConfig  # noqa: E402
 from denuc.engine.detect import make_detector, point_nms  # noqa: E402
 from denuc.engine.matching import greedy_match  # noqa: E402
-from denuc.io.atomic import atomic_path  # noqa: E402
+from denuc.io.atomic import write_json  # noqa: E402
 from denuc.models.detector import PointDetector, count_parameters  # noqa: E402
 from denuc.models.encoders import create_encoder  # noqa: E402
 
@@ -313,8 +312,7 @@ def main() -> None:
     print(f"matching: identical on {m['random_trials_identical']} random trials and at {m['points']} points: "
           f"{m['identical_at_size']}; {m['seconds']} -> {m['speedup']:.0f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"saved {args.out}")
 
 

@@ -96,7 +96,7 @@ def main() -> None:
 
     from denuc.engine.pipeline import NucleusModel
     from denuc.engine.slide import software_versions
-    from denuc.io.atomic import atomic_path
+    from denuc.io.atomic import write_json
 
     has_classifier = NucleusModel.from_pretrained(args.model).classifier is not None
     runs = []
@@ -123,8 +123,7 @@ def main() -> None:
                "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "load_average_at_start": os.getloadavg(), "versions": software_versions()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(f"saved {args.out}")
 
 

@@ -53,6 +53,14 @@ class DatasetSpec:
     name: str
     root: str
 
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSpec":
+        """From the command line's ``NAME=ROOT``, e.g. ``brcam2c=/data/brcam2c``."""
+        if "=" not in text:
+            raise ValueError(f"{text!r}: a dataset is given as NAME=ROOT, e.g. brcam2c=/data/brcam2c")
+        name, root = text.split("=", 1)
+        return cls(name, root)
+
 
 @dataclass
 class DetectorTrainConfig:

@@ -7,7 +7,6 @@ file stem; or the ground truth is a dataset split. The protocols are described i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from denuc.engine.evaluate import evaluate
-    from denuc.io.atomic import atomic_path
+    from denuc.io.atomic import write_json
 
     if args.mpp is not None and not args.mpp > 0:
         raise InputError("--mpp", f"pixel size must be a positive number of um/px, got {args.mpp}")
@@ -63,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed)
     print(report.format_table())
     if args.out is not None:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(args.out, report.to_dict())
         print(f"report written to {args.out}")
     return 0
 

@@ -43,12 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from denuc.engine.train_joint import train_joint
     from denuc.errors import InputError
 
-    specs = []
-    for item in args.dataset:
-        if "=" not in item:
-            raise InputError(item, "--dataset takes NAME=ROOT, e.g. brcam2c=/data/brcam2c")
-        name, root = item.split("=", 1)
-        specs.append(DatasetSpec(name, root))
+    try:
+        specs = [DatasetSpec.parse(item) for item in args.dataset]
+    except ValueError as error:
+        raise InputError("--dataset", str(error)) from None
     if args.encoder_kwargs is not None:
         try:
             kwargs = json.loads(args.encoder_kwargs)

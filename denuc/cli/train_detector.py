@@ -30,12 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from denuc.engine.train_detector import train_detector, tune_thresholds
     from denuc.errors import InputError
 
-    specs = []
-    for item in args.dataset:
-        if "=" not in item:
-            raise InputError(item, "--dataset takes NAME=ROOT, e.g. brcam2c=/data/brcam2c")
-        name, root = item.split("=", 1)
-        specs.append(DatasetSpec(name, root))
+    try:
+        specs = [DatasetSpec.parse(item) for item in args.dataset]
+    except ValueError as error:
+        raise InputError("--dataset", str(error)) from None
     cfg = DetectorTrainConfig(
         datasets=specs,
         model=DetectorConfig(backbone=args.backbone, head_stride=args.head_stride, mpp=args.mpp),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import atomic_path, write_json
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -26,9 +26,15 @@ def lr_factor(step: int, cfg) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def write_json(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
+def start(run_dir: str | Path, cfg) -> tuple[Path, np.random.Generator]:
+    """Create the run folder and apply ``cfg``'s thread count and seed; returns the folder and the run's numpy
+    generator (torch's is seeded globally)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return run_dir, np.random.default_rng(cfg.seed)
 
 
 def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -219,12 +219,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     ``cfg.detector`` + the classifier of the best validation epoch)."""
     if cfg.mode == "joint":
         raise ValueError("the joint baseline trains with denuc.engine.train_joint.train_joint")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    run_dir, rng = runs.start(run_dir, cfg)
     classes = taxonomies(cfg)
     classifier = Classifier.create(cfg.model, classes)
     if cfg.mode == "lora":

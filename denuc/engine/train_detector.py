@@ -157,12 +157,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
 
     ``epochs_this_run`` stops after that many epochs (for time-boxed jobs); ``resume=True`` continues.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    run_dir, rng = runs.start(run_dir, cfg)
     model = PointDetector(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -108,12 +108,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
                 ) -> Path:
     """Train the joint network from the detector ``cfg.detector``; returns ``best.safetensors`` (selected on the
     validation mean class F1, end to end). Uses the crop, optimiser and schedule settings of ``cfg``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    run_dir, rng = runs.start(run_dir, cfg)
     classes = taxonomies(cfg)
     model = JointModel(Detector.from_pretrained(cfg.detector), classes)
     detection_cfg = DetectorTrainConfig(model=model.detector.config)  # the detector's loss settings
