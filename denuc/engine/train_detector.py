@@ -206,8 +206,8 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
 
 
 def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: str | Path,
-                    thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-                    nms_radii_um: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0)) -> dict:
+                    thresholds: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5),
+                    nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)) -> dict:
     """Choose the score threshold and NMS radius that maximise mean validation detection F1; save the model
     with them to ``out_path``. Validation splits only: test data never informs a choice."""
     val = load_split(cfg, "val")
