@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -29,7 +30,17 @@ def export_onnx(model: PointDetector, target: str | os.PathLike | io.BytesIO) ->
     (nucleus probability) and ``points`` (B, A, 2); batch, height and width are dynamic."""
     model = model.eval()
     example = torch.zeros(1, 3, 64, 64)
-    # the legacy (TorchScript) exporter: it needs no onnxscript and gives one plain graph for this small model
+    # the legacy (TorchScript) exporter: it needs no onnxscript and gives one plain graph for this small model.
+    # Its warnings are silenced: the deprecation notice, and a tracer note on the neck's "resize unless already
+    # at stride 8" test, which takes the same branch for every input whose sides are multiples of 32 (ALIGN)
+    # (tests/test_onnx.py checks other sizes against PyTorch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        _export(model, example, target)
+
+
+def _export(model: PointDetector, example: torch.Tensor, target: str | os.PathLike | io.BytesIO) -> None:
     torch.onnx.export(
         _ScoresAndPoints(model), (example,), target, dynamo=False, opset_version=OPSET,
         input_names=["images"], output_names=["scores", "points"],
