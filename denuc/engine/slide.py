@@ -209,7 +209,7 @@ def predict_slide(
     _remove_stale_temporaries(out_dir, paths)
 
     timings = {"tissue_mask": -time.perf_counter()}
-    thumbnail, thumb_mpp = _thumbnail(slide)
+    thumbnail, thumb_mpp, picture = _thumbnails(slide)
     if tissue_mask:
         mask = detect_tissue(thumbnail, thumb_mpp)
         tiles = tissue_tiles(grid, mask, slide.dimensions)
@@ -235,7 +235,7 @@ def predict_slide(
     _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
                 embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings)
     timings["assemble_outputs"] = -time.perf_counter()
-    summary = _assemble(slide, model, grid, chunks, partial, paths, mask, thumbnail, embeddings=embeddings)
+    summary = _assemble(slide, model, grid, chunks, partial, paths, mask, picture, embeddings=embeddings)
     timings["assemble_outputs"] += time.perf_counter()
     summary.update({
         "slide": {"path": str(slide.path), "backend": slide.backend, "vendor": slide.vendor,
@@ -291,12 +291,20 @@ def _remove_stale_temporaries(out_dir: Path, paths: dict[str, Path]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _thumbnail(slide: Slide) -> tuple[np.ndarray, float]:
-    """A thumbnail of at least THUMBNAIL_MIN_MPP um/px and at most THUMBNAIL_MAX_SIDE px, and its pixel size."""
+def _thumbnails(slide: Slide) -> tuple[np.ndarray, float, np.ndarray]:
+    """The tissue mask's thumbnail (at least THUMBNAIL_MIN_MPP um/px, at most THUMBNAIL_MAX_SIDE px) and its pixel
+    size, and the overview's picture: the same thumbnail, or for small inputs a finer one of up to
+    OVERVIEW_MIN_SIDE px (so dots sit on nuclei), read once and shrunk for the mask."""
     longest_um = max(slide.dimensions) * slide.mpp
     size = max(1, round(longest_um / max(THUMBNAIL_MIN_MPP, longest_um / THUMBNAIL_MAX_SIDE)))
-    thumbnail = slide.thumbnail(size)
-    return thumbnail, slide.mpp * slide.dimensions[0] / thumbnail.shape[1]
+    picture = slide.thumbnail(max(size, min(max(slide.dimensions), OVERVIEW_MIN_SIDE)))
+    if max(picture.shape[:2]) > size:
+        scale = size / max(slide.dimensions)
+        shape = (max(1, round(slide.dimensions[0] * scale)), max(1, round(slide.dimensions[1] * scale)))
+        thumbnail = np.asarray(Image.fromarray(picture).resize(shape, Image.Resampling.BOX))
+    else:
+        thumbnail = picture
+    return thumbnail, slide.mpp * slide.dimensions[0] / thumbnail.shape[1], picture
 
 
 def _shard(partial: Path, chunk: int) -> Path:
@@ -459,7 +467,7 @@ def _losers(previous: dict | None, current: dict, radius: float) -> np.ndarray:
 
 
 def _assemble(slide: Slide, model: NucleusModel, grid: Grid, chunks: list[list[Tile]], partial: Path,
-              paths: dict[str, Path], mask: TissueMask, thumbnail: np.ndarray, *, embeddings: bool) -> dict:
+              paths: dict[str, Path], mask: TissueMask, picture: np.ndarray, *, embeddings: bool) -> dict:
     """Stream the shards into the final tables, embeddings and pictures; return the counting part of the
     summary."""
     shards = [_shard(partial, k) for k in range(len(chunks))]
@@ -468,7 +476,7 @@ def _assemble(slide: Slide, model: NucleusModel, grid: Grid, chunks: list[list[T
     count = total - len(dropped)
     classes = model.classes
     per_class = {c.name: 0 for c in classes} if classes else {}
-    overview = _Overview(thumbnail, slide, classes, dots=count <= max(mask.mask.sum(), 1) * DOTS_PER_PIXEL_MAX)
+    overview = _Overview(picture, slide, classes, dots=count <= max(mask.mask.sum(), 1) * DOTS_PER_PIXEL_MAX)
     dim = _embedding_dim(shards) if embeddings else 0
     vectors = EmbeddingWriter(paths["_embeddings.npy"], count, dim) if embeddings else contextlib.nullcontext()
     with NucleusTableWriter(paths[".csv"].with_suffix(""), classes, slide.mpp) as tables, vectors:
@@ -522,9 +530,6 @@ class _Overview:
 
     def __init__(self, thumbnail: np.ndarray, slide: Slide, classes: list, dots: bool) -> None:
         self.dots = dots
-        side = min(max(slide.dimensions), OVERVIEW_MIN_SIDE)
-        if dots and side > max(thumbnail.shape[:2]):  # a small input: a finer picture, so dots sit on nuclei
-            thumbnail = slide.thumbnail(side)
         self.image = Image.fromarray(thumbnail).convert("RGB")
         self.draw = ImageDraw.Draw(self.image)
         self.scale = thumbnail.shape[1] / slide.dimensions[0], thumbnail.shape[0] / slide.dimensions[1]
