@@ -102,7 +102,7 @@ def overfit_detector() -> tuple[Detector, np.ndarray, np.ndarray]:
     """A 0.5x detector trained briefly on one real BRCAM2C image (0.5 um/px, the working resolution)."""
     image, xy = _brcam2c_image()
     iterations = 400
-    cfg = DetectorTrainConfig(model=DetectorConfig(head_stride=4), batch_size=8, lr=1e-2, color_jitter=0.0,
+    cfg = DetectorTrainConfig(model=DetectorConfig(), batch_size=8, lr=1e-2, color_jitter=0.0,
                               scale_jitter=0.0)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -133,8 +133,10 @@ def test_loss_falls_and_detector_overfits_one_image(overfit_detector) -> None:
     pred = detector.detect(image, mpp=0.5)
     gt = Nuclei(xy=xy, mpp=0.5)
     f1 = evaluate([("one", pred, gt)], radius_um=3.0).detection.f1
-    # measured: 0.80-0.83 from 250 to 400 iterations, a plateau (an untrained head: 0.0). The
-    # bound checks that the detector learns nuclei, not that a 0.3M network memorises an image in seconds.
+    # measured: 0.83-0.85 from 250 to 400 iterations, a plateau (an untrained head: 0.0; a stride-4 head:
+    # 0.80-0.83). Most remaining "errors" are in the labels: the false positives sit on nuclei the annotators
+    # did not mark, the misses are thin stromal nuclei. So the bound checks that the detector learns nuclei,
+    # not that it learns which nuclei this image's annotators skipped (0.9, as first asked, is out of reach).
     assert f1 >= 0.75, f"detection F1 after overfitting one image: {f1:.3f}"
 
 

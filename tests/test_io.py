@@ -312,3 +312,10 @@ def test_writer_replaces_an_existing_file(tmp_path):
     write_csv(path, example_nuclei())
     assert path.read_text().startswith("x,y,label")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_pixel_sizes_within_one_percent_are_not_resampled() -> None:
+    from denuc.io.images import scale_to
+
+    assert scale_to(0.499, 0.5) == 1.0 and scale_to(0.504, 0.5) == 1.0  # what 20x scanners report
+    assert scale_to(0.55, 0.5) == pytest.approx(1.1) and scale_to(0.25, 0.5) == pytest.approx(0.5)

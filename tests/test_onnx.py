@@ -17,29 +17,31 @@ pytest.importorskip("onnxruntime")
 SCORE_ATOL, POINT_ATOL = 1e-4, 1e-3
 
 
-def random_detector(seed: int = 0) -> PointDetector:
+def random_detector(head_stride: int, seed: int = 0) -> PointDetector:
     torch.manual_seed(seed)
-    model = PointDetector(DetectorConfig(score_threshold=0.5)).eval()
-    # random init leaves the offset head at zero and BN statistics at identity: perturb them so the test
-    # covers non-trivial offsets and folded batch norms
+    model = PointDetector(DetectorConfig(head_stride=head_stride, score_threshold=0.5)).eval()
+    # random init leaves the offset head at zero, BN statistics at identity and scores near 0.5: perturb them
+    # so the test covers non-trivial offsets, scores and folded batch norms
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
         model.head.offsets.weight.normal_(0, 0.05)
+        model.head.logits.weight.normal_(0, 1.0)
     return model
 
 
-@pytest.fixture(scope="module")
-def onnx() -> Detector:
-    return make_detector(random_detector(), runtime="onnx")  # one export for the module: it takes seconds
+@pytest.fixture(scope="module", params=[8, 4], ids=["stride8", "stride4"])
+def onnx(request) -> Detector:
+    # one export per head stride for the module: it takes seconds
+    return make_detector(random_detector(request.param), runtime="onnx")
 
 
 @pytest.mark.parametrize("shape", [(2, 256, 256), (1, 96, 160)])
 def test_onnx_matches_torch(onnx: Detector, shape: tuple[int, int, int]) -> None:
     tiles = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    reference = Detector(random_detector())
+    reference = Detector(random_detector(onnx.config.head_stride))
     scores, points = (t.numpy() for t in reference.forward(tiles))
     onnx_scores, onnx_points = (t.numpy() for t in onnx.forward(tiles))
     assert onnx_scores.shape == scores.shape and onnx_points.shape == points.shape
@@ -50,7 +52,7 @@ def test_onnx_matches_torch(onnx: Detector, shape: tuple[int, int, int]) -> None
 
 def test_onnx_detections_match_torch(onnx: Detector) -> None:
     tiles = np.random.default_rng(2).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
-    reference = Detector(random_detector())
+    reference = Detector(random_detector(onnx.config.head_stride))
     scores = np.sort(reference.forward(tiles)[0].numpy().ravel())
     # a threshold in a gap wider than the tolerance near the median, so no point may fall either side of it;
     # NMS off: with random weights many neighbours' scores differ by less than the tolerance, and the NMS
@@ -67,7 +69,7 @@ def test_onnx_detections_match_torch(onnx: Detector) -> None:
 
 def test_unknown_runtime_is_refused() -> None:
     with pytest.raises(ValueError, match="runtime"):
-        make_detector(random_detector(), runtime="tensorrt")
+        make_detector(random_detector(8), runtime="tensorrt")
 
 
 def test_predict_cli_with_onnx_runtime_gives_the_torch_nuclei(tmp_path) -> None:

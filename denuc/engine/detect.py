@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 from denuc.config import RUNTIMES, DetectorConfig
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
-from denuc.io.images import read_image, resample, to_rgb_uint8
+from denuc.io.images import read_image, resample, scale_to, to_rgb_uint8
 from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei, concat
 
@@ -244,7 +244,7 @@ def predict_image(image: np.ndarray | str | os.PathLike, mpp: float | None, conf
         raise InputError(source, f"pixel size must be a positive number of um/px, got {mpp}")
     rgb = read_image(image) if source != "<array>" else to_rgb_uint8(image, source)
     h, w = rgb.shape[:2]
-    work = resample(rgb, mpp / config.mpp)
+    work = resample(rgb, scale_to(mpp, config.mpp))
     fy, fx = work.shape[0] / h, work.shape[1] / w
     found = concat(list(iter_tiles(work, config, predict, batch_size)))
     found = found.subset(point_nms(found.xy, found.scores, config.nms_radius_um / config.mpp))

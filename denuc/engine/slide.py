@@ -51,6 +51,7 @@ from denuc.engine.tissue import METHOD as TISSUE_METHOD
 from denuc.engine.tissue import TissueMask, detect_tissue
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
+from denuc.io.images import RESAMPLE_TOLERANCE
 from denuc.io.slides import Slide
 from denuc.io.tables import EmbeddingWriter, NucleusTableWriter
 from denuc.io.overlay import UNLABELLED_COLOR
@@ -93,6 +94,8 @@ class Grid:
         scale = slide.mpp / model.mpp
         level = slide.best_level(model.mpp)
         ratio = 1.0 / (scale * slide.level_downsamples[level])
+        if abs(ratio - 1.0) <= RESAMPLE_TOLERANCE:  # read the level's pixels as they are (see RESAMPLE_TOLERANCE)
+            scale, ratio = 1.0 / slide.level_downsamples[level], 1.0
         width, height = slide.dimensions[0] * scale, slide.dimensions[1] * scale
         # Like iter_tiles: pad to a multiple of the backbone stride, tiles no larger than the padded image.
         padded_w, padded_h = (math.ceil(math.ceil(v) / ALIGN) * ALIGN for v in (width, height))
@@ -112,7 +115,7 @@ class Grid:
         """The tile's pixels (RGB uint8, tile_size) at the working resolution."""
         x0, y0 = self.xs[tile[1]], self.ys[tile[0]]
         width, height = self.tile_size
-        if abs(self.ratio - 1.0) < 1e-6:
+        if self.ratio == 1.0:
             return slide.read_region(x0, y0, self.level, width, height)
         # Read the level pixels under the tile plus a margin for the bicubic filter's support, then resample
         # exactly the tile's footprint (PIL's box is in source pixels, fractional).

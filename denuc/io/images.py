@@ -57,6 +57,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_rgb_uint8(array, str(path))
 
 
+RESAMPLE_TOLERANCE = 0.01
+"""Pixel sizes within 1% of the model's are used as they are: scanners report e.g. 0.499 or 0.504 um/px for
+0.5, resampling those costs as much CPU as the detector itself, and a 1% scale change is well inside the
+training's scale jitter (+-10%). Coordinates stay exact: they are mapped back with the true pixel size."""
+
+
+def scale_to(mpp: float, target_mpp: float) -> float:
+    """The factor that resamples pixels of ``mpp`` um to ``target_mpp``; 1 when they are within
+    RESAMPLE_TOLERANCE of each other."""
+    factor = mpp / target_mpp
+    return 1.0 if abs(factor - 1.0) <= RESAMPLE_TOLERANCE else factor
+
+
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
     """Resize an RGB uint8 image by ``factor`` (antialiased bicubic); factor 1 returns it unchanged."""
     if abs(factor - 1.0) < 1e-6:
