@@ -69,7 +69,7 @@ def interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, 
 def networks(batch: int, repeats: int) -> list[dict]:
     """ms per tile and s per mm^2 of valid output of every network, each at its native input size."""
     models = [(f"denuc {w}", PointDetector(DetectorConfig(backbone=w)), 256, 256, [0.5, 0.25],
-               "denuc.models.detector.PointDetector (head stride 4)")
+               f"denuc.models.detector.PointDetector (head stride {DetectorConfig().head_stride})")
               for w in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0", "resnet50")]
     models += [
         ("HoVer-Net original", HoVerNet("original"), 270, 80, [0.25], "re-implementation (peer_models.py)"),
