@@ -1,6 +1,7 @@
 """The `denuc` command line: one sub-command per module in this package.
 
-Each sub-command module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
+Each sub-command module defines ``add_parser(subparsers)`` and ``run(args) -> int``; ``options`` holds the
+options the training commands share.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from denuc.cli.options import add_training_options, dataset_specs
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from denuc.config import CLASSIFIER_MODES, ClassifierConfig, ClassifierTrainConfig
@@ -13,10 +15,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     model, train = ClassifierConfig(), ClassifierTrainConfig()
     p = subparsers.add_parser("train-classifier", help=__doc__.split(": ", 1)[1])
-    p.add_argument("--dataset", action="append", required=True, metavar="NAME=ROOT",
-                   help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)")
-    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, caches and the bundle go here")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir exactly")
+    add_training_options(
+        p, train, ("epochs", "iters_per_epoch", "batch_size", "crop_size", "lora_rank", "seed", "threads"),
+        dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)",
+        run_dir_help="checkpoints, logs, caches and the bundle go here")
     p.add_argument("--encoder", default=model.encoder,
                    help="uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model>")
     p.add_argument("--weights", default=None, help="the encoder's weights file (none: random initialisation)")
@@ -30,23 +32,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", default=train.detector, help="detector for the negatives and the bundle")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
-    for name in ("epochs", "iters_per_epoch", "batch_size", "crop_size", "lora_rank", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(train, name))
-    for name in ("lr", "weight_decay"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(train, name))
-    p.add_argument("--quiet", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec
+    from denuc.config import ClassifierConfig, ClassifierTrainConfig
     from denuc.engine.train_classifier import train_classifier
     from denuc.engine.train_joint import train_joint
     from denuc.errors import InputError
 
-    try:
-        specs = [DatasetSpec.parse(item) for item in args.dataset]
-    except ValueError as error:
-        raise InputError("--dataset", str(error)) from None
+    specs = dataset_specs(args.dataset)
     if args.encoder_kwargs is not None:
         try:
             kwargs = json.loads(args.encoder_kwargs)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from denuc.cli.options import add_training_options, dataset_specs
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -11,31 +12,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     model, train = DetectorConfig(), DetectorTrainConfig()
     p = subparsers.add_parser("train-detector", help=__doc__.split(": ", 1)[1])
-    p.add_argument("--dataset", action="append", required=True, metavar="NAME=ROOT",
-                   help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)")
-    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs and the trained model go here")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir exactly")
+    add_training_options(p, train, ("epochs", "iters_per_epoch", "batch_size", "crop_size", "seed", "threads"),
+                         dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)",
+                         run_dir_help="checkpoints, logs and the trained model go here")
     p.add_argument("--backbone", default=model.backbone)
     p.add_argument("--head-stride", type=int, default=model.head_stride, choices=(4, 8))
     p.add_argument("--mpp", type=float, default=model.mpp, help="working resolution of the model (um/px)")
-    for name in ("epochs", "iters_per_epoch", "batch_size", "crop_size", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(train, name))
-    for name in ("lr", "weight_decay"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(train, name))
-    p.add_argument("--quiet", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.config import DatasetSpec, DetectorConfig, DetectorTrainConfig
+    from denuc.config import DetectorConfig, DetectorTrainConfig
     from denuc.engine.train_detector import train_detector, tune_thresholds
-    from denuc.errors import InputError
 
-    try:
-        specs = [DatasetSpec.parse(item) for item in args.dataset]
-    except ValueError as error:
-        raise InputError("--dataset", str(error)) from None
     cfg = DetectorTrainConfig(
-        datasets=specs,
+        datasets=dataset_specs(args.dataset),
         model=DetectorConfig(backbone=args.backbone, head_stride=args.head_stride, mpp=args.mpp),
         epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
         crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
