@@ -193,3 +193,15 @@ def test_resume_gives_identical_weights(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@needs_brcam2c
+def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
+    from denuc.cli import main
+
+    assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path), "--epochs", "1",
+                 "--iters-per-epoch", "2", "--batch-size", "2", "--crop-size", "128", "--quiet"]) == 0
+    detector = Detector.from_pretrained(tmp_path / "model.safetensors")
+    assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
+    assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
+    assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
