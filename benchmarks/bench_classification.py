@@ -25,7 +25,7 @@ import torch
 
 from denuc.datasets import get_dataset
 from denuc.engine.evaluate import Report, evaluate
-from denuc.engine.pipeline import NucleusModel
+from denuc.engine.pipeline import Pipeline
 from denuc.engine.train_joint import JointModel
 from denuc.io.atomic import write_json
 from denuc.io.images import read_image, resample
@@ -47,7 +47,7 @@ def summary(report: Report) -> dict:
     return out
 
 
-def at_ground_truth(model: NucleusModel, sample) -> np.ndarray:
+def at_ground_truth(model: Pipeline, sample) -> np.ndarray:
     """Labels the classifier gives the ground-truth points (argmax over the taxonomy, "not a nucleus" ignored)."""
     image = read_image(sample.image_path)
     work = resample(image, sample.nuclei.mpp / model.mpp)
@@ -67,7 +67,7 @@ def bench(name: str, path: str, split: str, radius_um: float, joint: bool = Fals
             model = JointModel.load(path)
             predict = lambda sample: model.predict(sample.image_path, sample.nuclei.mpp, dataset)  # noqa: E731
         else:
-            model = NucleusModel.from_pretrained(path, taxonomy=dataset)
+            model = Pipeline.from_pretrained(path, taxonomy=dataset)
             predict = lambda sample: model.predict(sample.image_path, mpp=sample.nuclei.mpp)  # noqa: E731
         started = time.perf_counter()
         end_to_end, upper = [], []

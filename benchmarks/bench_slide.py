@@ -35,13 +35,13 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
     """Runs in the child: one slide, one model, fresh process. Returns the figures."""
     import torch
 
-    from denuc.engine.pipeline import NucleusModel
+    from denuc.engine.pipeline import Pipeline
     from denuc.engine.slide import predict_slide
     from denuc.io.slides import open_slide
 
-    model = NucleusModel.from_pretrained(model_name, runtime=runtime)
+    model = Pipeline.from_pretrained(model_name, runtime=runtime)
     if detector_only:
-        model = NucleusModel(model.detector)
+        model = Pipeline(model.detector)
     started = time.perf_counter()
     with open_slide(slide_path) as slide:
         summary = predict_slide(slide, model, out, progress=False, model_name=model_name)
@@ -94,11 +94,11 @@ def main() -> None:
     if not CMU.is_file():
         sys.exit(f"benchmark slide not found: {CMU}")
 
-    from denuc.engine.pipeline import NucleusModel
+    from denuc.engine.pipeline import Pipeline
     from denuc.engine.slide import software_versions
     from denuc.io.atomic import write_json
 
-    has_classifier = NucleusModel.from_pretrained(args.model).classifier is not None
+    has_classifier = Pipeline.from_pretrained(args.model).classifier is not None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "CMU-1-Small-Region-4x.tif"

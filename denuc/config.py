@@ -110,7 +110,7 @@ class ClassifierConfig:
     encoder_kwargs: dict = field(default_factory=lambda: {"num_classes": 0})  # architecture overrides
     head: str = "linear"  # "linear" or "mlp"
     mlp_hidden: int = 256
-    mpp: float = 0.5  # working resolution (um/px); must match the detector's in a NucleusModel
+    mpp: float = 0.5  # working resolution (um/px); must match the detector's in a Pipeline
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec, DetectorConfig
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
-from denuc.engine.pipeline import NucleusModel
+from denuc.engine.pipeline import Pipeline
 from denuc.engine.train_classifier import add_lora, false_positives, merge_lora, point_images, train_classifier
 from denuc.engine.train_joint import JointModel, train_joint
 from denuc.errors import InputError
@@ -37,9 +37,9 @@ def tiny_detector(threshold: float = 0.0) -> Detector:
     return Detector(PointDetector(DetectorConfig(score_threshold=threshold, tile_size=64, tile_overlap=32)))
 
 
-def tiny_model() -> NucleusModel:
+def tiny_model() -> Pipeline:
     torch.manual_seed(0)
-    return NucleusModel(tiny_detector(), Classifier.create(TINY, CLASSES))
+    return Pipeline(tiny_detector(), Classifier.create(TINY, CLASSES))
 
 
 def tiles(n: int = 2, size: int = 64) -> np.ndarray:
@@ -77,17 +77,17 @@ def test_classifier_probabilities_per_point_and_taxonomy() -> None:
 def test_bundle_round_trip(tmp_path: Path) -> None:
     model = tiny_model()
     model.save(tmp_path / "m.safetensors")
-    loaded = NucleusModel.from_pretrained(tmp_path / "m.safetensors")
+    loaded = Pipeline.from_pretrained(tmp_path / "m.safetensors")
     expected, got = model.predict_tiles(tiles(), embeddings=True), loaded.predict_tiles(tiles(), embeddings=True)
     assert loaded.classes == CLASSES["a"] and loaded.mpp == 0.5
     for e, g in zip(expected, got):
         np.testing.assert_array_equal(e.xy, g.xy)
         np.testing.assert_allclose(e.probs, g.probs, atol=1e-6)
         assert e.labels.tolist() == g.labels.tolist() and g.embeddings.shape == (len(g), 168)
-    assert NucleusModel.from_pretrained(tmp_path / "m.safetensors", taxonomy="b").classes == CLASSES["b"]
+    assert Pipeline.from_pretrained(tmp_path / "m.safetensors", taxonomy="b").classes == CLASSES["b"]
     model.save(tmp_path / "half.safetensors", half=True)
     assert (tmp_path / "half.safetensors").stat().st_size < 0.6 * (tmp_path / "m.safetensors").stat().st_size
-    half = NucleusModel.from_pretrained(tmp_path / "half.safetensors").predict_tiles(tiles())
+    half = Pipeline.from_pretrained(tmp_path / "half.safetensors").predict_tiles(tiles())
     assert sum(len(n) for n in half) > 0
     for e, h in zip(expected, half):
         assert np.mean(e.labels[: len(h)] == h.labels[: len(e)]) > 0.9
@@ -120,7 +120,7 @@ def test_not_a_nucleus_detections_are_dropped() -> None:
 
 def test_bare_detector_loads_detection_only(tmp_path: Path) -> None:
     tiny_detector().save(tmp_path / "d.safetensors")
-    model = NucleusModel.from_pretrained(tmp_path / "d.safetensors")
+    model = Pipeline.from_pretrained(tmp_path / "d.safetensors")
     assert model.classifier is None and model.classes == []
     assert set(model.predict_tiles(tiles())[0].labels) <= {UNLABELLED}
     with pytest.raises(ValueError, match="needs a classifier"):
@@ -132,15 +132,15 @@ def test_bundle_mismatches_are_named(tmp_path: Path) -> None:
     tiny_model().save(path)
     fewer = json.dumps({"a": [{"name": "x", "color": [1, 2, 3]}], "b": [{"name": n, "color": [0, 0, 0]} for n in "pqr"]})
     with pytest.raises(InputError, match=r"m2.safetensors: head 'a' has 3 outputs for 1 classes \['x'\]"):
-        NucleusModel.from_pretrained(rewrite_metadata(path, tmp_path / "m2.safetensors", taxonomies=fewer))
+        Pipeline.from_pretrained(rewrite_metadata(path, tmp_path / "m2.safetensors", taxonomies=fewer))
     other = ClassifierConfig(encoder="timm:test_resnet").to_json()  # 368 features instead of 168
     with pytest.raises(InputError, match=r"m3.safetensors: head 'a' takes 168 features, but encoder timm:test_resnet"):
-        NucleusModel.from_pretrained(rewrite_metadata(path, tmp_path / "m3.safetensors", denuc_classifier=other))
+        Pipeline.from_pretrained(rewrite_metadata(path, tmp_path / "m3.safetensors", denuc_classifier=other))
     with pytest.raises(InputError, match="no such model file"):
-        NucleusModel.from_pretrained(tmp_path / "missing.safetensors")
+        Pipeline.from_pretrained(tmp_path / "missing.safetensors")
     with pytest.raises(InputError, match="has no taxonomy"):
         tiny_detector().save(tmp_path / "d.safetensors")
-        NucleusModel.from_pretrained(tmp_path / "d.safetensors", taxonomy="a")
+        Pipeline.from_pretrained(tmp_path / "d.safetensors", taxonomy="a")
 
 
 def test_referenced_encoder_weights(tmp_path: Path) -> None:
@@ -148,16 +148,16 @@ def test_referenced_encoder_weights(tmp_path: Path) -> None:
     weights = tmp_path / "encoder.safetensors"
     save_file(Classifier.create(TINY, CLASSES).encoder.model.state_dict(), str(weights))
     config = ClassifierConfig(encoder=TINY.encoder, encoder_weights=str(weights))
-    model = NucleusModel(tiny_detector(), Classifier.create(config, CLASSES))
+    model = Pipeline(tiny_detector(), Classifier.create(config, CLASSES))
     assert not model.classifier.embed_encoder
     model.save(tmp_path / "m.safetensors")
     assert not any(k.startswith("classifier.encoder.") for k in load_file(str(tmp_path / "m.safetensors")))
-    loaded = NucleusModel.from_pretrained(tmp_path / "m.safetensors")
+    loaded = Pipeline.from_pretrained(tmp_path / "m.safetensors")
     for e, g in zip(model.predict_tiles(tiles()), loaded.predict_tiles(tiles())):
         np.testing.assert_allclose(e.probs, g.probs, atol=1e-6)
     weights.unlink()
     with pytest.raises(InputError, match="encoder.safetensors: no such weights file"):
-        NucleusModel.from_pretrained(tmp_path / "m.safetensors")
+        Pipeline.from_pretrained(tmp_path / "m.safetensors")
 
 
 def test_false_positives_exclude_points_near_any_ground_truth() -> None:
@@ -214,7 +214,7 @@ def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str) -> N
     train_classifier(cfg, run, resume=True, progress=False)
     log = json.loads((run / "log.json").read_text())
     assert [row["epoch"] for row in log] == [1, 2] and all(0 <= row["val_f1_mean"] <= 1 for row in log)
-    model = NucleusModel.from_pretrained(bundle)
+    model = Pipeline.from_pretrained(bundle)
     assert [c.name for c in model.classes] == ["epithelial", "fibroblast", "inflammatory", "others"]
     if mode == "frozen":
         assert (run / "features_train.safetensors").exists()
@@ -253,3 +253,14 @@ def test_tiles_without_detections_keep_the_probability_columns() -> None:
     model.detector.with_settings(score_threshold=1.0)  # nothing passes
     found = model.predict(np.full((80, 80, 3), 255, dtype=np.uint8), mpp=0.5, embeddings=True)
     assert len(found) == 0 and found.probs.shape == (0, 2) and found.embeddings.shape == (0, 168)
+
+
+def test_models_import_from_the_package_top_without_loading_torch_early() -> None:
+    import subprocess
+    import sys
+
+    import denuc
+
+    assert denuc.Pipeline is Pipeline and denuc.Detector is Detector
+    probe = "import sys, denuc; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -21,7 +21,7 @@ from denuc.cli import main
 from denuc.config import ClassifierConfig, DetectorConfig
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
-from denuc.engine.pipeline import NucleusModel
+from denuc.engine.pipeline import Pipeline
 from denuc.engine.slide import predict_slide
 from denuc.engine.tissue import detect_tissue
 from denuc.errors import InputError
@@ -43,10 +43,10 @@ needs_slides = pytest.mark.skipif(not CMU.is_file(), reason=f"test slides not fo
 torch.set_num_threads(1)  # the suite shares two cores; more threads only contend
 
 
-def tiny_model() -> NucleusModel:
+def tiny_model() -> Pipeline:
     """An untrained detector whose threshold lets through about 1% of anchors: points to move around."""
     torch.manual_seed(0)
-    return NucleusModel(Detector(PointDetector(DetectorConfig(head_stride=4, score_threshold=0.53))))
+    return Pipeline(Detector(PointDetector(DetectorConfig(head_stride=4, score_threshold=0.53))))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_killed_cli_run_resumes_to_identical_nuclei(tmp_path: Path) -> None:
     summary = json.loads((out / "CMU-1-Small-Region_summary.json").read_text())
     assert summary["tiles"]["chunks_reused"] >= 1
     with open_slide(CMU) as slide:
-        predict_slide(slide, NucleusModel.from_pretrained(model), tmp_path / "reference", progress=False)
+        predict_slide(slide, Pipeline.from_pretrained(model), tmp_path / "reference", progress=False)
     reference = pq.read_table(tmp_path / "reference" / "CMU-1-Small-Region.parquet")
     assert reference.num_rows > 100 and reference.equals(pq.read_table(out / "CMU-1-Small-Region.parquet"))
 
@@ -219,7 +219,7 @@ def test_classified_tables_round_trip(tmp_path: Path) -> None:
 def test_classifier_labels_probabilities_and_embeddings(small_slide: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     classes = [NucleusClass("tumour", (255, 0, 0)), NucleusClass("other", (0, 0, 255))]
-    model = NucleusModel(tiny_model().detector, Classifier.create(TINY_CLASSIFIER, {"t": classes}))
+    model = Pipeline(tiny_model().detector, Classifier.create(TINY_CLASSIFIER, {"t": classes}))
     with open_slide(small_slide) as slide:
         summary = predict_slide(slide, model, tmp_path, embeddings=True, progress=False)
     parquet = pq.read_table(tmp_path / "cmu_crop.parquet")
@@ -263,7 +263,7 @@ def test_cli_reports_broken_slides_and_goes_on(tmp_path: Path, capsys) -> None:
 @pytest.mark.skipif(not DEFAULT_DETECTOR.is_file(), reason="default detector weights not built yet")
 def test_default_model_finds_a_plausible_number_of_nuclei_on_cmu(tmp_path: Path) -> None:
     with open_slide(CMU) as slide:
-        summary = predict_slide(slide, NucleusModel.from_pretrained("default"), tmp_path, progress=False)
+        summary = predict_slide(slide, Pipeline.from_pretrained("default"), tmp_path, progress=False)
     # H&E skin (epidermis and dermis) holds roughly 1,000 to 10,000 nuclei per mm^2; the region has ~0.6 mm^2.
     assert 0.4 < summary["tissue"]["area_mm2"] < 1.0
     assert 1000 < summary["density_per_mm2"]["all"] < 10000

@@ -63,7 +63,7 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.engine.pipeline import NucleusModel
+    from denuc.engine.pipeline import Pipeline
     from denuc.engine.slide import model_fingerprint, predict_slide
     from denuc.errors import InputError
     from denuc.io.slides import open_slide
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         jobs.append((sample, SAMPLE[1], f"bundled sample image ({SAMPLE[1]} um/px)"))
     if not jobs:
         raise InputError("denuc predict", "no slides given (pass slide files or folders, or --sample)")
-    model = NucleusModel.from_pretrained(args.model, device=args.device, runtime=args.runtime)
+    model = Pipeline.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     if args.detector_only:
-        model = NucleusModel(model.detector)
+        model = Pipeline(model.detector)
     if args.embeddings and model.classifier is None:
         raise InputError(args.model, "--embeddings saves the classifier's features, and this model has no classifier")
     model_id = model_fingerprint(model)

@@ -1,6 +1,6 @@
 """The full model users run: a detector, optionally followed by a classifier of the detected nuclei.
 
-``NucleusModel`` is what ``denuc predict`` and the whole-slide engine use. It works on tiles at the model's
+``Pipeline`` is what ``denuc predict`` and the whole-slide engine use. It works on tiles at the model's
 working pixel size (``predict_tiles``) so that slide readers can stream tiles to it, and on whole images of
 any pixel size (``predict``). With no classifier every nucleus is "unlabelled" (detection only).
 
@@ -33,7 +33,7 @@ BUNDLE_FORMAT = "denuc-bundle-1"
 _DETECTOR, _CLASSIFIER = "detector.", "classifier."
 
 
-class NucleusModel:
+class Pipeline:
     """Detector + optional classifier, sharing the detector's working resolution and tiling."""
 
     def __init__(self, detector: Detector, classifier: Classifier | None = None) -> None:
@@ -53,7 +53,7 @@ class NucleusModel:
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu",
-                        taxonomy: str | None = None, runtime: str = "torch") -> "NucleusModel":
+                        taxonomy: str | None = None, runtime: str = "torch") -> "Pipeline":
         """A shipped model name or a model file; detector-only files (a bare detector) are accepted too.
 
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);

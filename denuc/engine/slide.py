@@ -46,7 +46,7 @@ from scipy.spatial import cKDTree
 
 import denuc
 from denuc.engine.detect import ALIGN, _ownership_bounds, tile_origins
-from denuc.engine.pipeline import NucleusModel
+from denuc.engine.pipeline import Pipeline
 from denuc.engine.tissue import METHOD as TISSUE_METHOD
 from denuc.engine.tissue import TissueMask, detect_tissue
 from denuc.errors import InputError
@@ -89,7 +89,7 @@ class Grid:
     ybounds: list[tuple[float, float]]
 
     @classmethod
-    def for_slide(cls, slide: Slide, model: NucleusModel) -> "Grid":
+    def for_slide(cls, slide: Slide, model: Pipeline) -> "Grid":
         cfg = model.detector.config
         scale = slide.mpp / model.mpp
         level = slide.best_level(model.mpp)
@@ -146,7 +146,7 @@ def tissue_tiles(grid: Grid, mask: TissueMask, level0_size: tuple[int, int]) -> 
     return tiles
 
 
-def model_fingerprint(model: NucleusModel) -> str:
+def model_fingerprint(model: Pipeline) -> str:
     """SHA-256 of the model's weights, configuration and classes: resumed work must come from the same model."""
     digest = hashlib.sha256(model.detector.config.to_json().encode())
     digest.update(json.dumps([[c.name, list(c.color)] for c in model.classes]).encode())
@@ -167,7 +167,7 @@ def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
 
 def predict_slide(
     slide: Slide,
-    model: NucleusModel,
+    model: Pipeline,
     out_dir: str | Path,
     *,
     tissue_mask: bool = True,
@@ -333,7 +333,7 @@ def _read_ahead(read: Callable[[Tile], np.ndarray], tiles: Iterable[Tile], worke
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_chunks(slide: Slide, model: NucleusModel, grid: Grid, chunks: list[list[Tile]], todo: list[int],
+def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]], todo: list[int],
                 partial: Path, *, batch_size: int, workers: int, embeddings: bool, progress: bool,
                 on_chunk: Callable[[int], None] | None, stem: str, timings: dict[str, float]) -> None:
     """Predict the chunks ``todo`` and save each as a shard; add seconds per stage to ``timings``."""
@@ -400,7 +400,7 @@ def _owned(grid: Grid, slide: Slide, tile: Tile, found: Nuclei, radius: float) -
     return kept, seam[owned]
 
 
-def _write_shard(path: Path, parts: list[tuple[Tile, Nuclei, np.ndarray]], model: NucleusModel,
+def _write_shard(path: Path, parts: list[tuple[Tile, Nuclei, np.ndarray]], model: Pipeline,
                  embeddings: bool) -> None:
     """One chunk's nuclei (a chunk has at least one tile) as Parquet, with the embeddings as a .npy beside it,
     written first: the Parquet file's presence is what marks the chunk done."""
@@ -469,7 +469,7 @@ def _losers(previous: dict | None, current: dict, radius: float) -> np.ndarray:
     return np.where(a_loses, index[a], index[b])
 
 
-def _assemble(slide: Slide, model: NucleusModel, grid: Grid, chunks: list[list[Tile]], partial: Path,
+def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]], partial: Path,
               paths: dict[str, Path], mask: TissueMask, picture: np.ndarray, *, embeddings: bool) -> dict:
     """Stream the shards into the final tables, embeddings and pictures; return the counting part of the
     summary."""

@@ -34,7 +34,7 @@ import denuc.engine.evaluate as evaluation
 from denuc.config import ClassifierTrainConfig
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
-from denuc.engine.pipeline import NucleusModel
+from denuc.engine.pipeline import Pipeline
 from denuc.engine import runs
 from denuc.engine.runs import lr_factor
 from denuc.engine.train_detector import color_jitter, load_split
@@ -292,7 +292,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         if val_f1["mean"] > best:
             best = val_f1["mean"]
             chosen = merge_lora(classifier) if cfg.mode == "lora" else classifier
-            NucleusModel(detector, copy.deepcopy(chosen)).save(
+            Pipeline(detector, copy.deepcopy(chosen)).save(
                 run_dir / "model.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
                                                                "train_config": cfg.to_dict()})
         runs.save_epoch(run_dir, cfg.to_dict(), "classifier", classifier, optimizer, scheduler, rng, epoch, best,
