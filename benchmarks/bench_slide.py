@@ -104,19 +104,21 @@ def main() -> None:
         big = Path(tmp) / "CMU-1-Small-Region-4x.tif"
         build_4x_slide(big)
         for slide, repeats in ((CMU, args.repeats), (big, 1)):
-            for detector_only in ([True, False] if has_classifier else [True]):
-                for runtime in ("torch", "onnx"):
-                    # settings interleaved within each round, so load from other jobs spreads over all alike
-                    trials = [child(slide, args.model, detector_only, runtime, Path(tmp) / f"out-{len(runs)}-{i}")
-                              for i in range(repeats)]
-                    r = sorted(trials, key=lambda t: t["wall_s"])[len(trials) // 2]
-                    r["repeats_wall_s"] = [t["wall_s"] for t in trials]
-                    runs.append(r)
-                    where = ", ".join(f"{k} {v:.2f}" for k, v in r["timing_s"].items())
-                    print(f"{r['slide']:32s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
-                          f"{r['tiles']} tiles, {r['nuclei']} nuclei: {r['wall_s']:.2f} s (median of {repeats}), "
-                          f"{r['s_per_mm2_tissue']:.2f} s/mm^2, {r['nuclei_per_s']:.0f} nuclei/s, "
-                          f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")
+            settings = [(d, r) for d in ([True, False] if has_classifier else [True]) for r in ("torch", "onnx")]
+            trials: dict[tuple[bool, str], list[dict]] = {setting: [] for setting in settings}
+            for i in range(repeats):  # settings interleaved within each round: other load hits all alike
+                for k, (detector_only, runtime) in enumerate(settings):
+                    out = Path(tmp) / f"out-{slide.stem}-{i}-{k}"
+                    trials[detector_only, runtime].append(child(slide, args.model, detector_only, runtime, out))
+            for (detector_only, runtime), repeated in trials.items():
+                r = sorted(repeated, key=lambda t: t["wall_s"])[len(repeated) // 2]
+                r["repeats_wall_s"] = [t["wall_s"] for t in repeated]
+                runs.append(r)
+                where = ", ".join(f"{k} {v:.2f}" for k, v in r["timing_s"].items())
+                print(f"{r['slide']:32s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
+                      f"{r['tiles']} tiles, {r['nuclei']} nuclei: {r['wall_s']:.2f} s (median of {repeats}), "
+                      f"{r['s_per_mm2_tissue']:.2f} s/mm^2, {r['nuclei_per_s']:.0f} nuclei/s, "
+                      f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")
     if not has_classifier:
         print(f"model {args.model!r} has no classifier: the full pipeline was not measured")
     results = {"model": args.model, "full_pipeline_measured": has_classifier, "runs": runs,
