@@ -268,3 +268,15 @@ def test_default_model_finds_a_plausible_number_of_nuclei_on_cmu(tmp_path: Path)
     assert 0.4 < summary["tissue"]["area_mm2"] < 1.0
     assert 1000 < summary["density_per_mm2"]["all"] < 10000
     assert summary["overview"] == "dots"
+
+
+def test_transparent_pixels_read_as_white_and_opaque_ones_unchanged() -> None:
+    from denuc.io.slides import _rgb_on_white
+
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[..., 3] = 255
+    assert (_rgb_on_white(Image.fromarray(rgba)) == (200, 100, 50)).all()  # opaque: the colour as it is
+    rgba[0, 0, 3] = 0
+    rgb = _rgb_on_white(Image.fromarray(rgba))
+    assert (rgb[0, 0] == 255).all() and (rgb[1, 1] == (200, 100, 50)).all()  # outside the scan: white

@@ -108,7 +108,7 @@ class Slide:
 
 def _rgb_on_white(image: Image.Image) -> np.ndarray:
     """RGB uint8 of a PIL image; transparent pixels (outside the scanned area) become white."""
-    if image.mode == "RGBA":
+    if image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255:  # opaque tiles skip the blend
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image)
     return np.asarray(image.convert("RGB"))
