@@ -51,7 +51,7 @@ from denuc.engine.tissue import METHOD as TISSUE_METHOD
 from denuc.engine.tissue import TissueMask, detect_tissue
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
-from denuc.io.images import RESAMPLE_TOLERANCE
+from denuc.io.images import scale_to
 from denuc.io.slides import Slide
 from denuc.io.tables import EmbeddingWriter, NucleusTableWriter
 from denuc.io.overlay import UNLABELLED_COLOR
@@ -74,8 +74,9 @@ Tile = tuple[int, int]
 class Grid:
     """The model's working grid over a slide, and where its tiles come from.
 
-    Working pixels are ``scale`` times level-0 pixels (scale = slide mpp / model mpp); the read level's
-    pixels are ``ratio`` per working pixel (>= 1: the level is never coarser than the model needs).
+    Working pixels are ``scale`` times level-0 pixels; the read level's pixels are ``ratio`` per working pixel
+    (>= 1: the level is never coarser than the model needs; exactly 1 when the level's pixel size is within
+    RESAMPLE_TOLERANCE of the model's, and then scale = slide mpp / model mpp only approximately).
     """
 
     scale: float
@@ -91,11 +92,10 @@ class Grid:
     @classmethod
     def for_slide(cls, slide: Slide, model: Pipeline) -> "Grid":
         cfg = model.detector.config
-        scale = slide.mpp / model.mpp
         level = slide.best_level(model.mpp)
-        ratio = 1.0 / (scale * slide.level_downsamples[level])
-        if abs(ratio - 1.0) <= RESAMPLE_TOLERANCE:  # read the level's pixels as they are (see RESAMPLE_TOLERANCE)
-            scale, ratio = 1.0 / slide.level_downsamples[level], 1.0
+        downsample = slide.level_downsamples[level]
+        ratio = scale_to(model.mpp, slide.mpp * downsample)  # 1: the level's pixels are read as they are
+        scale = 1.0 / (ratio * downsample)
         width, height = slide.dimensions[0] * scale, slide.dimensions[1] * scale
         # Like iter_tiles: pad to a multiple of the backbone stride, tiles no larger than the padded image.
         padded_w, padded_h = (math.ceil(math.ceil(v) / ALIGN) * ALIGN for v in (width, height))
