@@ -270,6 +270,35 @@ def test_default_model_finds_a_plausible_number_of_nuclei_on_cmu(tmp_path: Path)
     assert summary["overview"] == "dots"
 
 
+@needs_slides
+def test_level_in_memory_reads_the_same_pixels() -> None:
+    with open_slide(CMU) as slide:
+        w, h = slide.dimensions
+        regions = [(0, 0, 300, 200), (w - 100, h - 50, 256, 256), (-20, 700, 64, 600), (1000, 1234, 1, 1)]
+        decoded = [slide.read_region(x, y, 0, rw, rh) for x, y, rw, rh in regions]
+        thumbnail = slide.thumbnail(700)
+        with slide.level_in_memory(0, workers=2):
+            assert 0 in slide._in_memory
+            for (x, y, rw, rh), expected in zip(regions, decoded):
+                np.testing.assert_array_equal(slide.read_region(x, y, 0, rw, rh), expected)
+            np.testing.assert_array_equal(slide.thumbnail(700), thumbnail)
+        assert not slide._in_memory  # released after the block
+
+
+@needs_slides
+def test_single_level_slide_is_decoded_once_with_the_same_outputs(tmp_path: Path, monkeypatch) -> None:
+    import denuc.engine.slide as engine
+
+    model = Pipeline.from_pretrained("default")
+    with open_slide(CMU) as slide:
+        kept = predict_slide(slide, model, tmp_path / "kept", progress=False)
+        monkeypatch.setattr(engine, "IN_MEMORY_MAX_BYTES", 0)  # too large to keep: tiles decoded again
+        read_twice = predict_slide(slide, model, tmp_path / "twice", progress=False)
+    assert kept["slide"]["level_read_in_memory"] and not read_twice["slide"]["level_read_in_memory"]
+    assert kept["nuclei"] == read_twice["nuclei"] > 1000
+    assert (tmp_path / "kept" / f"{CMU.stem}.csv").read_bytes() == (tmp_path / "twice" / f"{CMU.stem}.csv").read_bytes()
+
+
 def test_transparent_pixels_read_as_white_and_opaque_ones_unchanged() -> None:
     from denuc.io.slides import _rgb_on_white
 

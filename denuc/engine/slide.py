@@ -54,11 +54,12 @@ from denuc.io.atomic import atomic_path
 from denuc.io.images import scale_to
 from denuc.io.slides import Slide
 from denuc.io.tables import EmbeddingWriter, NucleusTableWriter
-from denuc.io.overlay import UNLABELLED_COLOR
+from denuc.io.overlay import PNG_COMPRESS_LEVEL, UNLABELLED_COLOR
 from denuc.nuclei import Nuclei, concat
 
 THUMBNAIL_MIN_MPP = 2.0  # um per thumbnail pixel: about a nucleus radius, so overview dots can sit on nuclei
 THUMBNAIL_MAX_SIDE = 4096
+IN_MEMORY_MAX_BYTES = 256 * 2**20  # a level decoded whole for the thumbnail is kept for the tiles up to this size
 OVERVIEW_MIN_SIDE = 1024  # small inputs (plain images) get an overview this large, up to their own pixels
 DOT_RADIUS_UM = 2.4  # overview dots: about a small nucleus
 DOTS_PER_PIXEL_MAX = 1 / 16  # above this many nuclei per overview pixel, dots hide the tissue: draw density
@@ -211,39 +212,49 @@ def predict_slide(
         return {**done, "skipped": True}
     _remove_stale_temporaries(out_dir, paths)
 
-    timings = {"tissue_mask": -time.perf_counter()}
-    thumbnail, thumb_mpp, picture = _thumbnails(slide)
-    if tissue_mask:
-        mask = detect_tissue(thumbnail, thumb_mpp)
-        tiles = tissue_tiles(grid, mask, slide.dimensions)
-    else:
-        mask = TissueMask(np.ones(thumbnail.shape[:2], dtype=bool), thumb_mpp, threshold=0.0)
-        tiles = [(row, col) for row in range(len(grid.ys)) for col in range(len(grid.xs))]
-    chunks = [tiles[i:i + chunk_tiles] for i in range(0, len(tiles), chunk_tiles)]
-    timings["tissue_mask"] += time.perf_counter()
+    mask_side, picture_side = _thumbnail_sides(slide)
+    width, height = slide.level_dimensions[grid.level]
+    # The level the tiles come from, when the thumbnail decodes it whole anyway (the only level of a
+    # single-level slide): decode it once and keep it while the tiles are read, if it is small enough.
+    in_memory = (slide.backend != "pil"  # Pillow's images are in memory already
+                 and slide.thumbnail_level(picture_side) == grid.level and 3 * width * height <= IN_MEMORY_MAX_BYTES)
+    timings = {"level_in_memory": -time.perf_counter()}
+    with slide.level_in_memory(grid.level, workers) if in_memory else contextlib.nullcontext():
+        timings["level_in_memory"] += time.perf_counter()
+        timings["tissue_mask"] = -time.perf_counter()
+        thumbnail, thumb_mpp, picture = _thumbnails(slide, mask_side, picture_side)
+        if tissue_mask:
+            mask = detect_tissue(thumbnail, thumb_mpp)
+            tiles = tissue_tiles(grid, mask, slide.dimensions)
+        else:
+            mask = TissueMask(np.ones(thumbnail.shape[:2], dtype=bool), thumb_mpp, threshold=0.0)
+            tiles = [(row, col) for row in range(len(grid.ys)) for col in range(len(grid.xs))]
+        chunks = [tiles[i:i + chunk_tiles] for i in range(0, len(tiles), chunk_tiles)]
+        timings["tissue_mask"] += time.perf_counter()
 
-    manifest = {"settings": settings, "fingerprint": fingerprint, "chunks": len(chunks), "tiles": len(tiles)}
-    if resume and (partial / "manifest.json").is_file():
-        previous = json.loads((partial / "manifest.json").read_text())
-        if previous.get("fingerprint") != fingerprint:
-            raise InputError(slide.path, f"cannot resume: the partial run in {partial} used other settings or "
-                                         "another model; delete that folder or run without --resume")
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        with atomic_path(partial / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1))
+        manifest = {"settings": settings, "fingerprint": fingerprint, "chunks": len(chunks), "tiles": len(tiles)}
+        if resume and (partial / "manifest.json").is_file():
+            previous = json.loads((partial / "manifest.json").read_text())
+            if previous.get("fingerprint") != fingerprint:
+                raise InputError(slide.path, f"cannot resume: the partial run in {partial} used other settings or "
+                                             "another model; delete that folder or run without --resume")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            with atomic_path(partial / "manifest.json") as tmp:
+                tmp.write_text(json.dumps(manifest, indent=1))
 
-    todo = [k for k in range(len(chunks)) if not _shard(partial, k).is_file()]
-    _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
-                embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings)
+        todo = [k for k in range(len(chunks)) if not _shard(partial, k).is_file()]
+        _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
+                    embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings)
     timings["assemble_outputs"] = -time.perf_counter()
     summary = _assemble(slide, model, grid, chunks, partial, paths, mask, picture, embeddings=embeddings)
     timings["assemble_outputs"] += time.perf_counter()
     summary.update({
         "slide": {"path": str(slide.path), "backend": slide.backend, "vendor": slide.vendor,
                   "dimensions": list(slide.dimensions), "levels": [list(d) for d in slide.level_dimensions],
-                  "level_read": grid.level, "level_read_mpp": slide.mpp * slide.level_downsamples[grid.level]},
+                  "level_read": grid.level, "level_read_mpp": slide.mpp * slide.level_downsamples[grid.level],
+                  "level_read_in_memory": in_memory},
         "mpp": slide.mpp, "mpp_source": slide.mpp_source,
         "tissue": {"method": TISSUE_METHOD if tissue_mask else "none (--no-tissue-mask): the whole slide",
                    "area_mm2": mask.area_mm2, "threshold": mask.threshold, "mask_mpp": mask.mpp},
@@ -294,15 +305,21 @@ def _remove_stale_temporaries(out_dir: Path, paths: dict[str, Path]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _thumbnails(slide: Slide) -> tuple[np.ndarray, float, np.ndarray]:
-    """The tissue mask's thumbnail (at least THUMBNAIL_MIN_MPP um/px, at most THUMBNAIL_MAX_SIDE px) and its pixel
-    size, and the overview's picture: the same thumbnail, or for small inputs a finer one of up to
-    OVERVIEW_MIN_SIDE px (so dots sit on nuclei), read once and shrunk for the mask."""
+def _thumbnail_sides(slide: Slide) -> tuple[int, int]:
+    """Longest sides in pixels of the tissue mask's thumbnail (at least THUMBNAIL_MIN_MPP um/px, at most
+    THUMBNAIL_MAX_SIDE px) and of the overview's picture: the same, or for small inputs up to
+    OVERVIEW_MIN_SIDE px (so dots sit on nuclei)."""
     longest_um = max(slide.dimensions) * slide.mpp
-    size = max(1, round(longest_um / max(THUMBNAIL_MIN_MPP, longest_um / THUMBNAIL_MAX_SIDE)))
-    picture = slide.thumbnail(max(size, min(max(slide.dimensions), OVERVIEW_MIN_SIDE)))
-    if max(picture.shape[:2]) > size:
-        scale = size / max(slide.dimensions)
+    mask_side = max(1, round(longest_um / max(THUMBNAIL_MIN_MPP, longest_um / THUMBNAIL_MAX_SIDE)))
+    return mask_side, max(mask_side, min(max(slide.dimensions), OVERVIEW_MIN_SIDE))
+
+
+def _thumbnails(slide: Slide, mask_side: int, picture_side: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """The tissue mask's thumbnail and its pixel size, and the overview's picture (see ``_thumbnail_sides``),
+    read once and shrunk for the mask."""
+    picture = slide.thumbnail(picture_side)
+    if max(picture.shape[:2]) > mask_side:
+        scale = mask_side / max(slide.dimensions)
         shape = (max(1, round(slide.dimensions[0] * scale)), max(1, round(slide.dimensions[1] * scale)))
         thumbnail = np.asarray(Image.fromarray(picture).resize(shape, Image.Resampling.BOX))
     else:
@@ -506,7 +523,7 @@ def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]
             overview.add(nuclei)
     overview.save(paths["_overview.png"])
     with atomic_path(paths["_tissue.png"]) as tmp:
-        Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     area = mask.area_mm2
     return {
         "nuclei": count,
@@ -564,7 +581,7 @@ class _Overview:
             alpha = 0.7 * heat
             image = Image.fromarray((np.asarray(image) * (1 - alpha) + veil * alpha).round().astype(np.uint8))
         with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+            image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def software_versions() -> dict[str, str]:

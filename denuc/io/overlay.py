@@ -11,6 +11,7 @@ from denuc.io.atomic import atomic_path
 from denuc.nuclei import UNLABELLED, Nuclei
 
 UNLABELLED_COLOR = (0, 255, 0)
+PNG_COMPRESS_LEVEL = 1  # zlib's fastest: a 1024 px overview in 72 instead of 119 ms, 10% larger (measured)
 
 
 def write_overlay(path: str | os.PathLike, image: np.ndarray, nuclei: Nuclei, radius: float = 3.0) -> None:
@@ -22,4 +23,4 @@ def write_overlay(path: str | os.PathLike, image: np.ndarray, nuclei: Nuclei, ra
         color = UNLABELLED_COLOR if label == UNLABELLED else colors.get(label, UNLABELLED_COLOR)
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=color, width=2)
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
