@@ -286,13 +286,35 @@ def test_level_in_memory_reads_the_same_pixels() -> None:
 
 
 @needs_slides
+def test_thumbnail_of_a_level_too_large_to_hold_is_read_in_bands(monkeypatch) -> None:
+    import tracemalloc
+
+    import denuc.io.slides
+
+    with open_slide(CMU) as slide:
+        whole = slide.thumbnail(700)
+        level_bytes = 3 * slide.dimensions[0] * slide.dimensions[1]
+        monkeypatch.setattr(denuc.io.slides, "WHOLE_LEVEL_MAX_BYTES", level_bytes // 10)
+        monkeypatch.setattr(denuc.io.slides, "BAND_ROWS", 64)  # bands much smaller than this small level
+        tracemalloc.start()
+        banded = slide.thumbnail(700)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < level_bytes / 4  # a few bands of 64 rows at a time, not the 2220 x 2967 level
+    assert banded.shape == whole.shape
+    # box edges that fall exactly on a pixel centre may round the other way in a band: a few rows at most
+    rows_differing = (banded != whole).any(axis=(1, 2))
+    assert rows_differing.mean() < 0.01 and np.abs(banded.astype(int) - whole).mean() < 0.1
+
+
+@needs_slides
 def test_single_level_slide_is_decoded_once_with_the_same_outputs(tmp_path: Path, monkeypatch) -> None:
-    import denuc.engine.slide as engine
+    import denuc.io.slides
 
     model = Pipeline.from_pretrained("default")
     with open_slide(CMU) as slide:
         kept = predict_slide(slide, model, tmp_path / "kept", progress=False)
-        monkeypatch.setattr(engine, "IN_MEMORY_MAX_BYTES", 0)  # too large to keep: tiles decoded again
+        monkeypatch.setattr(denuc.io.slides, "WHOLE_LEVEL_MAX_BYTES", 0)  # too large to keep: decoded again
         read_twice = predict_slide(slide, model, tmp_path / "twice", progress=False)
     assert kept["slide"]["level_read_in_memory"] and not read_twice["slide"]["level_read_in_memory"]
     assert kept["nuclei"] == read_twice["nuclei"] > 1000

@@ -59,7 +59,6 @@ from denuc.nuclei import Nuclei, concat
 
 THUMBNAIL_MIN_MPP = 2.0  # um per thumbnail pixel: about a nucleus radius, so overview dots can sit on nuclei
 THUMBNAIL_MAX_SIDE = 4096
-IN_MEMORY_MAX_BYTES = 256 * 2**20  # a level decoded whole for the thumbnail is kept for the tiles up to this size
 OVERVIEW_MIN_SIDE = 1024  # small inputs (plain images) get an overview this large, up to their own pixels
 DOT_RADIUS_UM = 2.4  # overview dots: about a small nucleus
 DOTS_PER_PIXEL_MAX = 1 / 16  # above this many nuclei per overview pixel, dots hide the tissue: draw density
@@ -213,11 +212,10 @@ def predict_slide(
     _remove_stale_temporaries(out_dir, paths)
 
     mask_side, picture_side = _thumbnail_sides(slide)
-    width, height = slide.level_dimensions[grid.level]
     # The level the tiles come from, when the thumbnail decodes it whole anyway (the only level of a
     # single-level slide): decode it once and keep it while the tiles are read, if it is small enough.
     in_memory = (slide.backend != "pil"  # Pillow's images are in memory already
-                 and slide.thumbnail_level(picture_side) == grid.level and 3 * width * height <= IN_MEMORY_MAX_BYTES)
+                 and slide.thumbnail_level(picture_side) == grid.level and slide.fits_in_memory(grid.level))
     timings = {"level_in_memory": -time.perf_counter()}
     with slide.level_in_memory(grid.level, workers) if in_memory else contextlib.nullcontext():
         timings["level_in_memory"] += time.perf_counter()
