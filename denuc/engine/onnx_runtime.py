@@ -62,23 +62,26 @@ class _ScoresAndPoints(torch.nn.Module):
 
 
 class OnnxDetector(Detector):
-    """A ``Detector`` whose network runs in ONNX Runtime (CPU). ``threads``: intra-op threads, default torch's."""
+    """A ``Detector`` whose network runs in ONNX Runtime (CPU). ``threads``: intra-op threads, default torch's.
+    ``graph``: an ONNX graph of ``model`` to run instead of its own export (e.g. a quantised one)."""
 
-    def __init__(self, model: PointDetector, threads: int | None = None) -> None:
+    def __init__(self, model: PointDetector, threads: int | None = None, graph: bytes | None = None) -> None:
         try:
             import onnxruntime
         except ImportError:
             raise ImportError('runtime="onnx" needs onnxruntime: pip install "denuc[onnx]"') from None
         super().__init__(model, "cpu")
-        buffer = io.BytesIO()
-        export_onnx(self.model, buffer)
+        if graph is None:
+            buffer = io.BytesIO()
+            export_onnx(self.model, buffer)
+            graph = buffer.getvalue()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle intra-op threads would busy-wait for the next batch, taking cores from the tile-reading threads
         # and the classifier's PyTorch threads; on a 2-core CPU they have none to spare.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def forward(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.ascontiguousarray(np.asarray(tiles).transpose(0, 3, 1, 2), dtype=np.float32)
