@@ -1,7 +1,7 @@
-"""What a finer working resolution costs: two detectors timed side by side on the same BRCAM2C test images.
+"""Two detectors timed side by side on the same BRCAM2C test images (two working resolutions, two widths, ...).
 
-    python benchmarks/bench_resolution_cost.py MODEL_A MODEL_B [--images 10] [--repeats 3]
-        [--out benchmarks/results/resolution_cost.json]
+    python benchmarks/bench_detector_pair.py MODEL_A MODEL_B [--images 10] [--repeats 3]
+        --out benchmarks/results/NAME.json
 
 Each detector gets the images at their native 0.5 um/px and resamples them to its own working resolution, as a
 user's call would (so a 0.25 um/px model pays for the upsampling too). PyTorch, the process's default threads;
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("models", nargs=2)
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "resolution_cost.json")
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     samples = list(get_dataset("brcam2c", BRCAM2C).samples("test"))[:args.images]
@@ -53,9 +53,12 @@ def main() -> None:
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "models": {}}
     for name, detector in detectors.items():
         median = statistics.median(seconds[name])
-        results["models"][name] = {"working_mpp": detector.config.mpp, "seconds": seconds[name],
-                                   "median_s": median, "s_per_mm2": median / mm2}
-        print(f"{name}: working {detector.config.mpp} um/px, {median:.2f} s for {len(images)} images "
+        params = sum(p.numel() for p in detector.model.parameters())
+        results["models"][name] = {"working_mpp": detector.config.mpp, "backbone": detector.config.backbone,
+                                   "params": params, "seconds": seconds[name], "median_s": median,
+                                   "s_per_mm2": median / mm2}
+        print(f"{name}: {detector.config.backbone} ({params:,} parameters), working {detector.config.mpp} um/px, "
+              f"{median:.2f} s for {len(images)} images "
               f"({median / mm2:.2f} s/mm^2; rounds {[round(s, 2) for s in seconds[name]]})")
     a, b = (results["models"][name]["median_s"] for name in args.models)
     results["ratio_b_over_a"] = b / a
