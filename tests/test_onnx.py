@@ -67,6 +67,21 @@ def test_onnx_detections_match_torch(onnx: Detector) -> None:
         np.testing.assert_allclose(found.scores, expected.scores, atol=SCORE_ATOL, rtol=0)
 
 
+def test_onnx_detector_runs_the_graph_it_is_given() -> None:
+    import io
+
+    from denuc.engine.onnx_runtime import OnnxDetector, export_onnx
+
+    other = random_detector(8, seed=1)
+    buffer = io.BytesIO()
+    export_onnx(other, buffer)
+    detector = OnnxDetector(random_detector(8, seed=0), graph=buffer.getvalue())
+    tiles = np.random.default_rng(2).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    scores = detector.forward(tiles)[0].numpy()
+    np.testing.assert_allclose(scores, Detector(other).forward(tiles)[0].numpy(), atol=SCORE_ATOL, rtol=0)
+    assert np.abs(scores - Detector(random_detector(8, seed=0)).forward(tiles)[0].numpy()).max() > 0.01
+
+
 def test_unknown_runtime_is_refused() -> None:
     with pytest.raises(ValueError, match="runtime"):
         make_detector(random_detector(8), runtime="tensorrt")

@@ -214,8 +214,7 @@ def predict_slide(
     mask_side, picture_side = _thumbnail_sides(slide)
     # The level the tiles come from, when the thumbnail decodes it whole anyway (the only level of a
     # single-level slide): decode it once and keep it while the tiles are read, if it is small enough.
-    in_memory = (slide.backend != "pil"  # Pillow's images are in memory already
-                 and slide.thumbnail_level(picture_side) == grid.level and slide.fits_in_memory(grid.level))
+    in_memory = slide.thumbnail_level(picture_side) == grid.level and slide.fits_in_memory(grid.level)
     timings = {"level_in_memory": -time.perf_counter()}
     with slide.level_in_memory(grid.level, workers) if in_memory else contextlib.nullcontext():
         timings["level_in_memory"] += time.perf_counter()

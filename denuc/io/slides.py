@@ -123,8 +123,11 @@ class Slide:
 
         For a level that is read whole anyway: the only level of a single-level slide, which the thumbnail
         decodes in full, need not be decoded a second time for its tiles. Bands of rows are decoded on
-        ``workers`` threads (the readers release the GIL while decoding).
+        ``workers`` threads (the readers release the GIL while decoding). A Pillow image is in memory already.
         """
+        if self.backend == "pil":
+            yield
+            return
         width, height = self.level_dimensions[level]
         pixels = np.empty((height, width, 3), np.uint8)
 
