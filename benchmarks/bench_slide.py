@@ -1,6 +1,7 @@
 """Whole-slide prediction speed and memory on this CPU: `denuc predict` on a real SVS and a 4x larger slide.
 
-    python benchmarks/bench_slide.py [--model default] [--repeats 3] [--out benchmarks/results/slide.json]
+    python benchmarks/bench_slide.py [--model default [--model fast ...]] [--repeats 3]
+        [--out benchmarks/results/slide.json]
 
 Inputs: ../shared/slides/CMU-1-Small-Region.svs (2220 x 2967 px at 0.499 um/px, about 1.6 mm^2, of which
 the tissue mask keeps about 0.64 mm^2), and a synthetic pyramidal TIFF of four times its area (its level 0
@@ -9,7 +10,8 @@ own) that opens the slide, loads the model and runs ``predict_slide`` with the C
 2 reading threads), with the detector in PyTorch and in ONNX Runtime. Reports wall time (end to end: opening
 the slide, tissue mask, reading, model, writing every output), seconds per mm^2 of tissue, nuclei per second,
 peak memory and where the time went, for detection only and for the full pipeline (detector + classifier)
-when the model has a classifier. Runs on the region are repeated and the median reported.
+when the model has a classifier. Several models are measured in the same rounds, interleaved. Runs on the
+region are repeated and the median reported.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
         summary = predict_slide(slide, model, out, progress=False, model_name=model_name)
     seconds = time.perf_counter() - started
     area = summary["tissue"]["area_mm2"]
-    return {"slide": Path(slide_path).name, "mode": "detection only" if model.classifier is None else "full",
+    return {"model": model_name, "slide": Path(slide_path).name, "mode": "detection only" if model.classifier is None else "full",
             "runtime": runtime, "timing_s": summary["timing_s"],
             "classes": [c.name for c in model.classes], "wall_s": seconds, "tissue_mm2": area,
             "slide_mm2": summary["slide"]["dimensions"][0] * summary["slide"]["dimensions"][1]
@@ -80,7 +82,7 @@ def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", action="append", help="shipped name or file; repeat to compare (default: default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slide.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -88,8 +90,9 @@ def main() -> None:
     parser.add_argument("--detector-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    models = args.model or ["default"]
     if args.child:
-        print(json.dumps(one_run(args.child, args.model, args.detector_only, args.runtime, args.child_out)))
+        print(json.dumps(one_run(args.child, models[0], args.detector_only, args.runtime, args.child_out)))
         return
     if not CMU.is_file():
         sys.exit(f"benchmark slide not found: {CMU}")
@@ -98,30 +101,31 @@ def main() -> None:
     from denuc.engine.slide import software_versions
     from denuc.io.atomic import write_json
 
-    has_classifier = Pipeline.from_pretrained(args.model).classifier is not None
+    with_classifier = [m for m in models if Pipeline.from_pretrained(m).classifier is not None]
+    settings = [(m, d, r) for m in models for d in ([True, False] if m in with_classifier else [True])
+                for r in ("torch", "onnx")]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "CMU-1-Small-Region-4x.tif"
         build_4x_slide(big)
         for slide, repeats in ((CMU, args.repeats), (big, 1)):
-            settings = [(d, r) for d in ([True, False] if has_classifier else [True]) for r in ("torch", "onnx")]
-            trials: dict[tuple[bool, str], list[dict]] = {setting: [] for setting in settings}
+            trials: dict[tuple[str, bool, str], list[dict]] = {setting: [] for setting in settings}
             for i in range(repeats):  # settings interleaved within each round: other load hits all alike
-                for k, (detector_only, runtime) in enumerate(settings):
+                for k, setting in enumerate(settings):
                     out = Path(tmp) / f"out-{slide.stem}-{i}-{k}"
-                    trials[detector_only, runtime].append(child(slide, args.model, detector_only, runtime, out))
-            for (detector_only, runtime), repeated in trials.items():
+                    trials[setting].append(child(slide, *setting, out))
+            for (model, _, runtime), repeated in trials.items():
                 r = sorted(repeated, key=lambda t: t["wall_s"])[len(repeated) // 2]
                 r["repeats_wall_s"] = [t["wall_s"] for t in repeated]
                 runs.append(r)
                 where = ", ".join(f"{k} {v:.2f}" for k, v in r["timing_s"].items())
-                print(f"{r['slide']:32s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
+                print(f"{r['slide']:28s} {model:8s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
                       f"{r['tiles']} tiles, {r['nuclei']} nuclei: {r['wall_s']:.2f} s (median of {repeats}), "
                       f"{r['s_per_mm2_tissue']:.2f} s/mm^2, {r['nuclei_per_s']:.0f} nuclei/s, "
                       f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")
-    if not has_classifier:
-        print(f"model {args.model!r} has no classifier: the full pipeline was not measured")
-    results = {"model": args.model, "full_pipeline_measured": has_classifier, "runs": runs,
+    for model in set(models) - set(with_classifier):
+        print(f"model {model!r} has no classifier: the full pipeline was not measured for it")
+    results = {"models": models, "full_pipeline_measured": with_classifier, "runs": runs,
                "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "load_average_at_start": os.getloadavg(), "versions": software_versions()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

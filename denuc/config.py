@@ -83,6 +83,8 @@ class DetectorTrainConfig:
     color_jitter: float = 0.1  # brightness / contrast / saturation / stain (HED) perturbation strength
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    init: str | None = None  # fine-tuning: start from this denuc detector (file or shipped name), not random
+    backbone_weights: str | None = None  # an ImageNet checkpoint of the torchvision backbone, loaded strictly
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -202,3 +202,54 @@ def test_unpaired_class_centre_is_kept_with_a_warning():
 def test_get_dataset_unknown_name(tmp_path):
     with pytest.raises(InputError, match="unknown dataset; expected one of \\['brcam2c', 'crchisto'\\]"):
         get_dataset("pannuke", tmp_path)
+
+
+# --- your own points (`points`) ------------------------------------------------------------------------------
+
+def _nuclei(xy: list[tuple[float, float]], labels: list[str] | None = None) -> "Nuclei":
+    from denuc.nuclei import Nuclei
+
+    return Nuclei(xy=np.array(xy, dtype=np.float64).reshape(-1, 2), labels=labels, mpp=0.5)
+
+
+def test_points_folder_reads_images_and_point_files(tmp_path: Path, points_folder) -> None:
+    image = np.full((64, 96, 3), 200, np.uint8)
+    root = points_folder(tmp_path / "mine", {
+        "train": [("a", image, _nuclei([(10, 20), (50.5, 30)], ["tumour", ""])), ("b", image, _nuclei([]))],
+        "val": [("c", image, _nuclei([(5, 5)], ["lymphocyte"]))],
+    }, {"mpp": 0.25, "classes": ["tumour", "lymphocyte"]}, suffix=".geojson")
+    dataset = get_dataset("points", root)
+    assert [c.name for c in dataset.classes] == ["tumour", "lymphocyte"] and dataset.mpp == 0.25
+    train = dataset.samples("train")
+    assert [s.name for s in train] == ["a", "b"] and dataset.sample_names("test") == []
+    assert train[0].nuclei.xy.tolist() == [[10, 20], [50.5, 30]] and train[0].nuclei.mpp == 0.25
+    assert train[0].nuclei.labels.tolist() == ["tumour", UNLABELLED] and len(train[1].nuclei) == 0
+    assert dataset.samples("validation")[0].nuclei.labels.tolist() == ["lymphocyte"]
+
+
+def test_points_folder_errors_name_the_file(tmp_path: Path, points_folder) -> None:
+    image = np.zeros((32, 32, 3), np.uint8)
+    one = {"train": [("a", image, _nuclei([(1, 1)], ["tumour"]))]}
+    root = points_folder(tmp_path / "no_mpp", one, {"classes": ["tumour"]})
+    with pytest.raises(InputError, match=r"dataset.json.*pixel size"):
+        get_dataset("points", root)
+    root = points_folder(tmp_path / "other_class", one, {"mpp": 0.5, "classes": ["stromal"]})
+    with pytest.raises(InputError, match=r"a.csv.*tumour"):
+        get_dataset("points", root).samples("train")
+    root = points_folder(tmp_path / "lonely", one)
+    Image.fromarray(image).save(root / "train" / "z.png")
+    with pytest.raises(InputError, match=r"z.png.*no point file"):
+        get_dataset("points", root)
+    root = points_folder(tmp_path / "twice", one | {"val": [("a", image, _nuclei([]))]})
+    with pytest.raises(InputError, match="used twice"):
+        get_dataset("points", root)
+    with pytest.raises(InputError, match="train folder is missing"):
+        get_dataset("points", points_folder(tmp_path / "no_train", {"val": one["train"]}))
+
+
+def test_points_folder_without_classes_cannot_train_a_classifier(tmp_path: Path, points_folder, capsys) -> None:
+    from denuc.cli import main
+
+    root = points_folder(tmp_path / "mine", {"train": [("a", np.zeros((32, 32, 3), np.uint8), _nuclei([(1, 1)]))]})
+    assert main(["train-classifier", "--dataset", f"points={root}", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "no classes" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,24 @@ def test_loss_falls_and_detector_overfits_one_image(overfit_detector) -> None:
 
 
 @needs_brcam2c
+@pytest.mark.parametrize("name, backbone", [("default", "shufflenet_v2_x1_0"), ("fast", "shufflenet_v2_x0_5")])
+def test_shipped_detectors_find_the_sample_nuclei(name: str, backbone: str) -> None:
+    """Each shipped detector loads by name with its architecture and finds the bundled sample's annotated nuclei
+    (a BRCAM2C test image, never trained on)."""
+    from importlib import resources
+
+    from denuc.datasets import get_dataset
+
+    detector = Detector.from_pretrained(name)
+    assert detector.config.backbone == backbone
+    truth = next(s for s in get_dataset("brcam2c", BRCAM2C).samples("test")
+                 if s.name == "TCGA-A8-A099-01Z-00-DX1_29501_22501_1000_1000_0.93")
+    pred = detector.detect(resources.files("denuc") / "data" / "sample_brcam2c.png", mpp=0.5)
+    f1 = evaluate([("sample", pred, truth.nuclei)], radius_um=3.0).detection.f1
+    assert f1 >= 0.8, f"shipped detector {name!r} on the sample: detection F1 {f1:.3f}"
+
+
+@needs_brcam2c
 def test_sliding_window_equals_whole_image(overfit_detector) -> None:
     detector, image, _ = overfit_detector
     whole = detector.with_settings(tile_size=512, tile_overlap=0).detect(image, mpp=0.5)
@@ -205,3 +225,55 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
     assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
+
+
+def test_initial_model_from_a_detector_or_an_imagenet_checkpoint(tmp_path: Path) -> None:
+    import torchvision
+
+    from denuc.engine.train_detector import initial_model
+    from denuc.errors import InputError
+
+    cfg = DetectorTrainConfig()
+    trained = Detector(PointDetector(cfg.model))  # random weights stand in for a trained detector
+    trained.save(tmp_path / "det.safetensors")
+    model = initial_model(replace(cfg, init=str(tmp_path / "det.safetensors")))
+    for key, value in trained.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(InputError, match="det.safetensors.*shufflenet_v2_x0_5"):  # another architecture: refused
+        initial_model(replace(cfg, model=DetectorConfig(backbone="shufflenet_v2_x1_0"),
+                              init=str(tmp_path / "det.safetensors")))
+
+    imagenet = torchvision.models.shufflenet_v2_x0_5(weights=None)
+    torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")
+    model = initial_model(replace(cfg, backbone_weights=str(tmp_path / "imagenet.pth")))
+    assert torch.equal(model.backbone.stem[0][0].weight, imagenet.conv1[0].weight)
+    assert torch.equal(model.backbone.stages[2][0].branch1[0].weight, imagenet.stage4[0].branch1[0].weight)
+    torch.save(torchvision.models.shufflenet_v2_x1_0(weights=None).state_dict(), tmp_path / "wrong.pth")
+    with pytest.raises(InputError, match="wrong.pth.*size mismatch"):  # strict: another width fails loudly
+        initial_model(replace(cfg, backbone_weights=str(tmp_path / "wrong.pth")))
+
+
+@needs_brcam2c
+def test_train_detector_command_fine_tunes_a_shipped_detector_on_own_points(tmp_path: Path, capsys,
+                                                                            points_folder) -> None:
+    """A user's own annotated images (a `points` folder: real BRCAM2C images and their points as CSV) fine-tune
+    the shipped fast detector from the command line."""
+    from denuc.cli import main
+    from denuc.datasets import get_dataset
+
+    samples = get_dataset("brcam2c", BRCAM2C).samples("train")
+    mine = points_folder(tmp_path / "mine", {split: [(s.name, s.image_path, s.nuclei) for s in chosen]
+                                             for split, chosen in (("train", samples[:2]), ("val", samples[2:3]))})
+    common = ["train-detector", "--dataset", f"points={mine}", "--epochs", "1", "--iters-per-epoch", "1",
+              "--batch-size", "2", "--crop-size", "128", "--quiet", "--init", "fast"]
+    assert main(common + ["--run-dir", str(tmp_path / "bad"), "--backbone", "resnet50"]) == 2
+    assert "drop --backbone" in capsys.readouterr().err
+    assert main(common + ["--run-dir", str(tmp_path / "tuned")]) == 0
+    tuned = Detector.from_pretrained(tmp_path / "tuned" / "model.safetensors")
+    assert tuned.config.backbone == Detector.from_pretrained("fast").config.backbone
+    # without a val folder: the last epoch, with the settings it started from (nothing to choose them on)
+    shutil.rmtree(mine / "val")
+    assert main(common + ["--run-dir", str(tmp_path / "no_val")]) == 0
+    fast = Detector.from_pretrained("fast").config
+    no_val = Detector.from_pretrained(tmp_path / "no_val" / "model.safetensors").config
+    assert (no_val.score_threshold, no_val.nms_radius_um) == (fast.score_threshold, fast.nms_radius_um)

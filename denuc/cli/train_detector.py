@@ -15,20 +15,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_training_options(p, train, ("epochs", "iters_per_epoch", "batch_size", "crop_size", "seed", "threads"),
                          dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)",
                          run_dir_help="checkpoints, logs and the trained model go here")
-    p.add_argument("--backbone", default=model.backbone)
-    p.add_argument("--head-stride", type=int, default=model.head_stride, choices=(4, 8))
-    p.add_argument("--mpp", type=float, default=model.mpp, help="working resolution of the model (um/px)")
+    p.add_argument("--backbone", help=f"shufflenet_v2_x{{0_5,1_0,1_5,2_0}} or resnet50 (default: {model.backbone})")
+    p.add_argument("--head-stride", type=int, choices=(4, 8), help=f"(default: {model.head_stride})")
+    p.add_argument("--mpp", type=float, help=f"working resolution of the model in um/px (default: {model.mpp})")
+    p.add_argument("--init", help="fine-tune: start from this detector (a shipped name such as 'default', or a "
+                                  ".safetensors file); the model's architecture and pixel size are its own")
+    p.add_argument("--backbone-weights", help="an ImageNet checkpoint (state dict) of the torchvision backbone, "
+                                              "loaded with strict key checking")
 
 
 def run(args: argparse.Namespace) -> int:
     from denuc.config import DetectorConfig, DetectorTrainConfig
+    from denuc.engine.detect import Detector
     from denuc.engine.train_detector import train_detector, tune_thresholds
+    from denuc.errors import InputError
 
+    architecture = {k: v for k, v in (("backbone", args.backbone), ("head_stride", args.head_stride),
+                                      ("mpp", args.mpp)) if v is not None}
+    if args.init is not None:
+        if architecture:
+            raise InputError("--init", f"a fine-tuned model keeps the architecture of {args.init}: "
+                                       f"drop {', '.join('--' + k.replace('_', '-') for k in architecture)}")
+        model = Detector.from_pretrained(args.init).config
+    else:
+        model = DetectorConfig(**architecture)
     cfg = DetectorTrainConfig(
-        datasets=dataset_specs(args.dataset),
-        model=DetectorConfig(backbone=args.backbone, head_stride=args.head_stride, mpp=args.mpp),
+        datasets=dataset_specs(args.dataset), model=model,
         epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
         crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
+        init=args.init, backbone_weights=args.backbone_weights,
     )
     best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
     chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors")

@@ -45,8 +45,11 @@ def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optim
     if not path.exists():
         return 0, -1.0, []
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint["config"] != config:
-        raise ValueError(f"{path}: was trained with another config; resume needs the same one")
+    saved = checkpoint["config"]
+    # a key missing on one side is None there: a run saved before an optional setting existed resumes
+    differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differing:
+        raise ValueError(f"{path}: was trained with another config (differs in {differing}); resume needs the same one")
     model.load_state_dict(checkpoint[name])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])

@@ -36,6 +36,7 @@ from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
 from denuc.engine.pipeline import Pipeline
 from denuc.engine import runs
+from denuc.errors import InputError
 from denuc.engine.runs import lr_factor
 from denuc.engine.train_detector import color_jitter, load_split
 from denuc.io.atomic import atomic_path
@@ -56,7 +57,12 @@ class PointImage:
 
 def taxonomies(cfg: ClassifierTrainConfig) -> dict[str, list[NucleusClass]]:
     """The class list of each training dataset, by dataset name."""
-    return {spec.name: list(datasets.get_dataset(spec.name, spec.root).classes) for spec in cfg.datasets}
+    found = {spec.name: list(datasets.get_dataset(spec.name, spec.root).classes) for spec in cfg.datasets}
+    for spec in cfg.datasets:
+        if not found[spec.name]:
+            raise InputError(spec.root, "the dataset has no classes (a points dataset lists them in dataset.json's "
+                                        "'classes'): it can train a detector, not a classifier")
+    return found
 
 
 def false_positives(detections: np.ndarray, gt: Nuclei, radius_px: float) -> np.ndarray:

@@ -21,6 +21,7 @@ import denuc.datasets as datasets
 from denuc.engine import runs
 from denuc.engine.detect import Detector, point_nms
 from denuc.engine.runs import lr_factor
+from denuc.errors import InputError
 import denuc.engine.evaluate as evaluation
 from denuc.io.images import read_image, resample
 from denuc.models.detector import PointDetector
@@ -151,6 +152,22 @@ def validate(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], ra
     return scores
 
 
+def initial_model(cfg: DetectorTrainConfig) -> PointDetector:
+    """The network a run starts from: random, with an ImageNet backbone (``backbone_weights``), or a trained
+    denuc detector (``init``, for fine-tuning), whose architecture must be the run's."""
+    model = PointDetector(cfg.model, imagenet_weights=cfg.backbone_weights)
+    if cfg.init is not None:
+        start = Detector.from_pretrained(cfg.init).model
+        ours, theirs = cfg.model, start.config
+        if (ours.backbone, ours.head_stride, ours.neck_channels, ours.head_convs, ours.mpp) != (
+                theirs.backbone, theirs.head_stride, theirs.neck_channels, theirs.head_convs, theirs.mpp):
+            raise InputError(cfg.init, f"is a {theirs.backbone} detector (head stride {theirs.head_stride}, "
+                                       f"{theirs.mpp} um/px); the run asks for {ours.backbone} (head stride "
+                                       f"{ours.head_stride}, {ours.mpp} um/px)")
+        model.load_state_dict(start.state_dict())
+    return model
+
+
 def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool = False,
                    progress: bool = True, epochs_this_run: int | None = None) -> Path:
     """Train (or resume) a detector in ``run_dir``; returns the path of the best model (``best.safetensors``).
@@ -158,7 +175,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     ``epochs_this_run`` stops after that many epochs (for time-boxed jobs); ``resume=True`` continues.
     """
     run_dir, rng = runs.start(run_dir, cfg)
-    model = PointDetector(cfg.model)
+    model = initial_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng)
@@ -209,9 +226,13 @@ def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: 
                     thresholds: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5),
                     nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)) -> dict:
     """Choose the score threshold and NMS radius that maximise mean validation detection F1; save the model
-    with them to ``out_path``. Validation splits only: test data never informs a choice."""
+    with them to ``out_path``. Validation splits only: test data never informs a choice. Without validation
+    images the model keeps its configured settings."""
     val = load_split(cfg, "val")
     detector = Detector.from_pretrained(model_path)
+    if not val:
+        detector.save(out_path, {"chosen": None})
+        return {"score_threshold": detector.config.score_threshold, "nms_radius_um": detector.config.nms_radius_um}
     lowest = min(thresholds)
     detector.with_settings(score_threshold=lowest, nms_radius_um=0.0)  # the sweep applies its own NMS
     raw = [(name, *detector.detect_resampled(image), gt) for name, image, gt in val]

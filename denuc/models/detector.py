@@ -9,6 +9,7 @@ x = j * s + (s - 1) / 2.
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ import torchvision
 from torch import nn
 
 from denuc.config import DetectorConfig
+from denuc.errors import InputError
 
 BACKBONES = {
     # name: (torchvision constructor, output channels at strides 4, 8, 16, 32)
@@ -44,7 +46,11 @@ class Backbone(nn.Module):
         net = constructor(weights=None)
         if imagenet_weights is not None:
             # strict: a checkpoint of another architecture must fail loudly, not half-load
-            net.load_state_dict(torch.load(imagenet_weights, map_location="cpu", weights_only=True), strict=True)
+            try:
+                net.load_state_dict(torch.load(imagenet_weights, map_location="cpu", weights_only=True), strict=True)
+            except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+                raise InputError(imagenet_weights, f"not an ImageNet checkpoint of torchvision's {name}: "
+                                                   f"{' '.join(str(error).split())[:300]}") from None
         if name.startswith("shufflenet"):
             self.stem = nn.Sequential(net.conv1, net.maxpool)
             self.stages = nn.ModuleList([net.stage2, net.stage3, net.stage4])
