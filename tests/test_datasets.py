@@ -15,7 +15,7 @@ from denuc.datasets import BRCAM2C, CRCHisto, get_dataset
 from denuc.datasets.brcam2c import read_label_file
 from denuc.datasets.crchisto import label_detections, pair_points
 from denuc.errors import InputError
-from denuc.nuclei import UNLABELLED
+from denuc.nuclei import UNLABELLED, Nuclei
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -206,9 +206,7 @@ def test_get_dataset_unknown_name(tmp_path):
 
 # --- your own points (`points`) ------------------------------------------------------------------------------
 
-def _nuclei(xy: list[tuple[float, float]], labels: list[str] | None = None) -> "Nuclei":
-    from denuc.nuclei import Nuclei
-
+def _nuclei(xy: list[tuple[float, float]], labels: list[str] | None = None) -> Nuclei:
     return Nuclei(xy=np.array(xy, dtype=np.float64).reshape(-1, 2), labels=labels, mpp=0.5)
 
 
