@@ -1,16 +1,19 @@
-"""Detection throughput on this CPU at the model's working resolution.
+"""Detection throughput on this CPU at the model's working resolution, for several detectors side by side.
 
-    python benchmarks/bench_detect_speed.py [--model default] [--repeats 3] [--out benchmarks/results/detect_speed.json]
+    python benchmarks/bench_detect_speed.py [--model default --model fast] [--runtime torch --runtime onnx]
+        [--repeats 3] [--out benchmarks/results/detect_speed.json]
 
 Two inputs, both real H&E at 0.5 um/px: the 30 BRCAM2C test images (about 500 x 500 px each), and a
-4000 x 4000 px mosaic of them (16 mm^2). Reports images/s, tiles/s, seconds per mm^2 (median of repeats,
-after a warm-up) and the process's peak resident memory.
+4000 x 4000 px mosaic of them (16 mm^2). Every (model, runtime) pair runs once per round, in turn, after a
+warm-up round, so load from other processes falls on all alike; the median round is reported, as images/s,
+tiles/s and seconds per mm^2. Peak resident memory is the whole process's (all pairs loaded at once).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from denuc.config import RUNTIMES
 from denuc.datasets import get_dataset
 from denuc.engine.detect import Detector, tile_origins
 from denuc.io.atomic import write_json
@@ -38,55 +42,51 @@ def count_tiles(detector: Detector, shape: tuple[int, int]) -> int:
         tile_origins(shape[1], cfg.tile_size, cfg.tile_overlap))
 
 
-def time_run(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", action="append", help="shipped name or file; repeat (default: default, fast)")
+    parser.add_argument("--runtime", action="append", choices=RUNTIMES, help="repeat (default: torch, onnx)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "detect_speed.json")
     args = parser.parse_args()
 
-    detector = Detector.from_pretrained(args.model)
-    mpp = detector.config.mpp
+    pairs = [(m, r) for m in args.model or ["default", "fast"] for r in args.runtime or list(RUNTIMES)]
+    detectors = {(model, runtime): Detector.from_pretrained(model, runtime=runtime) for model, runtime in pairs}
     images = [read_image(s.image_path) for s in get_dataset("brcam2c", BRCAM2C).samples("test")]
-    results = {"model": str(args.model), "config": json.loads(detector.config.to_json()),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "repeats": args.repeats}
-
-    def run_all() -> None:
-        for image in images:
-            detector.detect(image, mpp=0.5, batch_size=args.batch_size)
-
-    seconds = time_run(run_all, args.repeats)
-    area_mm2 = sum(i.shape[0] * i.shape[1] for i in images) * (0.5 * 1e-3) ** 2
-    tiles = sum(count_tiles(detector, i.shape[:2]) for i in images)
-    results["brcam2c_test_images"] = {"images": len(images), "area_mm2": area_mm2, "seconds": seconds,
-                                      "images_per_s": len(images) / seconds, "tiles_per_s": tiles / seconds,
-                                      "s_per_mm2": seconds / area_mm2}
-
-    rows = [np.concatenate([images[(r * 8 + c) % len(images)][:500, :500] for c in range(8)], axis=1)
-            for r in range(8)]
+    # 16 x 16 crops of 250 px (the smallest test image is 328 px)
+    rows = [np.concatenate([images[(r * 16 + c) % len(images)][:250, :250] for c in range(16)], axis=1)
+            for r in range(16)]
     mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0))
-    seconds = time_run(lambda: detector.detect(mosaic, mpp=0.5, batch_size=args.batch_size), args.repeats)
-    area_mm2 = mosaic.shape[0] * mosaic.shape[1] * (0.5 * 1e-3) ** 2
-    tiles = count_tiles(detector, mosaic.shape[:2])
-    results["mosaic_4000px"] = {"area_mm2": area_mm2, "tiles": tiles, "seconds": seconds,
-                                "tiles_per_s": tiles / seconds, "s_per_mm2": seconds / area_mm2}
-    results["peak_rss_mb"] = peak_rss_mb()
-    for key in ("brcam2c_test_images", "mosaic_4000px"):
-        r = results[key]
-        print(f"{key:20s} {r['seconds']:.2f} s  {r['tiles_per_s']:.1f} tiles/s  {r['s_per_mm2']:.3f} s/mm^2")
-    print(f"working resolution {mpp} um/px, {results['threads']} threads, peak RSS {results['peak_rss_mb']:.0f} MB")
+    inputs = {"brcam2c_test_images": images, "mosaic_4000px": [mosaic]}
+
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for round_index in range(args.repeats + 1):  # round 0 is the warm-up
+        for pair, detector in detectors.items():
+            for key, batch in inputs.items():
+                started = time.perf_counter()
+                for image in batch:
+                    detector.detect(image, mpp=0.5, batch_size=args.batch_size)
+                if round_index:
+                    times.setdefault((*pair, key), []).append(time.perf_counter() - started)
+
+    runs = []
+    for (model, runtime), detector in detectors.items():
+        run = {"model": model, "runtime": runtime, "config": json.loads(detector.config.to_json())}
+        for key, batch in inputs.items():
+            seconds = statistics.median(times[model, runtime, key])
+            area_mm2 = sum(i.shape[0] * i.shape[1] for i in batch) * (0.5 * 1e-3) ** 2
+            tiles = sum(count_tiles(detector, i.shape[:2]) for i in batch)
+            run[key] = {"images": len(batch), "area_mm2": area_mm2, "tiles": tiles, "seconds": seconds,
+                        "rounds_s": times[model, runtime, key], "images_per_s": len(batch) / seconds,
+                        "tiles_per_s": tiles / seconds, "s_per_mm2": seconds / area_mm2}
+            print(f"{model:10s} {runtime:6s} {key:20s} {seconds:6.2f} s  {len(batch) / seconds:6.2f} images/s  "
+                  f"{tiles / seconds:6.1f} tiles/s  {seconds / area_mm2:.3f} s/mm^2")
+        runs.append(run)
+    results = {"runs": runs, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "repeats": args.repeats,
+               "load_average_at_end": os.getloadavg(), "peak_rss_mb": peak_rss_mb()}
+    print(f"{results['threads']} threads, peak RSS {results['peak_rss_mb']:.0f} MB (all detectors loaded)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, results)
     print(f"saved {args.out}")

@@ -90,12 +90,15 @@ def networks(batch: int, repeats: int) -> list[dict]:
                 model(x)
 
         runs[name] = run
-    # denuc's CPU fast path: the same 0.5x network in ONNX Runtime
-    onnx = make_detector(PointDetector(DetectorConfig()), runtime="onnx")
+    # denuc's CPU fast path: the shipped widths (0.5x "fast", 1.0x "default") in ONNX Runtime, each listed
+    # after its PyTorch row
     onnx_input = tiles[:, :, :256, :256].numpy().copy()
-    models.insert(1, ("denuc shufflenet_v2_x0_5, onnxruntime", onnx.model, 256, 256, [0.5, 0.25],
-                      "denuc.engine.onnx_runtime (runtime='onnx')"))
-    runs["denuc shufflenet_v2_x0_5, onnxruntime"] = lambda: onnx.session.run(None, {"images": onnx_input})
+    for width in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0"):
+        onnx = make_detector(PointDetector(DetectorConfig(backbone=width)), runtime="onnx")
+        name = f"denuc {width}, onnxruntime"
+        position = [m[0] for m in models].index(f"denuc {width}") + 1
+        models.insert(position, (name, onnx.model, 256, 256, [0.5, 0.25], "denuc.engine.onnx_runtime (runtime='onnx')"))
+        runs[name] = lambda session=onnx.session: session.run(None, {"images": onnx_input})
     print(f"networks, batch {batch}:", flush=True)
     seconds = interleaved(runs, repeats)
     rows = []
