@@ -225,6 +225,8 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
     assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
+    twice = ["--dataset", f"brcam2c={BRCAM2C}"] * 2
+    assert main(["train-detector", *twice, "--run-dir", str(tmp_path / "twice")]) == 2
 
 
 def test_initial_model_from_a_detector_or_an_imagenet_checkpoint(tmp_path: Path) -> None:

@@ -26,6 +26,11 @@ def add_training_options(p: argparse.ArgumentParser, train: object, int_names: t
 def dataset_specs(values: list[str]) -> list[DatasetSpec]:
     """The --dataset values as specs; a malformed one is the user's input error."""
     try:
-        return [DatasetSpec.parse(item) for item in values]
+        specs = [DatasetSpec.parse(item) for item in values]
     except ValueError as error:
         raise InputError("--dataset", str(error)) from None
+    names = [spec.name.lower() for spec in specs]
+    if len(set(names)) != len(names):  # runs key validation scores and heads by dataset name
+        raise InputError("--dataset", f"each dataset name may appear once, got {names}; put your images in one "
+                                      "points folder")
+    return specs
