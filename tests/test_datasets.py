@@ -200,7 +200,7 @@ def test_unpaired_class_centre_is_kept_with_a_warning():
 
 
 def test_get_dataset_unknown_name(tmp_path):
-    with pytest.raises(InputError, match="unknown dataset; expected one of \\['brcam2c', 'crchisto'\\]"):
+    with pytest.raises(InputError, match="unknown dataset; expected one of \\['brcam2c', 'crchisto', 'points'\\]"):
         get_dataset("pannuke", tmp_path)
 
 
