@@ -145,6 +145,7 @@ class ClassifierTrainConfig:
     negatives: bool = True
     match_radius_um: float = 3.0  # a detection farther than this from every ground-truth point is a negative
     class_balanced: bool = False  # weight the loss by inverse class frequency
+    offsets: str = "nucleus"  # after training, tune on validation: "none", "nucleus" or "all" (tune_offsets)
     epochs: int = 20
     iters_per_epoch: int = 100  # lora / full: crops batches per epoch (frozen: full passes over the cache)
     batch_size: int = 8
@@ -161,6 +162,8 @@ class ClassifierTrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in CLASSIFIER_MODES:
             raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
+        if self.offsets not in ("none", "nucleus", "all"):
+            raise ValueError(f"unknown offsets {self.offsets!r}; choose from ['none', 'nucleus', 'all']")
 
     def to_dict(self) -> dict:
         return asdict(self)

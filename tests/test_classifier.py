@@ -18,7 +18,8 @@ from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec, D
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
 from denuc.engine.pipeline import Pipeline
-from denuc.engine.train_classifier import add_lora, false_positives, merge_lora, point_images, train_classifier
+from denuc.engine.train_classifier import (PointImage, add_lora, add_offsets, best_offsets, false_positives,
+                                           merge_lora, point_images, train_classifier, tune_offsets)
 from denuc.engine.train_joint import JointModel, train_joint
 from denuc.errors import InputError
 from denuc.models.detector import PointDetector
@@ -218,6 +219,9 @@ def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str) -> N
     assert [c.name for c in model.classes] == ["epithelial", "fibroblast", "inflammatory", "others"]
     if mode == "frozen":
         assert (run / "features_train.safetensors").exists()
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:  # tuned after the last epoch
+        tuned = json.loads(f.metadata()["class_offsets"])["crchisto"]
+    assert len(tuned["offsets"]) == 5 and tuned["val_f1_after"] >= tuned["val_f1_before"]
 
 
 def test_joint_baseline_trains_and_classifies(fake_run) -> None:
@@ -264,3 +268,57 @@ def test_models_import_from_the_package_top_without_loading_torch_early() -> Non
     assert denuc.Pipeline is Pipeline and denuc.Detector is Detector
     probe = "import sys, denuc; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_class_offsets_move_decisions_towards_the_better_validation_f1() -> None:
+    # two "y" nuclei on which the head leans to "x" (0.50 vs 0.41), one clear "x": an offset on "y" fixes both
+    gt = Nuclei(xy=np.array([[10.0, 10.0], [40.0, 40.0], [70.0, 20.0]]), labels=np.array(["y", "y", "x"], dtype=object),
+                mpp=0.5, classes=CLASSES["a"])
+    val = [PointImage("a/1", "a", np.zeros((80, 80, 3), np.uint8), gt.xy.copy(), np.full(3, -1), gt)]
+    probs = [np.array([[0.50, 0.41, 0.09], [0.50, 0.41, 0.09], [0.80, 0.15, 0.05]])]  # x, y, not a nucleus
+    offsets, before, after = best_offsets(val, probs, CLASSES["a"], "all")
+    assert before == pytest.approx(0.25) and after == 1.0  # x: F1 0.5 (1 of 3 right), y: 0 -> both 1
+    assert offsets[0] == 0.0 and np.log(0.50 / 0.41) < offsets[1] < np.log(0.80 / 0.15) and offsets[2] == 0.0
+    # "nucleus" moves only the rejection: here it rejects the two wrong "x" calls (no more false positives)
+    offsets, _, after = best_offsets(val, probs, CLASSES["a"], "nucleus")
+    assert offsets[:2].tolist() == [0.0, 0.0] and np.log(0.50 / 0.09) < offsets[2] < np.log(0.80 / 0.05)
+    assert after == pytest.approx(0.5)  # x: F1 1 (its one call is right), y: still 0
+
+
+def test_offsets_fold_into_the_head_bias() -> None:
+    classifier = Classifier.create(TINY, CLASSES).eval()
+    features = torch.randn(5, classifier.feature_dim)
+    before = classifier.heads["b"](features)
+    add_offsets(classifier, {"b": np.array([0.0, 0.5, -1.0, 0.25])})
+    torch.testing.assert_close(classifier.heads["b"](features) - before, torch.tensor([[0.0, 0.5, -1.0, 0.25]] * 5))
+
+
+def test_tune_offsets_writes_a_new_bundle_and_keeps_the_input(fake_run) -> None:
+    cfg, tmp_path = fake_run
+    bundle = tmp_path / "bundle.safetensors"
+    torch.manual_seed(0)
+    classes = {"crchisto": [NucleusClass(n) for n in ("epithelial", "fibroblast", "inflammatory", "others")]}
+    Pipeline(Detector.from_pretrained(cfg.detector), Classifier.create(TINY, classes)).save(
+        bundle, half=True, extra_metadata={"epoch": 3})
+    original = bundle.read_bytes()
+    chosen = tune_offsets(bundle, cfg.datasets, tmp_path / "tuned.safetensors")
+    assert bundle.read_bytes() == original
+    with safe_open(str(tmp_path / "tuned.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        assert f.get_tensor("classifier.heads.crchisto.1.bias").dtype == torch.float16  # precision kept
+    assert json.loads(metadata["epoch"]) == 3 and json.loads(metadata["class_offsets"]) == chosen
+    offsets = np.array(chosen["crchisto"]["offsets"])
+    tuned, plain = (load_file(str(path))["classifier.heads.crchisto.1.bias"].float().numpy()
+                    for path in (tmp_path / "tuned.safetensors", bundle))
+    np.testing.assert_allclose(tuned - plain, offsets, atol=2e-3)
+    with pytest.raises(InputError, match="matches no head"):
+        tune_offsets(bundle, [DatasetSpec("brcam2c", str(tmp_path / "crchisto"))], tmp_path / "x.safetensors")
+
+
+def test_tune_offsets_cli_refuses_to_overwrite_its_input(fake_run, capsys) -> None:
+    from denuc.cli import main
+
+    cfg, tmp_path = fake_run
+    code = main(["tune-offsets", cfg.detector, "--dataset", f"crchisto={tmp_path / 'crchisto'}",
+                 "--out", cfg.detector])
+    assert code == 2 and "is the input bundle" in capsys.readouterr().err

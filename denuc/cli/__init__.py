@@ -12,7 +12,7 @@ import sys
 
 from denuc.errors import InputError
 
-SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier"]
+SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier", "tune-offsets"]
 
 
 def main(argv: list[str] | None = None) -> int:

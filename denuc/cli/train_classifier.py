@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", default=train.detector, help="detector for the negatives and the bundle")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--offsets", default=train.offsets, choices=("none", "nucleus", "all"),
+                   help="after training, tune the heads' offsets on validation: 'not a nucleus' only (default), "
+                        "every output (fits the validation class mix), or none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         model=ClassifierConfig(encoder=args.encoder, encoder_weights=weights, encoder_layers=layers,
                                encoder_kwargs=kwargs, head=args.head),
         mode=args.mode, detector=args.detector, negatives=not args.no_negatives,
-        class_balanced=args.class_balanced, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+        class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
         threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
     )

@@ -59,7 +59,7 @@ class Pipeline:
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
         ``runtime`` is where the detector runs ("torch" or "onnx", see ``denuc.engine.detect.make_detector``).
         """
-        path = _resolve(path_or_name)
+        path = model_file(path_or_name)
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -131,7 +131,7 @@ class Pipeline:
                              lambda tiles: self.predict_tiles(tiles, embeddings), batch_size)
 
 
-def _resolve(path_or_name: str | os.PathLike) -> Path:
+def model_file(path_or_name: str | os.PathLike) -> Path:
     """The file of a shipped bundle or detector name (a shipped bundle first), else ``path_or_name`` itself."""
     name = str(path_or_name)
     for table in (BUNDLES, PRETRAINED):

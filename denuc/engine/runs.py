@@ -37,6 +37,10 @@ def start(run_dir: str | Path, cfg) -> tuple[Path, np.random.Generator]:
     return run_dir, np.random.default_rng(cfg.seed)
 
 
+AFTER_TRAINING = {"offsets"}
+"""Config keys that only act once training has ended (they do not bind a resumed run)."""
+
+
 def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
            scheduler, rng: np.random.Generator) -> tuple[int, float, list[dict]]:
     """Restore the state saved by ``save_epoch`` in ``run_dir`` (weights under ``name``); returns (first epoch
@@ -46,8 +50,9 @@ def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optim
         return 0, -1.0, []
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     saved = checkpoint["config"]
-    # a key missing on one side is None there: a run saved before an optional setting existed resumes
-    differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    # a key missing on one side is None there: a run saved before an optional setting existed resumes;
+    # settings applied after the last epoch may change between runs
+    differing = sorted(k for k in (set(saved) | set(config)) - AFTER_TRAINING if saved.get(k) != config.get(k))
     if differing:
         raise ValueError(f"{path}: was trained with another config (differs in {differing}); resume needs the same one")
     model.load_state_dict(checkpoint[name])

@@ -8,15 +8,20 @@ What it learns from, per training image (resampled to the working pixel size):
 
 Each dataset keeps its own taxonomy and head. Every epoch is scored end to end on the validation splits: the
 detector's detections on each validation image are classified and matched to the ground truth
-(``denuc.engine.evaluate``, 3 um); the epoch with the best mean over datasets of the mean class F1 is kept.
-The run directory holds ``last.pt`` (resumable), ``log.csv`` / ``log.json``, the detections and (frozen mode)
-the feature cache, and ``model.safetensors``: the bundle of the detector and the selected classifier.
+(``denuc.engine.evaluate``, 3 um); the epoch with the best mean over datasets of the mean class F1 is kept
+(``best.safetensors``). Then ``tune_offsets`` chooses, on the same validation images, an offset added to each
+head's "not a nucleus" logit (``cfg.offsets`` "nucleus", the default: how readily detections are rejected, the
+classifier's counterpart of the detector's threshold sweep) or to every output ("all": also each class's share
+of the decisions, which fits the validation split's class mix - only worth it when that mix is the target's). The run directory holds ``last.pt`` (resumable),
+``log.csv`` / ``log.json``, the detections and (frozen mode) the feature cache, ``best.safetensors`` and
+``model.safetensors``: the bundle of the detector and the selected classifier, offsets folded into its heads.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.spatial import cKDTree
 from torch import nn
@@ -31,10 +37,10 @@ from tqdm import tqdm
 
 import denuc.datasets as datasets
 import denuc.engine.evaluate as evaluation
-from denuc.config import ClassifierTrainConfig
+from denuc.config import ClassifierTrainConfig, DatasetSpec
 from denuc.engine.classify import Classifier
 from denuc.engine.detect import Detector
-from denuc.engine.pipeline import Pipeline
+from denuc.engine.pipeline import Pipeline, model_file
 from denuc.engine import runs
 from denuc.errors import InputError
 from denuc.engine.runs import lr_factor
@@ -74,23 +80,29 @@ def false_positives(detections: np.ndarray, gt: Nuclei, radius_px: float) -> np.
     return detections[distance > radius_px]
 
 
-def detections_of(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], cache: Path
+def detections_of(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], cache: Path | None
                   ) -> dict[str, np.ndarray]:
-    """The detector's points on each image (at the working resolution), computed once and cached."""
-    if cache.exists():
+    """The detector's points on each image (at the working resolution), computed once and cached (unless
+    ``cache`` is None)."""
+    if cache is not None and cache.exists():
         stored = load_file(str(cache))
         if set(stored) == {name for name, _, _ in items}:
             return {name: xy.numpy().astype(np.float64) for name, xy in stored.items()}
     found = {name: detector.detect_resampled(image)[0] for name, image, _ in tqdm(items, desc="detecting", leave=False)}
+    if cache is None:
+        return found
     with atomic_path(cache) as tmp:
         save_file({name: torch.from_numpy(xy.astype(np.float32)) for name, xy in found.items()}, str(tmp))
     return found
 
 
-def point_images(cfg: ClassifierTrainConfig, detector: Detector, split: str, run_dir: Path) -> list[PointImage]:
-    """Training points (``split`` "train": labelled ground truth + negatives) or validation images (detections)."""
+def point_images(cfg: ClassifierTrainConfig, detector: Detector, split: str, run_dir: Path | None
+                 ) -> list[PointImage]:
+    """Training points (``split`` "train": labelled ground truth + negatives) or validation images (detections).
+    The detections are cached in ``run_dir`` (None: not cached)."""
     items = load_split(cfg, split)
-    detections = detections_of(detector, items, run_dir / f"detections_{split}.safetensors")
+    cache = None if run_dir is None else run_dir / f"detections_{split}.safetensors"
+    detections = detections_of(detector, items, cache)
     classes = taxonomies(cfg)
     out = []
     for name, image, gt in items:
@@ -299,11 +311,111 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             best = val_f1["mean"]
             chosen = merge_lora(classifier) if cfg.mode == "lora" else classifier
             Pipeline(detector, copy.deepcopy(chosen)).save(
-                run_dir / "model.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
+                run_dir / "best.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
                                                                "train_config": cfg.to_dict()})
         runs.save_epoch(run_dir, cfg.to_dict(), "classifier", classifier, optimizer, scheduler, rng, epoch, best,
                         history, progress)
+    if stop < cfg.epochs:
+        return run_dir / "best.safetensors"
+    if cfg.offsets != "none":
+        tune_offsets(run_dir / "best.safetensors", cfg.datasets, run_dir / "model.safetensors", cfg.offsets,
+                     cache_dir=run_dir)
+    else:
+        shutil.copyfile(run_dir / "best.safetensors", run_dir / "model.safetensors")
     return run_dir / "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- class offsets
+
+OFFSET_OUTPUTS = ("nucleus", "all")
+OFFSET_GRID = tuple(np.round(np.arange(-2.0, 2.001, 0.25), 2))
+"""Offsets tried for each output, in logits (a factor of e^2 ~ 7.4 either way in the odds)."""
+
+
+def best_offsets(val: list[PointImage], probs: list[np.ndarray], classes: list[NucleusClass], outputs: str = "nucleus",
+                 grid: tuple[float, ...] = OFFSET_GRID, sweeps: int = 3) -> tuple[np.ndarray, float, float]:
+    """Offsets for the outputs of one head (its classes, then "not a nucleus") that maximise the mean class F1
+    of ``val`` (all of that head's taxonomy) end to end. ``outputs`` "nucleus": only the "not a nucleus" offset
+    moves; "all": every output but the first (only differences matter), by coordinate ascent. Values come from
+    ``grid``; a change is kept only if it raises the score. Returns (offsets, F1 before, F1 after)."""
+    if outputs not in OFFSET_OUTPUTS:
+        raise ValueError(f"unknown offsets {outputs!r}; choose from {list(OFFSET_OUTPUTS)}")
+    taxonomy = {val[0].taxonomy: classes}
+    log_probs = [np.log(np.clip(p, 1e-12, 1.0)) for p in probs]
+
+    def score(offsets: np.ndarray) -> float:
+        return validation_f1(val, [lp + offsets for lp in log_probs], taxonomy)["mean"]
+
+    offsets = np.zeros(len(classes) + 1)
+    before = best = score(offsets)
+    for _ in range(sweeps):
+        improved = False
+        for k in range(1, len(offsets)) if outputs == "all" else [len(offsets) - 1]:
+            for value in grid:
+                trial = offsets.copy()
+                trial[k] = value
+                if (s := score(trial)) > best + 1e-6:
+                    best, offsets, improved = s, trial, True
+        if not improved:
+            break
+    return offsets, before, best
+
+
+def add_offsets(classifier: Classifier, offsets: dict[str, np.ndarray]) -> None:
+    """Fold per-output offsets into the bias of each named head's last linear layer."""
+    for taxonomy, values in offsets.items():
+        last = [m for m in classifier.heads[taxonomy].modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            last.bias += torch.as_tensor(values, dtype=last.bias.dtype)
+
+
+_BUNDLE_KEYS = {"format", "denuc_detector", "denuc_classifier", "taxonomies", "encoder_embedded"}
+
+
+def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, outputs: str = "nucleus",
+                 cache_dir: Path | None = None) -> dict[str, dict]:
+    """Choose each head's offsets (``best_offsets`` of ``outputs``) on the validation split of the dataset named like it,
+    fold them into the heads and save the bundle to ``out`` (same precision; its other metadata kept, the
+    offsets and scores added under "class_offsets"). Heads without such a dataset are left as they are.
+    Validation splits only: test data never informs the choice."""
+    bundle = model_file(bundle)
+    pipeline = Pipeline.from_pretrained(bundle)
+    classifier = pipeline.classifier
+    if classifier is None:
+        raise InputError(bundle, "a detector-only model has no classes to tune")
+    for spec in specs:
+        if spec.name not in classifier.taxonomies:
+            raise InputError(spec.root, f"dataset {spec.name!r} matches no head of {bundle} "
+                                        f"(heads: {sorted(classifier.taxonomies)})")
+        found = [c.name for c in datasets.get_dataset(spec.name, spec.root).classes]
+        expected = [c.name for c in classifier.taxonomies[spec.name]]
+        if found != expected:
+            raise InputError(spec.root, f"classes {found} differ from head {spec.name!r}'s {expected}")
+    cfg = ClassifierTrainConfig(datasets=list(specs), model=classifier.config)
+    val = point_images(cfg, pipeline.detector, "val", cache_dir)
+    features = image_features(classifier, val)
+    with torch.inference_mode():
+        probs = [classifier.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
+    chosen = {}
+    for spec in specs:
+        index = [i for i, item in enumerate(val) if item.taxonomy == spec.name]
+        if not index:
+            raise InputError(spec.root, "no validation images: nothing to tune the class offsets on")
+        offsets, before, after = best_offsets([val[i] for i in index], [probs[i] for i in index],
+                                              classifier.taxonomies[spec.name], outputs)
+        chosen[spec.name] = {"outputs": outputs, "offsets": offsets.tolist(), "val_f1_before": before, "val_f1_after": after}
+    add_offsets(classifier, {name: np.array(c["offsets"]) for name, c in chosen.items()})
+    with safe_open(str(bundle), framework="pt") as f:
+        metadata = f.metadata()
+        half = f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    extra = {k: json.loads(v) for k, v in metadata.items() if k not in _BUNDLE_KEYS}
+    previous = extra.get("class_offsets", {})
+    for name, c in chosen.items():  # record the total folded in since training
+        if name in previous:
+            c["offsets"] = (np.array(previous[name]["offsets"]) + np.array(c["offsets"])).tolist()
+    extra["class_offsets"] = previous | chosen
+    pipeline.save(out, half=half, extra_metadata=extra)
+    return chosen
 
 
 def _frozen_batches(train: list[PointImage], batch_points: int) -> int:
