@@ -1,4 +1,4 @@
-"""The ONNX Runtime detector gives the PyTorch detector's outputs, within float32 rounding."""
+"""The ONNX Runtime detector and classifier encoder give PyTorch's outputs, within float32 rounding."""
 
 from __future__ import annotations
 
@@ -103,3 +103,53 @@ def test_predict_cli_with_onnx_runtime_gives_the_torch_nuclei(tmp_path) -> None:
     # rounding may flip a point whose score sits on the threshold, nothing more
     assert report.detection.fp <= 1 and report.detection.fn <= 1, report.detection
     assert report.mean_f1 >= 0.99, report
+
+
+# The classifier encoder's feature maps: the same rounding, on features of order 1 (after normalisation)
+FEATURE_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 160), (70, 90)], ids=["square", "wide", "padded"])
+def test_onnx_encoder_matches_torch(size: tuple[int, int]) -> None:
+    from denuc.engine.onnx_runtime import OnnxEncoder
+    from denuc.models.encoders import create_encoder
+
+    torch.manual_seed(0)
+    encoder = create_encoder("timm:test_efficientnet", num_classes=0).eval()
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 3, *size)).astype(np.float32))
+    with torch.inference_mode():
+        expected = encoder(images)
+    found = OnnxEncoder(encoder)(images)
+    assert [f.shape for f in found] == [e.shape for e in expected]
+    for f, e in zip(found, expected):
+        np.testing.assert_allclose(f.numpy(), e.numpy(), atol=FEATURE_ATOL, rtol=0)
+
+
+def test_onnx_pipeline_classifies_like_torch(tmp_path) -> None:
+    from denuc.config import ClassifierConfig
+    from denuc.engine.classify import Classifier
+    from denuc.engine.pipeline import Pipeline
+    from denuc.nuclei import NucleusClass
+
+    torch.manual_seed(0)
+    classifier = Classifier.create(ClassifierConfig(encoder="timm:test_efficientnet"),
+                                   {"t": [NucleusClass("a"), NucleusClass("b")]})
+    Pipeline(Detector(random_detector(8)), classifier).save(tmp_path / "bundle.safetensors")
+    torch_model = Pipeline.from_pretrained(tmp_path / "bundle.safetensors")
+    onnx_model = Pipeline.from_pretrained(tmp_path / "bundle.safetensors", runtime="onnx")
+    assert torch_model.classifier.encoder_runtime is None and onnx_model.classifier.encoder_runtime is not None
+    tiles = np.random.default_rng(4).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    points = [np.array([[10.0, 20.5], [100.2, 64.0]]), np.array([[0.0, 127.0]])]
+    for (p_onnx, f_onnx), (p_torch, f_torch) in zip(onnx_model.classifier.classify_tiles(tiles, points),
+                                                    torch_model.classifier.classify_tiles(tiles, points)):
+        np.testing.assert_allclose(f_onnx, f_torch, atol=FEATURE_ATOL, rtol=0)
+        np.testing.assert_allclose(p_onnx, p_torch, atol=SCORE_ATOL, rtol=0)
+        assert np.ptp(f_torch) > 0.1  # features, not a constant
+
+
+def test_transformer_encoders_stay_in_torch() -> None:
+    from denuc.engine.onnx_runtime import OnnxEncoder
+    from denuc.models.encoders import create_encoder
+
+    with pytest.raises(ValueError, match="transformer encoders run in PyTorch"):
+        OnnxEncoder(create_encoder("uni", depth=1, embed_dim=64, num_heads=2))

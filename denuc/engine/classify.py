@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,8 @@ class Classifier(nn.Module):
             for name, classes in self.taxonomies.items()})
         self.taxonomy = next(iter(self.taxonomies))
         self.embed_encoder = embed_encoder
+        # runs the encoder's forward pass instead of PyTorch when set (an OnnxEncoder); weights stay in encoder
+        self.encoder_runtime: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
 
     @classmethod
     def create(cls, config: ClassifierConfig, taxonomies: Mapping[str, Sequence[NucleusClass]]) -> "Classifier":
@@ -85,7 +87,7 @@ class Classifier(nn.Module):
 
         ``images``: (B, 3, H, W) float RGB in 0-255 at ``config.mpp``.
         """
-        maps = self.encoder(images)
+        maps = (self.encoder_runtime or self.encoder)(images)
         return sample_features(maps, self.encoder.strides, points)
 
     def forward(self, images: torch.Tensor, points: Sequence[torch.Tensor], taxonomy: str | None = None

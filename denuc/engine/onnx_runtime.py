@@ -1,11 +1,13 @@
-"""Point detection through ONNX Runtime: the same ``Detector`` contract, a faster CPU forward pass.
+"""Networks through ONNX Runtime: the same contracts, a faster CPU forward pass.
 
 ``Detector.from_pretrained(name, runtime="onnx")`` returns an ``OnnxDetector``: the PyTorch model is exported
 once to an in-memory ONNX graph (dynamic batch, height and width) and run by an ONNX Runtime CPU session.
 Tiling, score threshold and point NMS are the PyTorch detector's own (inherited), so only the network's
-forward pass differs. Its outputs match PyTorch's within float32 rounding (tests/test_onnx.py states the
-tolerance). ONNX Runtime folds batch norms into the convolutions and fuses activations: fewer, larger
-operators, which on CPU measured 2-20x faster than eager PyTorch (docs/benchmarks.md).
+forward pass differs. ``Pipeline.from_pretrained(..., runtime="onnx")`` also runs a convolutional classifier
+encoder this way (``OnnxEncoder``; a transformer encoder stays in PyTorch); the feature query and the head
+stay in PyTorch. Outputs match PyTorch's within float32 rounding (tests/test_onnx.py states the tolerances).
+ONNX Runtime folds batch norms into the convolutions and fuses activations: fewer, larger operators, which on
+CPU measured 2-20x faster than eager PyTorch (docs/benchmarks.md).
 
 Needs the optional extra: ``pip install "denuc[onnx]"``.
 """
@@ -21,6 +23,7 @@ import torch
 
 from denuc.engine.detect import Detector
 from denuc.models.detector import PointDetector
+from denuc.models.encoders import Encoder, pad_to_multiple
 
 OPSET = 18
 
@@ -66,24 +69,58 @@ class OnnxDetector(Detector):
     ``graph``: an ONNX graph of ``model`` to run instead of its own export (e.g. a quantised one)."""
 
     def __init__(self, model: PointDetector, threads: int | None = None, graph: bytes | None = None) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ImportError('runtime="onnx" needs onnxruntime: pip install "denuc[onnx]"') from None
         super().__init__(model, "cpu")
         if graph is None:
             buffer = io.BytesIO()
             export_onnx(self.model, buffer)
             graph = buffer.getvalue()
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads would busy-wait for the next batch, taking cores from the tile-reading threads
-        # and the classifier's PyTorch threads; on a 2-core CPU they have none to spare.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = _session(graph, threads)
 
     def forward(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.ascontiguousarray(np.asarray(tiles).transpose(0, 3, 1, 2), dtype=np.float32)
         scores, points = self.session.run(None, {"images": images})
         return torch.from_numpy(scores), torch.from_numpy(points)
+
+
+class OnnxEncoder:
+    """A convolutional ``Encoder``'s forward pass (normalisation and feature maps) in ONNX Runtime (CPU): called
+    like the encoder, on (B, 3, H, W) float RGB 0-255, it returns the same maps. The graph is exported at a
+    size that needs no padding; inputs that do are padded first, exactly as the encoder pads them (padding
+    and the per-channel normalisation commute)."""
+
+    def __init__(self, encoder: Encoder, threads: int | None = None) -> None:
+        if encoder.patch_size is not None:
+            raise ValueError(f"{encoder.name}: transformer encoders run in PyTorch (their position embeddings "
+                             "are resized by input size, which the exported graph would fix)")
+        self.strides, self.channels, self.multiple = encoder.strides, encoder.channels, encoder.multiple
+        names = [f"level{i}" for i in range(len(encoder.strides))]
+        axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+        axes |= {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(encoder.eval(), (torch.zeros(1, 3, 2 * encoder.multiple, 2 * encoder.multiple),),
+                              buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
+                              output_names=names, dynamic_axes=axes)
+        self.session = _session(buffer.getvalue(), threads)
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        images = pad_to_multiple(images.float().cpu(), self.multiple)
+        return [torch.from_numpy(m) for m in self.session.run(None, {"images": images.contiguous().numpy()})]
+
+
+def _session(graph: bytes, threads: int | None):
+    """An ONNX Runtime CPU session of ``graph`` with all graph optimisations; ``threads`` default torch's."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError('runtime="onnx" needs onnxruntime: pip install "denuc[onnx]"') from None
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads would busy-wait for the next batch, taking cores from the tile-reading threads
+    # and the other session's or PyTorch's threads; on a 2-core CPU they have none to spare.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])

@@ -57,7 +57,8 @@ class Pipeline:
         """A shipped model name or a model file; detector-only files (a bare detector) are accepted too.
 
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
-        ``runtime`` is where the detector runs ("torch" or "onnx", see ``denuc.engine.detect.make_detector``).
+        ``runtime`` is where the networks run: "torch", or "onnx" (CPU) for the detector and a convolutional
+        classifier encoder (see ``denuc.engine.onnx_runtime``).
         """
         path = model_file(path_or_name)
         try:
@@ -76,6 +77,10 @@ class Pipeline:
                                             if k.startswith(_CLASSIFIER)}, metadata, path)
         if taxonomy is not None:
             classifier.use_taxonomy(taxonomy)
+        if runtime == "onnx" and classifier.encoder.patch_size is None:
+            from denuc.engine.onnx_runtime import OnnxEncoder  # optional dependency: imported only when asked for
+
+            classifier.encoder_runtime = OnnxEncoder(classifier.encoder)
         try:
             return cls(detector, classifier)
         except ValueError as error:

@@ -227,17 +227,21 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``images``: (B, 3, H, W) float RGB in 0-255. Returns one (B, C_i, ceil(H/m)*m/s_i, ...) map per level."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        height, width = x.shape[-2:]
-        pad_h, pad_w = -height % self.multiple, -width % self.multiple
-        if pad_h or pad_w:
-            # reflect keeps tissue statistics at the border; it needs the pad smaller than the image
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        return self.features(x)
+        return self.features(pad_to_multiple((images - self.pixel_mean) / self.pixel_std, self.multiple))
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, C, H, W) padded right and bottom to multiples of ``multiple``: reflected, which keeps tissue
+    statistics at the border (replicated where the pad is not smaller than the image, as reflect needs)."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
 class TimmEncoder(Encoder):
