@@ -322,3 +322,22 @@ def test_tune_offsets_cli_refuses_to_overwrite_its_input(fake_run, capsys) -> No
     code = main(["tune-offsets", cfg.detector, "--dataset", f"crchisto={tmp_path / 'crchisto'}",
                  "--out", cfg.detector])
     assert code == 2 and "is the input bundle" in capsys.readouterr().err
+
+
+def test_a_points_folder_without_validation_trains_and_keeps_the_last_epoch(tmp_path: Path, points_folder) -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(8, 88, (12, 2))
+    gt = Nuclei(xy=xy, labels=np.array(["tumour", "immune"] * 6, dtype=object), mpp=0.5)
+    image = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    root = points_folder(tmp_path / "mine", {"train": [("a", image, gt)]},
+                         {"mpp": 0.5, "classes": ["tumour", "immune"]})
+    tiny_detector(threshold=0.5).save(tmp_path / "detector.safetensors")
+    cfg = ClassifierTrainConfig(datasets=[DatasetSpec("points", str(root))], model=TINY, mode="full",
+                                detector=str(tmp_path / "detector.safetensors"), epochs=2, iters_per_epoch=1,
+                                batch_size=1, crop_size=64, warmup_iters=1, threads=1)
+    with pytest.warns(UserWarning, match="no validation images"):
+        bundle = train_classifier(cfg, tmp_path / "run", progress=False)
+    assert [c.name for c in Pipeline.from_pretrained(bundle).classes] == ["tumour", "immune"]
+    with safe_open(str(bundle), framework="pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["epoch"]) == 2 and json.loads(metadata["class_offsets"]) == {}

@@ -32,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                   help="where the networks run: torch, or onnx (ONNX Runtime, CPU; the onnx extra): the detector and a "
-                        "convolutional classifier encoder")
+                   help="where the networks run: torch, or onnx (ONNX Runtime, CPU; the onnx extra): the "
+                        "detector and a convolutional classifier encoder")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="tile-reading threads; 0 reads in the main thread")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-slide lines (errors still print)")

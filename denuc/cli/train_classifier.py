@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         model=ClassifierConfig(encoder=args.encoder, encoder_weights=weights, encoder_layers=layers,
                                encoder_kwargs=kwargs, head=args.head),
         mode=args.mode, detector=args.detector, negatives=not args.no_negatives,
-        class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+        class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
         threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
     )

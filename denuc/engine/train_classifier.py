@@ -10,11 +10,12 @@ Each dataset keeps its own taxonomy and head. Every epoch is scored end to end o
 detector's detections on each validation image are classified and matched to the ground truth
 (``denuc.engine.evaluate``, 3 um); the epoch with the best mean over datasets of the mean class F1 is kept
 (``best.safetensors``). Then ``tune_offsets`` chooses, on the same validation images, an offset added to each
-head's "not a nucleus" logit (``cfg.offsets`` "nucleus", the default: how readily detections are rejected, the
-classifier's counterpart of the detector's threshold sweep) or to every output ("all": also each class's share
-of the decisions, which fits the validation split's class mix - only worth it when that mix is the target's). The run directory holds ``last.pt`` (resumable),
-``log.csv`` / ``log.json``, the detections and (frozen mode) the feature cache, ``best.safetensors`` and
-``model.safetensors``: the bundle of the detector and the selected classifier, offsets folded into its heads.
+head's "not a nucleus" logit (``cfg.offsets`` "nucleus", the default: how readily detections are rejected,
+the classifier's counterpart of the detector's threshold sweep) or to every output ("all": also each class's
+share of the decisions, which fits the validation split's class mix - only worth it when that mix is the
+target's). The run directory holds ``last.pt`` (resumable), ``log.csv`` / ``log.json``, the detections and
+(frozen mode) the feature cache, ``best.safetensors`` and ``model.safetensors``: the bundle of the detector
+and the selected classifier, offsets folded into its heads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,11 +305,11 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         with torch.inference_mode():
             features = val_features if cfg.mode == "frozen" else image_features(classifier, val)
             probs = [classifier.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
-        val_f1 = validation_f1(val, probs, classes)
+        val_f1 = validation_f1(val, probs, classes) if val else {"mean": float("nan")}
         row = {"epoch": epoch + 1, "loss": total / steps, "lr": scheduler.get_last_lr()[0],
                "seconds": time.perf_counter() - started, **{f"val_f1_{k}": v for k, v in val_f1.items()}}
         history.append(row)
-        if val_f1["mean"] > best:
+        if val_f1["mean"] > best or not val:  # without validation images the last epoch is kept
             best = val_f1["mean"]
             chosen = merge_lora(classifier) if cfg.mode == "lora" else classifier
             Pipeline(detector, copy.deepcopy(chosen)).save(
@@ -374,10 +376,11 @@ _BUNDLE_KEYS = {"format", "denuc_detector", "denuc_classifier", "taxonomies", "e
 
 def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, outputs: str = "nucleus",
                  cache_dir: Path | None = None) -> dict[str, dict]:
-    """Choose each head's offsets (``best_offsets`` of ``outputs``) on the validation split of the dataset named like it,
-    fold them into the heads and save the bundle to ``out`` (same precision; its other metadata kept, the
-    offsets and scores added under "class_offsets"). Heads without such a dataset are left as they are.
-    Validation splits only: test data never informs the choice."""
+    """Choose each head's offsets (``best_offsets`` of ``outputs``) on the validation split of the dataset of
+    the same name, fold them into the heads and save the bundle to ``out`` (same precision; its other metadata kept, the
+    offsets and scores added under "class_offsets"). Heads without such a dataset, or whose dataset has no
+    validation images (a warning says so), are left as they are. Validation splits only: test data never
+    informs the choice."""
     bundle = model_file(bundle)
     pipeline = Pipeline.from_pretrained(bundle)
     classifier = pipeline.classifier
@@ -400,10 +403,12 @@ def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, 
     for spec in specs:
         index = [i for i, item in enumerate(val) if item.taxonomy == spec.name]
         if not index:
-            raise InputError(spec.root, "no validation images: nothing to tune the class offsets on")
+            warnings.warn(f"{spec.root}: no validation images; head {spec.name!r} keeps its offsets", stacklevel=2)
+            continue
         offsets, before, after = best_offsets([val[i] for i in index], [probs[i] for i in index],
                                               classifier.taxonomies[spec.name], outputs)
-        chosen[spec.name] = {"outputs": outputs, "offsets": offsets.tolist(), "val_f1_before": before, "val_f1_after": after}
+        chosen[spec.name] = {"outputs": outputs, "offsets": offsets.tolist(), "val_f1_before": before,
+                             "val_f1_after": after}
     add_offsets(classifier, {name: np.array(c["offsets"]) for name, c in chosen.items()})
     with safe_open(str(bundle), framework="pt") as f:
         metadata = f.metadata()
