@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -33,3 +34,11 @@ def write_points_folder(root: Path, splits: dict[str, list[tuple[str, np.ndarray
 @pytest.fixture
 def points_folder() -> Callable[..., Path]:
     return write_points_folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def onnx_cache(tmp_path_factory) -> Path:
+    """Exported ONNX graphs go to a folder of this test session, not the user's cache."""
+    folder = tmp_path_factory.mktemp("denuc_cache")
+    os.environ["DENUC_CACHE"] = str(folder)
+    return folder / "onnx"

@@ -153,3 +153,25 @@ def test_transformer_encoders_stay_in_torch() -> None:
 
     with pytest.raises(ValueError, match="transformer encoders run in PyTorch"):
         OnnxEncoder(create_encoder("uni", depth=1, embed_dim=64, num_heads=2))
+
+
+def test_exported_graphs_are_cached_by_weights(onnx_cache, monkeypatch) -> None:
+    import denuc.engine.onnx_runtime as onnx_runtime
+
+    model = random_detector(8, seed=5)
+    tiles = np.random.default_rng(6).integers(0, 256, (1, 96, 96, 3), dtype=np.uint8)
+    before = set(onnx_cache.glob("*.onnx"))
+    expected = make_detector(model, runtime="onnx").forward(tiles)[0].numpy()
+    (graph,) = set(onnx_cache.glob("*.onnx")) - before
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_runtime, "export_onnx", no_export)
+    np.testing.assert_array_equal(make_detector(model, runtime="onnx").forward(tiles)[0].numpy(), expected)
+    with pytest.raises(AssertionError, match="exported again"):  # other weights: another graph
+        make_detector(random_detector(8, seed=6), runtime="onnx")
+    monkeypatch.undo()
+    graph.write_bytes(b"not a graph")  # a damaged cache file is exported again and replaced
+    np.testing.assert_array_equal(make_detector(model, runtime="onnx").forward(tiles)[0].numpy(), expected)
+    assert graph.read_bytes() != b"not a graph"

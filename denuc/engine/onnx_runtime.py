@@ -9,19 +9,28 @@ stay in PyTorch. Outputs match PyTorch's within float32 rounding (tests/test_onn
 ONNX Runtime folds batch norms into the convolutions and fuses activations: fewer, larger operators, which on
 CPU measured 2-20x faster than eager PyTorch (docs/benchmarks.md).
 
+Exporting takes seconds, so exported graphs are kept in a cache folder (``$DENUC_CACHE/onnx``, default
+``~/.cache/denuc/onnx``) under a digest of the weights, the architecture and the software versions; a later
+run with the same model loads its graph from there. A cache that cannot be written or read is skipped.
+
 Needs the optional extra: ``pip install "denuc[onnx]"``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from denuc import __version__
 from denuc.engine.detect import Detector
+from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.models.encoders import Encoder, pad_to_multiple
 
@@ -71,10 +80,10 @@ class OnnxDetector(Detector):
     def __init__(self, model: PointDetector, threads: int | None = None, graph: bytes | None = None) -> None:
         super().__init__(model, "cpu")
         if graph is None:
-            buffer = io.BytesIO()
-            export_onnx(self.model, buffer)
-            graph = buffer.getvalue()
-        self.session = _session(graph, threads)
+            self.session = _cached_session(self.model, self.model.config.to_json(),
+                                           lambda buffer: export_onnx(self.model, buffer), threads)
+        else:
+            self.session = _session(graph, threads)
 
     def forward(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.ascontiguousarray(np.asarray(tiles).transpose(0, 3, 1, 2), dtype=np.float32)
@@ -96,18 +105,54 @@ class OnnxEncoder:
         names = [f"level{i}" for i in range(len(encoder.strides))]
         axes = {"images": {0: "batch", 2: "height", 3: "width"}}
         axes |= {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(encoder.eval(), (torch.zeros(1, 3, 2 * encoder.multiple, 2 * encoder.multiple),),
-                              buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
-                              output_names=names, dynamic_axes=axes)
-        self.session = _session(buffer.getvalue(), threads)
+
+        def export(buffer: io.BytesIO) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=DeprecationWarning)
+                warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+                example = torch.zeros(1, 3, 2 * encoder.multiple, 2 * encoder.multiple)
+                torch.onnx.export(encoder.eval(), (example,), buffer, dynamo=False, opset_version=OPSET,
+                                  input_names=["images"], output_names=names, dynamic_axes=axes)
+
+        architecture = f"{encoder.name} {encoder.strides} {encoder.channels} {encoder.mean} {encoder.std}"
+        self.session = _cached_session(encoder, architecture, export, threads)
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         images = pad_to_multiple(images.float().cpu(), self.multiple)
         return [torch.from_numpy(m) for m in self.session.run(None, {"images": images.contiguous().numpy()})]
+
+
+def cache_folder() -> Path:
+    """Where exported graphs are kept: ``$DENUC_CACHE/onnx``, else ``$XDG_CACHE_HOME/denuc/onnx``, else
+    ``~/.cache/denuc/onnx``."""
+    root = os.environ.get("DENUC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "denuc"
+    return Path(root) / "onnx"
+
+
+def _cached_session(module: torch.nn.Module, architecture: str, export: Callable[[io.BytesIO], None],
+                    threads: int | None):
+    """A session of ``module``'s graph, from the cache when the same module was exported before, else exported
+    now (and cached). The key digests ``architecture``, every tensor of the module's state and the versions of
+    denuc, torch and the opset: any change gives a new export."""
+    digest = hashlib.sha256(f"{architecture}|{repr(module)}|{OPSET}|{torch.__version__}|{__version__}".encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    path = cache_folder() / f"{digest.hexdigest()[:32]}.onnx"
+    try:
+        return _session(path.read_bytes(), threads)
+    except ImportError:
+        raise
+    except Exception:  # not cached, unreadable, or damaged (ONNX Runtime raises its own types): export again
+        pass
+    buffer = io.BytesIO()
+    export(buffer)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    except OSError:  # a read-only or full cache location only costs the next run an export
+        pass
+    return _session(buffer.getvalue(), threads)
 
 
 def _session(graph: bytes, threads: int | None):
