@@ -7,7 +7,7 @@ Inputs: ../shared/slides/CMU-1-Small-Region.svs (2220 x 2967 px at 0.499 um/px, 
 the tissue mask keeps about 0.64 mm^2), and a synthetic pyramidal TIFF of four times its area (its level 0
 tiled 2 x 2, written with tifffile). Each run is a fresh child process (so its peak resident memory is its
 own) that opens the slide, loads the model and runs ``predict_slide`` with the CLI's defaults (batch 8,
-2 reading threads), with the detector in PyTorch and in ONNX Runtime. Reports wall time (end to end: opening
+2 reading threads), with the networks in PyTorch and in ONNX Runtime. Reports wall time (end to end: opening
 the slide, tissue mask, reading, model, writing every output), seconds per mm^2 of tissue, nuclei per second,
 peak memory and where the time went, for detection only and for the full pipeline (detector + classifier)
 when the model has a classifier. Several models are measured in the same rounds, interleaved. Runs on the
