@@ -125,8 +125,9 @@ class OnnxEncoder:
 def cache_folder() -> Path:
     """Where exported graphs are kept: ``$DENUC_CACHE/onnx``, else ``$XDG_CACHE_HOME/denuc/onnx``, else
     ``~/.cache/denuc/onnx``."""
-    root = os.environ.get("DENUC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "denuc"
-    return Path(root) / "onnx"
+    if os.environ.get("DENUC_CACHE"):
+        return Path(os.environ["DENUC_CACHE"]) / "onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "denuc" / "onnx"
 
 
 def _cached_session(module: torch.nn.Module, architecture: str, export: Callable[[io.BytesIO], None],
@@ -137,7 +138,7 @@ def _cached_session(module: torch.nn.Module, architecture: str, export: Callable
     digest = hashlib.sha256(f"{architecture}|{repr(module)}|{OPSET}|{torch.__version__}|{__version__}".encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     path = cache_folder() / f"{digest.hexdigest()[:32]}.onnx"
     try:
         return _session(path.read_bytes(), threads)
