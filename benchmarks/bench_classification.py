@@ -1,7 +1,7 @@
 """Detection + classification on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um), end to end.
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
-        [--joint joint=runs/y/best.safetensors] [--split test] [--out benchmarks/results/classification.json]
+        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--out benchmarks/results/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
 then classifier with the dataset's own head), and the points are scored per class (F1), as the mean class F1
@@ -57,9 +57,12 @@ def at_ground_truth(model: Pipeline, sample) -> np.ndarray:
     return names[probs[:, : len(names)].argmax(1)] if len(gt) else np.zeros(0, dtype=object)
 
 
-def bench(name: str, path: str, split: str, radius_um: float, joint: bool = False) -> dict:
-    """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only)."""
+def bench(name: str, path: str, split: str, radius_um: float, joint: bool = False, views: int = 1) -> dict:
+    """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only).
+    ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``)."""
     result = {"bundle": path, "kind": "joint" if joint else "bundle", "datasets": {}}
+    if views != 1:
+        result["test_time_views"] = views
     if Path(path).is_file():
         result["bundle_bytes"] = Path(path).stat().st_size
     for dataset, root in DATASETS.items():
@@ -68,6 +71,7 @@ def bench(name: str, path: str, split: str, radius_um: float, joint: bool = Fals
             predict = lambda sample: model.predict(sample.image_path, sample.nuclei.mpp, dataset)  # noqa: E731
         else:
             model = Pipeline.from_pretrained(path, taxonomy=dataset)
+            model.with_test_time_views(views)
             predict = lambda sample: model.predict(sample.image_path, mpp=sample.nuclei.mpp)  # noqa: E731
         started = time.perf_counter()
         end_to_end, upper = [], []
@@ -97,6 +101,7 @@ def main() -> None:
                         help="a bundle to score under a name (repeat); default: default=default")
     parser.add_argument("--joint", action="append", default=[], metavar="NAME=FILE",
                         help="a joint end-to-end baseline (denuc.engine.train_joint) to score end to end (repeat)")
+    parser.add_argument("--tta", type=int, default=1, help="test-time views of the bundles (1, 2, 4, 8)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--radius-um", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
@@ -112,7 +117,7 @@ def main() -> None:
         if all(earlier.get(k) == results[k] for k in ("split", "radius_um", "protocol")):
             results["models"] = earlier["models"]
     for name, path in models.items():
-        results["models"][name] = bench(name, path, args.split, args.radius_um)
+        results["models"][name] = bench(name, path, args.split, args.radius_um, views=args.tta)
     for name, path in (item.split("=", 1) for item in args.joint):
         results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True)
     write_json(args.out, results)

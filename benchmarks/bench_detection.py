@@ -1,6 +1,6 @@
 """Detection accuracy of a detector on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um).
 
-    python benchmarks/bench_detection.py [--model default] [--split test] [--out benchmarks/results/detection.json]
+    python benchmarks/bench_detection.py [--model default] [--split test] [--tta 1] [--out benchmarks/results/detection.json]
 
 Prints precision / recall / F1 per dataset and saves them as JSON. Images are read at their native pixel size
 and the detector resamples them to its working resolution, exactly as a user's call would.
@@ -29,11 +29,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--tta", type=int, default=1, help="test-time views (1, 2, 4, 8)")
     parser.add_argument("--radius-um", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "detection.json")
     args = parser.parse_args()
 
-    detector = Detector.from_pretrained(args.model)
+    detector = Detector.from_pretrained(args.model).with_settings(test_time_views=args.tta)
     results = {"model": str(args.model), "config": json.loads(detector.config.to_json()), "split": args.split,
                "radius_um": args.radius_um, "protocol": "denuc", "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "datasets": {}}

@@ -252,11 +252,41 @@ def test_lora_adapters_merge_into_the_encoder() -> None:
     assert not np.allclose(base, adapted)
 
 
+def test_test_time_views_average_the_views_and_do_not_depend_on_orientation() -> None:
+    """With 8 views, a flipped or transposed tile (points moved with it) gets the same probabilities: the eight
+    views of it are the eight views of the tile. The features returned are those of the tile itself."""
+    from denuc.engine.detect import unview_points, view_points, view_tiles
+
+    classifier = Classifier.create(TINY, CLASSES).eval()
+    tile = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)  # not square: transposes show
+    points = np.array([[3.0, 4.0], [60.2, 10.5], [90.5, 60.0]])
+    plain_probs, plain_features = classifier.classify_tiles(tile, [points])[0]
+    singles = []
+    for view in range(4):
+        viewed = view_tiles(torch.from_numpy(tile), view).numpy()
+        moved = view_points(torch.from_numpy(points), view, 64, 96).numpy()
+        singles.append(classifier.classify_tiles(viewed, [moved])[0][0])
+    classifier.test_time_views = 4
+    probs, features = classifier.classify_tiles(tile, [points])[0]
+    np.testing.assert_allclose(probs, np.mean(singles, axis=0), atol=1e-6)
+    np.testing.assert_allclose(features, plain_features, atol=1e-6)
+    assert np.abs(probs - plain_probs).max() > 1e-4  # the views do see different things
+    classifier.test_time_views = 8
+    reference = classifier.classify_tiles(tile, [points])[0][0]
+    for view in (1, 4, 5, 6):
+        viewed = view_tiles(torch.from_numpy(tile), view).numpy()
+        moved = view_points(torch.from_numpy(points), view, 64, 96).numpy()
+        np.testing.assert_allclose(unview_points(torch.from_numpy(moved), view, *viewed.shape[1:3]).numpy(), points)
+        np.testing.assert_allclose(classifier.classify_tiles(viewed, [moved])[0][0], reference, atol=1e-5)
+
+
 def test_tiles_without_detections_keep_the_probability_columns() -> None:
     model = tiny_model()
     model.detector.with_settings(score_threshold=1.0)  # nothing passes
-    found = model.predict(np.full((80, 80, 3), 255, dtype=np.uint8), mpp=0.5, embeddings=True)
-    assert len(found) == 0 and found.probs.shape == (0, 2) and found.embeddings.shape == (0, 168)
+    for views in (1, 8):
+        found = model.with_test_time_views(views).predict(np.full((80, 80, 3), 255, dtype=np.uint8), mpp=0.5,
+                                                          embeddings=True)
+        assert len(found) == 0 and found.probs.shape == (0, 2) and found.embeddings.shape == (0, 168)
 
 
 def test_models_import_from_the_package_top_without_loading_torch_early() -> None:

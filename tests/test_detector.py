@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from denuc.config import DatasetSpec, DetectorConfig, DetectorTrainConfig
-from denuc.engine.detect import Detector, point_nms, tile_origins
+from denuc.engine.detect import Detector, fuse_views, point_nms, tile_origins, unview_points, view_tiles
 from denuc.engine.evaluate import evaluate
 from denuc.engine.train_detector import TrainImage, detection_loss, match_anchors, random_crop, train_detector
 from denuc.models.detector import BACKBONES, PointDetector, count_parameters
@@ -97,6 +97,52 @@ def _brcam2c_image(split: str = "train", index: int = 0) -> tuple[np.ndarray, np
 
     sample = get_dataset("brcam2c", BRCAM2C).samples(split)[index]
     return read_image(sample.image_path), sample.nuclei.xy
+
+
+@pytest.mark.parametrize("view", range(8))
+def test_unview_points_inverts_each_view(view: int) -> None:
+    """Every pixel of a 3 x 5 tile, found at its place in a view, maps back to where it is in the tile."""
+    h, w = 3, 5
+    ids = torch.arange(h * w).reshape(1, h, w, 1)
+    viewed = view_tiles(ids, view)[0, ..., 0]
+    vy, vx = torch.meshgrid(torch.arange(viewed.shape[0]), torch.arange(viewed.shape[1]), indexing="ij")
+    back = unview_points(torch.stack([vx, vy], -1).reshape(-1, 2).float(), view, *viewed.shape)
+    pixel = viewed.reshape(-1)
+    assert torch.equal(back, torch.stack([pixel % w, pixel // w], -1).float())
+
+
+def test_fuse_views_hand_built() -> None:
+    xy = np.array([[10.0, 10.0], [12.0, 10.0], [11.0, 10.5], [40.0, 40.0], [60.0, 60.0], [61.0, 60.0]])
+    scores = np.array([0.8, 0.4, 0.3, 0.6, 0.9, 0.5])
+    views = np.array([0, 1, 1, 0, 0, 0])  # view 1 found two points near (10, 10); the last two share view 0
+    fused_xy, fused = fuse_views(xy, scores, views, n_views=2, radius=3.0)
+    order = np.argsort(fused_xy[:, 0])
+    fused_xy, fused = fused_xy[order], fused[order]
+    # (10, 10) joins the stronger of view 1's two neighbours: weighted mean of (10, 10) x 0.8 and (12, 10) x 0.4
+    np.testing.assert_allclose(fused_xy[0], [(10 * 0.8 + 12 * 0.4) / 1.2, 10.0])
+    np.testing.assert_allclose(fused, [0.6, 0.15, 0.3, 0.45, 0.25])  # (11, 10.5) alone: 0.3 / 2
+    np.testing.assert_allclose(fused_xy[1:], [[11.0, 10.5], [40.0, 40.0], [60.0, 60.0], [61.0, 60.0]])
+    assert fuse_views(np.zeros((0, 2)), np.zeros(0), np.zeros(0, int), 8, 3.0)[0].shape == (0, 2)
+
+
+@needs_brcam2c
+def test_eight_view_detection_is_symmetric() -> None:
+    """With all eight views, flipping or transposing a one-tile image flips the points, nothing else."""
+    from importlib import resources
+
+    from denuc.io.images import read_image
+
+    detector = Detector.from_pretrained("fast").with_settings(test_time_views=8)
+    image = read_image(resources.files("denuc") / "data" / "sample_brcam2c.png")[:256, :256].copy()
+    found = detector.detect(image, mpp=0.5)
+    assert len(found) > 20
+    for view in (1, 2, 3, 4, 7):
+        seen = detector.detect(view_tiles(torch.from_numpy(image)[None], view)[0].numpy().copy(), mpp=0.5)
+        back = unview_points(torch.from_numpy(seen.xy), view, 256, 256).numpy()
+        report = evaluate([("view", Nuclei(xy=back, mpp=0.5), Nuclei(xy=found.xy, mpp=0.5))], radius_um=0.05)
+        assert report.detection.f1 > 0.98, (view, report.detection)
+    with pytest.raises(ValueError, match="test_time_views"):
+        DetectorConfig(test_time_views=3)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +325,15 @@ def test_train_detector_command_fine_tunes_a_shipped_detector_on_own_points(tmp_
     fast = Detector.from_pretrained("fast").config
     no_val = Detector.from_pretrained(tmp_path / "no_val" / "model.safetensors").config
     assert (no_val.score_threshold, no_val.nms_radius_um) == (fast.score_threshold, fast.nms_radius_um)
+
+
+def test_detect_command_writes_points_and_overlay_with_test_time_views(tmp_path: Path) -> None:
+    from denuc.cli import main
+    from denuc.io import read_points
+
+    for views in ("1", "2"):
+        out = tmp_path / views
+        assert main(["detect", "--sample", "--model", "fast", "--tta", views, "--out", str(out)]) == 0
+        assert (out / "sample_brcam2c_overlay.png").stat().st_size > 0
+        points = read_points(out / "sample_brcam2c.geojson")
+        assert len(points) == len(read_points(out / "sample_brcam2c.csv")) > 100

@@ -49,6 +49,19 @@ def tiny_model() -> Pipeline:
     return Pipeline(Detector(PointDetector(DetectorConfig(head_stride=4, score_threshold=0.53))))
 
 
+def test_model_fingerprint_changes_with_test_time_views() -> None:
+    """Resumed work must come from the same settings: test-time views change what the model outputs."""
+    from denuc.engine.slide import model_fingerprint
+
+    model = Pipeline(tiny_model().detector, Classifier.create(ClassifierConfig(encoder="timm:test_efficientnet"),
+                                                            {"t": [NucleusClass("a")]}))
+    plain = model_fingerprint(model)
+    model.detector.with_settings(test_time_views=8)
+    only_detector = model_fingerprint(model)
+    model.with_test_time_views(8)
+    assert len({plain, only_detector, model_fingerprint(model)}) == 3
+
+
 @pytest.fixture(scope="module")
 def small_slide(tmp_path_factory) -> Path:
     """A 1024 x 1024 pyramidal TIFF cut from the CMU slide (0.499 um/px): a small real slide."""

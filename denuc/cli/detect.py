@@ -21,6 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="score threshold (default: the model's, chosen on validation)")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
                    help="where the detector runs: torch, or onnx (ONNX Runtime, CPU; the onnx extra)")
+    p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
+                   help="test-time augmentation: detect in this many flipped/transposed views and fuse the points "
+                        "(8: +1.5 validation F1 points for 8x the detector's time; default: %(default)s, off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise InputError("denuc detect", "no images given (pass image files, or --sample)")
     detector = Detector.from_pretrained(args.model, device=args.device, runtime=args.runtime)
+    detector.with_settings(test_time_views=args.tta)
     if args.threshold is not None:
         detector.with_settings(score_threshold=args.threshold)
     for path, mpp in jobs:

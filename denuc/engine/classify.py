@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from denuc.config import ClassifierConfig
+from denuc.engine.detect import view_points, view_tiles
 from denuc.errors import InputError
 from denuc.models.encoders import Encoder, create_encoder
 from denuc.models.feature_query import sample_features
@@ -60,6 +61,9 @@ class Classifier(nn.Module):
         self.embed_encoder = embed_encoder
         # runs the encoder's forward pass instead of PyTorch when set (an OnnxEncoder); weights stay in encoder
         self.encoder_runtime: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+        # test-time augmentation: class probabilities averaged over this many views of each tile (1, 2, 4, 8;
+        # see denuc.engine.detect.view_tiles); an inference setting, not saved in bundles
+        self.test_time_views = 1
 
     @classmethod
     def create(cls, config: ClassifierConfig, taxonomies: Mapping[str, Sequence[NucleusClass]]) -> "Classifier":
@@ -101,12 +105,19 @@ class Classifier(nn.Module):
         """For RGB uint8 tiles (B, H, W, 3) at ``config.mpp`` and per tile (n, 2) points in tile pixels:
         per tile the (n, classes + 1) probabilities (last column "not a nucleus") and (n, d) features."""
         device = next(self.parameters()).device
-        images = torch.as_tensor(np.array(tiles), device=device).permute(0, 3, 1, 2).float()  # a writable copy
+        images = torch.as_tensor(np.array(tiles), device=device)  # a writable copy
+        height, width = images.shape[1:3]
         query = [torch.as_tensor(p, dtype=torch.float64, device=device).reshape(-1, 2) for p in points]
-        features = self.point_features(images, query)
         head = self.heads[self.taxonomy]
-        return [(head(f.float()).softmax(-1).cpu().numpy().astype(np.float64), f.cpu().numpy())
-                for f in features]
+        probs = [0.0] * len(query)
+        for view in range(self.test_time_views):  # view 0 is the tile itself; its features are returned
+            viewed = view_tiles(images, view).permute(0, 3, 1, 2).float().contiguous()
+            features = self.point_features(viewed, [view_points(q, view, height, width) for q in query])
+            probs = [p + head(f.float()).softmax(-1) for p, f in zip(probs, features)]
+            if view == 0:
+                identity = features
+        return [((p / self.test_time_views).cpu().numpy().astype(np.float64), f.cpu().numpy())
+                for p, f in zip(probs, identity)]
 
     # ------------------------------------------------------------------------------------------ bundle format
 

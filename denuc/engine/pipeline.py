@@ -86,6 +86,15 @@ class Pipeline:
         except ValueError as error:
             raise InputError(path, str(error)) from None
 
+    def with_test_time_views(self, views: int) -> "Pipeline":
+        """Test-time augmentation (1, 2, 4 or 8 views of each tile): the detector fuses the points of all views,
+        the classifier averages their class probabilities. 8 measured +2.2 points of validation mean class F1
+        end to end for about 8x the time (DETECTOR_CARD.md, CLASSIFIER_CARD.md). Returns self."""
+        self.detector.with_settings(test_time_views=views)
+        if self.classifier is not None:
+            self.classifier.test_time_views = views
+        return self
+
     def save(self, path: str | os.PathLike, half: bool = False, extra_metadata: dict | None = None) -> None:
         """Write the bundle (a classifier is required; a detector alone is saved by ``Detector.save``).
 

@@ -149,6 +149,7 @@ def tissue_tiles(grid: Grid, mask: TissueMask, level0_size: tuple[int, int]) -> 
 def model_fingerprint(model: Pipeline) -> str:
     """SHA-256 of the model's weights, configuration and classes: resumed work must come from the same model."""
     digest = hashlib.sha256(model.detector.config.to_json().encode())
+    digest.update(str(getattr(model.classifier, "test_time_views", None)).encode())  # an inference setting
     digest.update(json.dumps([[c.name, list(c.color)] for c in model.classes]).encode())
     modules = [model.detector.model]
     if model.classifier is not None:
@@ -260,6 +261,7 @@ def predict_slide(
                   "chunks_reused": len(chunks) - len(todo)},
         "model": {"name": model_name, "sha256": settings["model"], "mpp": model.mpp,
                   "classifier": model.classifier is not None,
+                  "classifier_test_time_views": getattr(model.classifier, "test_time_views", None),
                   "classes": [{"name": c.name, "color": list(c.color)} for c in model.classes],
                   "detector": json.loads(model.detector.config.to_json())},
         "settings": {"batch_size": batch_size, "workers": workers, "device": settings["device"],

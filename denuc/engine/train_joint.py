@@ -60,6 +60,8 @@ class JointModel(nn.Module):
     @torch.inference_mode()
     def predict_tiles(self, tiles: np.ndarray, taxonomy: str) -> list[Nuclei]:
         """Detections of each RGB uint8 tile (as ``Detector.detect_tiles``) with their classes."""
+        if self.detector.config.test_time_views != 1:
+            raise ValueError("the joint baseline classifies from its last forward pass: test_time_views must be 1")
         found = self.detector.detect_tiles(tiles)  # its forward pass leaves the head features in _features
         classes = self.taxonomies[taxonomy]
         logits = self.class_logits([torch.from_numpy(n.xy) for n in found], taxonomy)
