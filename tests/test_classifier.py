@@ -206,13 +206,14 @@ def test_training_points_exclude_unlabelled_and_add_negatives(fake_run) -> None:
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
-def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str) -> None:
+def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str, capsys) -> None:
     cfg, tmp_path = fake_run
     cfg.mode = mode
     run = tmp_path / mode
     bundle = train_classifier(cfg, run, progress=False, epochs_this_run=1)
     assert len(json.loads((run / "log.json").read_text())) == 1
     train_classifier(cfg, run, resume=True, progress=False)
+    assert capsys.readouterr().err == ""  # no progress bars (detecting, features, epochs) when not asked for
     log = json.loads((run / "log.json").read_text())
     assert [row["epoch"] for row in log] == [1, 2] and all(0 <= row["val_f1_mean"] <= 1 for row in log)
     model = Pipeline.from_pretrained(bundle)

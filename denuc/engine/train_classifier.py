@@ -82,15 +82,16 @@ def false_positives(detections: np.ndarray, gt: Nuclei, radius_px: float) -> np.
     return detections[distance > radius_px]
 
 
-def detections_of(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], cache: Path | None
-                  ) -> dict[str, np.ndarray]:
+def detections_of(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], cache: Path | None,
+                  progress: bool = True) -> dict[str, np.ndarray]:
     """The detector's points on each image (at the working resolution), computed once and cached (unless
     ``cache`` is None)."""
     if cache is not None and cache.exists():
         stored = load_file(str(cache))
         if set(stored) == {name for name, _, _ in items}:
             return {name: xy.numpy().astype(np.float64) for name, xy in stored.items()}
-    found = {name: detector.detect_resampled(image)[0] for name, image, _ in tqdm(items, desc="detecting", leave=False)}
+    found = {name: detector.detect_resampled(image)[0] for name, image, _ in tqdm(items, desc="detecting", leave=False,
+                                                                               disable=not progress)}
     if cache is None:
         return found
     with atomic_path(cache) as tmp:
@@ -98,13 +99,13 @@ def detections_of(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]
     return found
 
 
-def point_images(cfg: ClassifierTrainConfig, detector: Detector, split: str, run_dir: Path | None
-                 ) -> list[PointImage]:
+def point_images(cfg: ClassifierTrainConfig, detector: Detector, split: str, run_dir: Path | None,
+                 progress: bool = True) -> list[PointImage]:
     """Training points (``split`` "train": labelled ground truth + negatives) or validation images (detections).
     The detections are cached in ``run_dir`` (None: not cached)."""
     items = load_split(cfg, split)
     cache = None if run_dir is None else run_dir / f"detections_{split}.safetensors"
-    detections = detections_of(detector, items, cache)
+    detections = detections_of(detector, items, cache, progress)
     classes = taxonomies(cfg)
     out = []
     for name, image, gt in items:
@@ -188,22 +189,23 @@ def validation_f1(val: list[PointImage], probs: list[np.ndarray], classes: dict[
 
 
 @torch.inference_mode()
-def image_features(classifier: Classifier, items: list[PointImage]) -> list[torch.Tensor]:
+def image_features(classifier: Classifier, items: list[PointImage], progress: bool = True) -> list[torch.Tensor]:
     """The encoder's features at each image's points, one whole image at a time."""
     out = []
-    for item in tqdm(items, desc="features", leave=False):
+    for item in tqdm(items, desc="features", leave=False, disable=not progress):
         image = torch.from_numpy(np.array(item.image)).permute(2, 0, 1)[None].float()
         out.append(classifier.point_features(image, [torch.from_numpy(item.xy)])[0].float())
     return out
 
 
-def cached_features(classifier: Classifier, items: list[PointImage], path: Path, key: dict) -> list[torch.Tensor]:
+def cached_features(classifier: Classifier, items: list[PointImage], path: Path, key: dict, progress: bool = True
+                    ) -> list[torch.Tensor]:
     """``image_features``, read from ``path`` when it was written for the same ``key`` (encoder, points)."""
     if path.exists():
         stored = load_file(str(path))
         if json.loads(bytes(stored.pop("key").tolist()).decode()) == key and len(stored) == len(items):
             return [stored[str(i)].float() for i in range(len(items))]
-    features = image_features(classifier, items)
+    features = image_features(classifier, items, progress)
     tensors = {str(i): f.half() for i, f in enumerate(features)}
     tensors["key"] = torch.tensor(list(json.dumps(key, sort_keys=True).encode()), dtype=torch.uint8)
     with atomic_path(path) as tmp:
@@ -251,8 +253,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         raise ValueError(f"detector {cfg.detector} works at {detector.config.mpp} um/px, the classifier at "
                          f"{cfg.model.mpp}")
 
-    train = point_images(cfg, detector, "train", run_dir)
-    val = point_images(cfg, detector, "val", run_dir)
+    train = point_images(cfg, detector, "train", run_dir, progress)
+    val = point_images(cfg, detector, "val", run_dir, progress)
     weights = class_weights(train, classes, cfg.class_balanced)
     trainable = classifier.heads.parameters() if cfg.mode == "frozen" else \
         [p for p in classifier.parameters() if p.requires_grad]
@@ -260,8 +262,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     if cfg.mode == "frozen":
         key = {"encoder": cfg.model.to_json(), "detector": cfg.detector, "negatives": cfg.negatives,
                "radius": cfg.match_radius_um, "datasets": [d.name for d in cfg.datasets]}
-        train_features = cached_features(classifier, train, run_dir / "features_train.safetensors", key)
-        val_features = cached_features(classifier, val, run_dir / "features_val.safetensors", key)
+        train_features = cached_features(classifier, train, run_dir / "features_train.safetensors", key, progress)
+        val_features = cached_features(classifier, val, run_dir / "features_val.safetensors", key, progress)
         batches_per_epoch = _frozen_batches(train, cfg.batch_size * 128)
     steps = batches_per_epoch if cfg.mode == "frozen" else cfg.iters_per_epoch
     schedule_cfg = copy.copy(cfg)
@@ -303,7 +305,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             bar.set_postfix(loss=f"{loss.item():.4f}")
         classifier.eval()
         with torch.inference_mode():
-            features = val_features if cfg.mode == "frozen" else image_features(classifier, val)
+            features = val_features if cfg.mode == "frozen" else image_features(classifier, val, progress)
             probs = [classifier.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
         val_f1 = validation_f1(val, probs, classes) if val else {"mean": float("nan")}
         row = {"epoch": epoch + 1, "loss": total / steps, "lr": scheduler.get_last_lr()[0],
@@ -321,7 +323,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         return run_dir / "best.safetensors"
     if cfg.offsets != "none":
         tune_offsets(run_dir / "best.safetensors", cfg.datasets, run_dir / "model.safetensors", cfg.offsets,
-                     cache_dir=run_dir)
+                     cache_dir=run_dir, progress=progress)
     else:
         shutil.copyfile(run_dir / "best.safetensors", run_dir / "model.safetensors")
     return run_dir / "model.safetensors"
@@ -375,7 +377,7 @@ _BUNDLE_KEYS = {"format", "denuc_detector", "denuc_classifier", "taxonomies", "e
 
 
 def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, outputs: str = "nucleus",
-                 cache_dir: Path | None = None) -> dict[str, dict]:
+                 cache_dir: Path | None = None, progress: bool = True) -> dict[str, dict]:
     """Choose each head's offsets (``best_offsets`` of ``outputs``) on the validation split of the dataset of
     the same name, fold them into the heads and save the bundle to ``out`` (same precision; its other metadata kept, the
     offsets and scores added under "class_offsets"). Heads without such a dataset, or whose dataset has no
@@ -395,8 +397,8 @@ def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, 
         if found != expected:
             raise InputError(spec.root, f"classes {found} differ from head {spec.name!r}'s {expected}")
     cfg = ClassifierTrainConfig(datasets=list(specs), model=classifier.config)
-    val = point_images(cfg, pipeline.detector, "val", cache_dir)
-    features = image_features(classifier, val)
+    val = point_images(cfg, pipeline.detector, "val", cache_dir, progress)
+    features = image_features(classifier, val, progress)
     with torch.inference_mode():
         probs = [classifier.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
     chosen = {}
