@@ -71,8 +71,7 @@ def view_tiles(tiles: torch.Tensor, view: int) -> torch.Tensor:
 
 
 def view_points(points: torch.Tensor, view: int, height: int, width: int) -> torch.Tensor:
-    """Points (..., 2) of a ``height`` x ``width`` tile where they are in its view ``view`` (the inverse of
-    ``unview_points``)."""
+    """Points (..., 2) of a ``height`` x ``width`` tile where they are in its view ``view``."""
     points = points.clone()
     if view & 4:
         points, height, width = points.flip(-1), width, height
@@ -86,12 +85,9 @@ def view_points(points: torch.Tensor, view: int, height: int, width: int) -> tor
 def unview_points(points: torch.Tensor, view: int, height: int, width: int) -> torch.Tensor:
     """Points (..., 2) found in view ``view`` of a ``height`` x ``width`` view, in the original tile's pixels
     (pixel centres at integers, so a flip maps x to width - 1 - x)."""
-    points = points.clone()
-    if view & 2:
-        points[..., 1] = height - 1 - points[..., 1]
-    if view & 1:
-        points[..., 0] = width - 1 - points[..., 0]
-    return points.flip(-1) if view & 4 else points
+    # the inverse view: flips undo themselves; after a transpose, the x and y flips trade places
+    inverse = view if not view & 4 else 4 | (view & 1) << 1 | (view & 2) >> 1
+    return view_points(points, inverse, height, width)
 
 
 def fuse_views(xy: np.ndarray, scores: np.ndarray, views: np.ndarray, n_views: int, radius: float
