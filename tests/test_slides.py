@@ -263,13 +263,14 @@ def test_cli_reports_broken_slides_and_goes_on(tmp_path: Path, capsys) -> None:
     model = tmp_path / "tiny.safetensors"
     tiny_model().detector.save(model)
     code = main(["predict", str(BROKEN), str(TCGA), "--sample", "--out", str(tmp_path / "out"), "--model", str(model),
-                 "--quiet"])
+                 "--quiet", "--tta", "2"])
     assert code == 2
     err = capsys.readouterr().err
     assert f"{BROKEN}: unsupported or unreadable slide format" in err
     assert f"{TCGA}: pixel size unknown" in err and "--mpp" in err
     summary = json.loads((tmp_path / "out" / "sample_brcam2c_summary.json").read_text())
     assert summary["mpp"] == 0.5 and summary["mpp_source"].startswith("bundled sample")
+    assert summary["model"]["detector"]["test_time_views"] == 2  # --tta reaches the model
 
 
 @needs_slides
