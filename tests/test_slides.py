@@ -121,6 +121,14 @@ def test_openslide_decodes_when_tiffslide_sees_another_grid(small_slide: Path, m
         assert slide.read_region(0, 0, 0, 64, 64).shape == (64, 64, 3)
 
 
+def test_pixel_reader_can_be_openslide(small_slide: Path) -> None:
+    with open_slide(small_slide, pixel_reader="openslide") as slide, open_slide(small_slide) as fast:
+        assert (slide.pixel_reader, fast.pixel_reader) == ("openslide", "tiffslide")
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 500, 300), fast.read_region(0, 0, 0, 500, 300))
+    with pytest.raises(ValueError, match="pixel_reader"):
+        open_slide(small_slide, pixel_reader="tiffslide")
+
+
 @needs_slides
 def test_slide_without_pixel_size_needs_mpp() -> None:
     with pytest.raises(InputError, match="pixel size unknown.*--mpp") as error:

@@ -198,8 +198,10 @@ def _rgb_on_white(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike, mpp: float | None = None, pixel_reader: str = "auto") -> Slide:
     """Open a whole-slide image or a plain image; ``mpp`` (um/px of level 0) overrides the metadata.
+    ``pixel_reader="openslide"`` keeps OpenSlide decoding the pixels of SVS / generic TIFF as well (see the
+    module docstring; ``"auto"`` lets tiffslide decode them).
 
     Raises InputError naming the file when it is missing, unreadable, of an unsupported format, or has no
     pixel size and none was passed.
@@ -224,7 +226,10 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
                                    "plain PNG, JPEG, TIFF, BMP images)")
         backend, handle, properties, levels = opened
     dimensions, downsamples = levels
-    decoder = _tiffslide_decoder(path, dimensions) if properties.get("openslide.vendor") in TIFFSLIDE_DECODES else None
+    if pixel_reader not in ("auto", "openslide"):
+        raise ValueError(f"pixel_reader must be 'auto' or 'openslide', got {pixel_reader!r}")
+    decoder = (_tiffslide_decoder(path, dimensions)
+               if pixel_reader == "auto" and properties.get("openslide.vendor") in TIFFSLIDE_DECODES else None)
     if mpp is not None:
         mpp_used, source = float(mpp), "--mpp"
     else:
