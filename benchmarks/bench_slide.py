@@ -10,8 +10,7 @@ own) that opens the slide, loads the model and runs ``predict_slide`` with the C
 2 reading threads), with the networks in PyTorch and in ONNX Runtime. Reports wall time (end to end: opening
 the slide, tissue mask, reading, model, writing every output), seconds per mm^2 of tissue, nuclei per second,
 peak memory and where the time went, for detection only and for the full pipeline (detector + classifier)
-when the model has a classifier, and detection once more with OpenSlide decoding the pixels (tiffslide
-decodes SVS / TIFF pixels by default). Several models are measured in the same rounds, interleaved. Runs on the
+when the model has a classifier. Several models are measured in the same rounds, interleaved. Runs on the
 region are repeated and the median reported.
 """
 
@@ -34,7 +33,7 @@ SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 
 
-def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str, reader: str, out: str) -> dict:
+def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str, out: str) -> dict:
     """Runs in the child: one slide, one model, fresh process. Returns the figures."""
     import torch
 
@@ -46,12 +45,12 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
     if detector_only:
         model = Pipeline(model.detector)
     started = time.perf_counter()
-    with open_slide(slide_path, pixel_reader=reader) as slide:
+    with open_slide(slide_path) as slide:
         summary = predict_slide(slide, model, out, progress=False, model_name=model_name)
     seconds = time.perf_counter() - started
     area = summary["tissue"]["area_mm2"]
     return {"model": model_name, "slide": Path(slide_path).name, "mode": "detection only" if model.classifier is None else "full",
-            "runtime": runtime, "pixel_reader": summary["slide"]["pixel_reader"], "timing_s": summary["timing_s"],
+            "runtime": runtime, "timing_s": summary["timing_s"],
             "classes": [c.name for c in model.classes], "wall_s": seconds, "tissue_mm2": area,
             "slide_mm2": summary["slide"]["dimensions"][0] * summary["slide"]["dimensions"][1]
             * summary["mpp"] ** 2 / 1e6,
@@ -72,9 +71,9 @@ def build_4x_slide(path: Path) -> None:
     write_pyramidal_tiff(path, np.tile(region, (2, 2, 1)), mpp)
 
 
-def child(slide: Path, model: str, detector_only: bool, runtime: str, reader: str, out: Path) -> dict:
+def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path) -> dict:
     command = [sys.executable, __file__, "--child", str(slide), "--model", model, "--child-out", str(out),
-               "--runtime", runtime, "--pixel-reader", reader]
+               "--runtime", runtime]
     if detector_only:
         command.append("--detector-only")
     result = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -90,12 +89,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting on the region (median kept)")
     parser.add_argument("--detector-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)
-    parser.add_argument("--pixel-reader", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.model or ["default"]
     if args.child:
-        print(json.dumps(one_run(args.child, models[0], args.detector_only, args.runtime, args.pixel_reader,
-                                 args.child_out)))
+        print(json.dumps(one_run(args.child, models[0], args.detector_only, args.runtime, args.child_out)))
         return
     if not CMU.is_file():
         sys.exit(f"benchmark slide not found: {CMU}")
@@ -105,27 +102,24 @@ def main() -> None:
     from denuc.io.atomic import write_json
 
     with_classifier = [m for m in models if Pipeline.from_pretrained(m).classifier is not None]
-    # each setting: model, detector only, runtime, pixel reader. OpenSlide decoding (the reader before
-    # tiffslide took over SVS / TIFF pixels) is timed once per model, detection only in ONNX Runtime
-    settings = [(m, d, r, "auto") for m in models for d in ([True, False] if m in with_classifier else [True])
-                for r in ("torch", "onnx")] + [(m, True, "onnx", "openslide") for m in models]
+    settings = [(m, d, r) for m in models for d in ([True, False] if m in with_classifier else [True])
+                for r in ("torch", "onnx")]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "CMU-1-Small-Region-4x.tif"
         build_4x_slide(big)
         for slide, repeats in ((CMU, args.repeats), (big, 1)):
-            trials: dict[tuple[str, bool, str, str], list[dict]] = {setting: [] for setting in settings}
+            trials: dict[tuple[str, bool, str], list[dict]] = {setting: [] for setting in settings}
             for i in range(repeats):  # settings interleaved within each round: other load hits all alike
                 for k, setting in enumerate(settings):
                     out = Path(tmp) / f"out-{slide.stem}-{i}-{k}"
                     trials[setting].append(child(slide, *setting, out))
-            for (model, _, runtime, _), repeated in trials.items():
+            for (model, _, runtime), repeated in trials.items():
                 r = sorted(repeated, key=lambda t: t["wall_s"])[len(repeated) // 2]
                 r["repeats_wall_s"] = [t["wall_s"] for t in repeated]
                 runs.append(r)
                 where = ", ".join(f"{k} {v:.2f}" for k, v in r["timing_s"].items())
-                print(f"{r['slide']:28s} {model:8s} {r['mode']:15s} {runtime:5s} {r['pixel_reader']:9s} "
-                      f"{r['tissue_mm2']:.2f} mm^2 tissue, "
+                print(f"{r['slide']:28s} {model:8s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
                       f"{r['tiles']} tiles, {r['nuclei']} nuclei: {r['wall_s']:.2f} s (median of {repeats}), "
                       f"{r['s_per_mm2_tissue']:.2f} s/mm^2, {r['nuclei_per_s']:.0f} nuclei/s, "
                       f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,46 +86,6 @@ def test_real_svs_opens_with_its_pixel_size() -> None:
         assert slide.best_level(0.5) == 0
         region = slide.read_region(-10, 2960, 0, 20, 20)  # reaches outside the slide: white there
         assert region.shape == (20, 20, 3) and (region[7:] == 255).all() and (region[:, :10] == 255).all()
-
-
-@needs_slides
-@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs", "pyramidal.tif"])
-def test_tiffslide_decodes_the_pixels_openslide_would(name: str, small_slide: Path) -> None:
-    """SVS and generic TIFF pixels come from tiffslide (faster); at level 0 they equal OpenSlide's exactly,
-    also when read from several threads at once."""
-    import openslide
-
-    path = small_slide if name == "pyramidal.tif" else SLIDES / name
-    reference = openslide.OpenSlide(str(path))
-    rng = np.random.default_rng(0)
-    with open_slide(path, mpp=0.5) as slide:
-        assert (slide.backend, slide.pixel_reader) == ("openslide", "tiffslide")
-        w, h = slide.dimensions
-        boxes = [(0, 0, w, h)] + [(int(rng.integers(0, w - 300)), int(rng.integers(0, h - 200)), 300, 200)
-                                  for _ in range(8)]
-        with ThreadPoolExecutor(2) as pool:
-            decoded = list(pool.map(lambda box: slide.read_region(*box[:2], 0, *box[2:]), boxes))
-    for (x, y, rw, rh), pixels in zip(boxes, decoded):
-        expected = np.asarray(reference.read_region((x, y), 0, (rw, rh)).convert("RGB"))
-        np.testing.assert_array_equal(pixels, expected)
-    reference.close()
-
-
-def test_openslide_decodes_when_tiffslide_sees_another_grid(small_slide: Path, monkeypatch) -> None:
-    import tiffslide
-
-    monkeypatch.setattr(tiffslide.TiffSlide, "level_dimensions", property(lambda self: ((1, 1),)))
-    with open_slide(small_slide) as slide:
-        assert slide.pixel_reader == "openslide"
-        assert slide.read_region(0, 0, 0, 64, 64).shape == (64, 64, 3)
-
-
-def test_pixel_reader_can_be_openslide(small_slide: Path) -> None:
-    with open_slide(small_slide, pixel_reader="openslide") as slide, open_slide(small_slide) as fast:
-        assert (slide.pixel_reader, fast.pixel_reader) == ("openslide", "tiffslide")
-        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 500, 300), fast.read_region(0, 0, 0, 500, 300))
-    with pytest.raises(ValueError, match="pixel_reader"):
-        open_slide(small_slide, pixel_reader="tiffslide")
 
 
 @needs_slides
@@ -365,10 +324,7 @@ def test_thumbnail_of_a_level_too_large_to_hold_is_read_in_bands(monkeypatch) ->
         banded = slide.thumbnail(700)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    # a few bands of 64 rows at a time, each decoding the rows of 240-px tiles it cuts (at most two tile rows
-    # per reading thread), not the 2220 x 2967 level (12.4 tile rows)
-    tile_row_bytes = 3 * slide.dimensions[0] * 240
-    assert peak < 5 * tile_row_bytes < level_bytes / 2
+    assert peak < level_bytes / 4  # a few bands of 64 rows at a time, not the 2220 x 2967 level
     assert banded.shape == whole.shape
     # box edges that fall exactly on a pixel centre may round the other way in a band: a few rows at most
     rows_differing = (banded != whole).any(axis=(1, 2))

@@ -249,7 +249,7 @@ def predict_slide(
     summary = _assemble(slide, model, grid, chunks, partial, paths, mask, picture, embeddings=embeddings)
     timings["assemble_outputs"] += time.perf_counter()
     summary.update({
-        "slide": {"path": str(slide.path), "backend": slide.backend, "pixel_reader": slide.pixel_reader, "vendor": slide.vendor,
+        "slide": {"path": str(slide.path), "backend": slide.backend, "vendor": slide.vendor,
                   "dimensions": list(slide.dimensions), "levels": [list(d) for d in slide.level_dimensions],
                   "level_read": grid.level, "level_read_mpp": slide.mpp * slide.level_downsamples[grid.level],
                   "level_read_in_memory": in_memory},

@@ -3,13 +3,6 @@
 Readers, tried in this order: OpenSlide (SVS, NDPI, MRXS, SCN, BIF, DICOM, generic tiled TIFF, ...), then
 tiffslide for TIFFs OpenSlide cannot open, then Pillow for plain images (PNG, JPEG, BMP, untiled TIFF).
 
-OpenSlide opens and describes every slide (levels, metadata, pixel size). For the formats where tiffslide reads
-the same pixel grid (Aperio SVS and generic tiled TIFF), tiffslide also decodes the pixels: it slices a level
-directly (tifffile + imagecodecs), where OpenSlide composites each region into premultiplied ARGB first, and
-measured about 4x faster on ../shared/slides/CMU-1-Small-Region.svs with identical level-0 pixels
-(tests/test_slides.py). At levels whose downsample is not a whole number, tiffslide returns the level's own
-pixels, OpenSlide a region re-positioned from level-0 coordinates (up to a pixel apart).
-
 The pixel size comes from ``mpp`` when given (the ``--mpp`` option), else from the file's metadata. When
 neither has it, opening fails with an InputError that says how to pass it: denuc never guesses a pixel size
 from the objective power, because scanners differ (a "20x" scan can be 0.5 or 0.46 um/px).
@@ -33,8 +26,6 @@ from denuc.io.images import read_image
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
-TIFFSLIDE_DECODES = {"aperio", "generic-tiff"}
-"""OpenSlide vendors whose pixels tiffslide decodes (see the module docstring)."""
 PLAUSIBLE_MPP = (0.05, 50.0)
 """Pixel sizes (um/px) outside this range are metadata defaults or errors, not real scans."""
 BAND_ROWS = 512  # large reads are split into bands of this many rows, one band per thread at a time
@@ -57,7 +48,6 @@ class Slide:
     level_downsamples: list[float]
     properties: dict[str, str] = field(default_factory=dict)
     _handle: object = None
-    _decoder: object = None  # a tiffslide handle that decodes the pixels of an OpenSlide-opened slide, or None
     _in_memory: dict[int, np.ndarray] = field(default_factory=dict)  # level -> its decoded pixels
 
     @property
@@ -68,11 +58,6 @@ class Slide:
     @property
     def vendor(self) -> str:
         return self.properties.get("openslide.vendor", self.properties.get("tiffslide.vendor", self.backend))
-
-    @property
-    def pixel_reader(self) -> str:
-        """The library that decodes the pixels: ``backend``, or tiffslide for an OpenSlide-opened SVS/TIFF."""
-        return "tiffslide" if self._decoder is not None else self.backend
 
     def best_level(self, target_mpp: float) -> int:
         """The coarsest level whose pixels are no larger than ``target_mpp`` (never coarser: no lost detail)."""
@@ -161,8 +146,6 @@ class Slide:
     def close(self) -> None:
         if self.backend != "pil":
             self._handle.close()
-        if self._decoder is not None:
-            self._decoder.close()
 
     def __enter__(self) -> "Slide":
         return self
@@ -176,11 +159,6 @@ class Slide:
             return self._in_memory[level][y:y + height, x:x + width]
         if self.backend == "pil":
             return self._handle[y:y + height, x:x + width]
-        if self._decoder is not None:
-            try:  # zarr_group is per thread in tiffslide, so reading threads do not share file handles
-                return self._decoder.zarr_group[str(level)][y:y + height, x:x + width]
-            except Exception as error:  # imagecodecs/zarr raise many types; a corrupt tile is the slide's problem
-                raise InputError(self.path, f"cannot read region ({x}, {y}) of level {level}: {error}") from None
         # Both libraries take the location in level-0 pixels and the size in pixels of the level.
         downsample = self.level_downsamples[level]
         try:
@@ -198,10 +176,8 @@ def _rgb_on_white(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None, pixel_reader: str = "auto") -> Slide:
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     """Open a whole-slide image or a plain image; ``mpp`` (um/px of level 0) overrides the metadata.
-    ``pixel_reader="openslide"`` keeps OpenSlide decoding the pixels of SVS / generic TIFF as well (see the
-    module docstring; ``"auto"`` lets tiffslide decode them).
 
     Raises InputError naming the file when it is missing, unreadable, of an unsupported format, or has no
     pixel size and none was passed.
@@ -226,15 +202,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, pixel_reader: 
                                    "plain PNG, JPEG, TIFF, BMP images)")
         backend, handle, properties, levels = opened
     dimensions, downsamples = levels
-    if pixel_reader not in ("auto", "openslide"):
-        raise ValueError(f"pixel_reader must be 'auto' or 'openslide', got {pixel_reader!r}")
-    decoder = (_tiffslide_decoder(path, dimensions)
-               if pixel_reader == "auto" and properties.get("openslide.vendor") in TIFFSLIDE_DECODES else None)
     if mpp is not None:
         mpp_used, source = float(mpp), "--mpp"
     else:
         mpp_used, source = _metadata_mpp(path, properties)
-    return Slide(path, backend, mpp_used, source, dimensions, downsamples, properties, handle, decoder)
+    return Slide(path, backend, mpp_used, source, dimensions, downsamples, properties, handle)
 
 
 def _open_openslide(path: Path):
@@ -261,29 +233,6 @@ def _open_tiffslide(path: Path):
     except Exception:  # tiffslide has no error hierarchy of its own; Pillow gets the next try
         return None
     return "tiffslide", handle, {k: str(v) for k, v in handle.properties.items() if v is not None}, levels
-
-
-def _tiffslide_decoder(path: Path, dimensions: list[tuple[int, int]]):
-    """tiffslide over an OpenSlide-opened file, to decode its pixels, if it sees the same levels as plain RGB
-    arrays (one series, no composition of several); else None and OpenSlide decodes."""
-    import tiffslide
-
-    try:
-        handle = tiffslide.TiffSlide(str(path))
-    except Exception:  # tiffslide has no error hierarchy of its own; OpenSlide reads the pixels then
-        return None
-    try:
-        group = handle.zarr_group
-        same = ([tuple(d) for d in handle.level_dimensions] == dimensions
-                and "tiffslide.series-composition" not in group.attrs
-                and all(group[str(k)].shape == (h, w, 3) and group[str(k)].dtype == np.uint8
-                        for k, (w, h) in enumerate(dimensions)))
-    except Exception:
-        same = False
-    if not same:
-        handle.close()
-        return None
-    return handle
 
 
 def _open_pil(path: Path):
