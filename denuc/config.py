@@ -20,6 +20,9 @@ class DetectorConfig:
     backbone: str = "shufflenet_v2_x0_5"  # shufflenet_v2_x{0_5,1_0,1_5,2_0} or resnet50
     neck_channels: int = 64
     head_convs: int = 3
+    # the head's 3x3 convs depthwise-separable (depthwise 3x3 + pointwise 1x1, as in NanoDet's head): 0.70x the
+    # 0.5x network's time with ONNX Runtime on this CPU, measured with random weights (DETECTOR_CARD.md)
+    head_separable: bool = False
     head_stride: int = 8  # the paper's grid; a stride-4 head measured less accurate and 3x slower (DETECTOR_CARD.md)
     mpp: float = 0.5  # working resolution (um/px): inputs are resampled to it
     score_threshold: float = 0.5
@@ -37,6 +40,12 @@ class DetectorConfig:
         if self.tile_size % 32 or self.tile_overlap % 32 or not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"tile_size ({self.tile_size}) and tile_overlap ({self.tile_overlap}) must be "
                              "multiples of 32 with overlap < tile size")
+
+    def architecture(self) -> str:
+        """What fixes the weights' shapes and meaning, in words (thresholds and tiling are not part of it)."""
+        return (f"{self.backbone} (neck {self.neck_channels} ch, {self.head_convs} "
+                f"{'separable ' if self.head_separable else ''}head convs, head stride {self.head_stride}, "
+                f"{self.mpp} um/px)")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -39,6 +39,24 @@ def test_parameter_counts_grow_with_width() -> None:
     assert 0.2e6 < counts[0] < 0.4e6  # the paper's 0.3M for the 0.5x detector
 
 
+@pytest.mark.parametrize("stride", [4, 8])
+def test_separable_head_same_outputs_fewer_parameters(stride: int, tmp_path: Path) -> None:
+    plain = PointDetector(DetectorConfig(head_stride=stride))
+    separable = PointDetector(DetectorConfig(head_stride=stride, head_separable=True)).eval()
+    head_convs = [m for m in separable.head.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert head_convs and all(m.groups == m.in_channels == 64 for m in head_convs)  # every 3x3 conv depthwise
+    assert count_parameters(separable) < count_parameters(plain) - 80_000  # 3 or 4 of 36.9k-weight convs, ~5k each
+    with torch.inference_mode():
+        logits, points = separable(torch.rand(2, 3, 64, 96) * 255)
+    assert logits.shape == points.shape == (2, (64 // stride) * (96 // stride), 2)
+    Detector(separable).save(tmp_path / "separable.safetensors")
+    loaded = Detector.from_pretrained(tmp_path / "separable.safetensors")
+    assert loaded.config.head_separable and "separable head convs" in loaded.config.architecture()
+    with torch.inference_mode():
+        np.testing.assert_array_equal(loaded.model(torch.full((1, 3, 64, 64), 120.0))[0].numpy(),
+                                      separable(torch.full((1, 3, 64, 64), 120.0))[0].numpy())
+
+
 def test_anchors_sit_at_cell_centres() -> None:
     model = PointDetector(DetectorConfig(head_stride=8))
     anchors = model.anchors(2, 3)
@@ -296,6 +314,8 @@ def test_initial_model_from_a_detector_or_an_imagenet_checkpoint(tmp_path: Path)
     with pytest.raises(InputError, match="det.safetensors.*shufflenet_v2_x0_5"):  # another architecture: refused
         initial_model(replace(cfg, model=DetectorConfig(backbone="shufflenet_v2_x1_0"),
                               init=str(tmp_path / "det.safetensors")))
+    with pytest.raises(InputError, match="3 head convs.*asks for .*3 separable head convs"):
+        initial_model(replace(cfg, model=DetectorConfig(head_separable=True), init=str(tmp_path / "det.safetensors")))
 
     imagenet = torchvision.models.shufflenet_v2_x0_5(weights=None)
     torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")

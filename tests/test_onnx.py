@@ -17,9 +17,10 @@ pytest.importorskip("onnxruntime")
 SCORE_ATOL, POINT_ATOL = 1e-4, 1e-3
 
 
-def random_detector(head_stride: int, seed: int = 0) -> PointDetector:
+def random_detector(head_stride: int, separable: bool = False, seed: int = 0) -> PointDetector:
     torch.manual_seed(seed)
-    model = PointDetector(DetectorConfig(head_stride=head_stride, score_threshold=0.5)).eval()
+    model = PointDetector(DetectorConfig(head_stride=head_stride, head_separable=separable,
+                                         score_threshold=0.5)).eval()
     # random init leaves the offset head at zero, BN statistics at identity and scores near 0.5: perturb them
     # so the test covers non-trivial offsets, scores and folded batch norms
     with torch.no_grad():
@@ -32,16 +33,21 @@ def random_detector(head_stride: int, seed: int = 0) -> PointDetector:
     return model
 
 
-@pytest.fixture(scope="module", params=[8, 4], ids=["stride8", "stride4"])
+@pytest.fixture(scope="module", params=[(8, False), (4, False), (8, True)],
+                ids=["stride8", "stride4", "stride8-separable"])
 def onnx(request) -> Detector:
-    # one export per head stride for the module: it takes seconds
-    return make_detector(random_detector(request.param), runtime="onnx")
+    # one export per head for the module: it takes seconds
+    return make_detector(random_detector(*request.param), runtime="onnx")
+
+
+def reference_for(onnx: Detector) -> Detector:
+    return Detector(random_detector(onnx.config.head_stride, onnx.config.head_separable))
 
 
 @pytest.mark.parametrize("shape", [(2, 256, 256), (1, 96, 160)])
 def test_onnx_matches_torch(onnx: Detector, shape: tuple[int, int, int]) -> None:
     tiles = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    reference = Detector(random_detector(onnx.config.head_stride))
+    reference = reference_for(onnx)
     scores, points = (t.numpy() for t in reference.forward(tiles))
     onnx_scores, onnx_points = (t.numpy() for t in onnx.forward(tiles))
     assert onnx_scores.shape == scores.shape and onnx_points.shape == points.shape
@@ -52,7 +58,7 @@ def test_onnx_matches_torch(onnx: Detector, shape: tuple[int, int, int]) -> None
 
 def test_onnx_detections_match_torch(onnx: Detector) -> None:
     tiles = np.random.default_rng(2).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
-    reference = Detector(random_detector(onnx.config.head_stride))
+    reference = reference_for(onnx)
     scores = np.sort(reference.forward(tiles)[0].numpy().ravel())
     # a threshold in a gap wider than the tolerance near the median, so no point may fall either side of it;
     # NMS off: with random weights many neighbours' scores differ by less than the tolerance, and the NMS

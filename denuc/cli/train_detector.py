@@ -17,6 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          run_dir_help="checkpoints, logs and the trained model go here")
     p.add_argument("--backbone", help=f"shufflenet_v2_x{{0_5,1_0,1_5,2_0}} or resnet50 (default: {model.backbone})")
     p.add_argument("--head-stride", type=int, choices=(4, 8), help=f"(default: {model.head_stride})")
+    p.add_argument("--head-separable", action="store_const", const=True,
+                   help="depthwise-separable 3x3 convs in the head: a faster network (DETECTOR_CARD.md)")
     p.add_argument("--mpp", type=float, help=f"working resolution of the model in um/px (default: {model.mpp})")
     p.add_argument("--init", help="fine-tune: start from this detector (a shipped name such as 'default', or a "
                                   ".safetensors file); the model's architecture and pixel size are its own")
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from denuc.errors import InputError
 
     architecture = {k: v for k, v in (("backbone", args.backbone), ("head_stride", args.head_stride),
-                                      ("mpp", args.mpp)) if v is not None}
+                                      ("head_separable", args.head_separable), ("mpp", args.mpp)) if v is not None}
     if args.init is not None:
         if architecture:
             raise InputError("--init", f"a fine-tuned model keeps the architecture of {args.init}: "

@@ -159,11 +159,8 @@ def initial_model(cfg: DetectorTrainConfig) -> PointDetector:
     if cfg.init is not None:
         start = Detector.from_pretrained(cfg.init).model
         ours, theirs = cfg.model, start.config
-        if (ours.backbone, ours.head_stride, ours.neck_channels, ours.head_convs, ours.mpp) != (
-                theirs.backbone, theirs.head_stride, theirs.neck_channels, theirs.head_convs, theirs.mpp):
-            raise InputError(cfg.init, f"is a {theirs.backbone} detector (head stride {theirs.head_stride}, "
-                                       f"{theirs.mpp} um/px); the run asks for {ours.backbone} (head stride "
-                                       f"{ours.head_stride}, {ours.mpp} um/px)")
+        if ours.architecture() != theirs.architecture():
+            raise InputError(cfg.init, f"is a {theirs.architecture()} detector; the run asks for {ours.architecture()}")
         model.load_state_dict(start.state_dict())
     return model
 

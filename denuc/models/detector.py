@@ -29,9 +29,19 @@ BACKBONES = {
 }
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int | None = None, kernel: int = 3) -> nn.Sequential:
+    cout = cin if cout is None else cout
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+def _separable_conv_bn_relu(channels: int) -> nn.Sequential:
+    """A 3x3 depthwise conv then a 1x1 pointwise conv, each with BN + ReLU: about an eighth of a full 3x3
+    conv's arithmetic at 64 channels."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True), _conv_bn_relu(channels, channels, 1),
     )
 
 
@@ -92,15 +102,17 @@ class PointHead(nn.Module):
     (running all convs at stride 4 measured 1.8x slower in training).
     """
 
-    def __init__(self, channels: int, num_convs: int, stride: int, stem_channels: int) -> None:
+    def __init__(self, channels: int, num_convs: int, stride: int, stem_channels: int,
+                 separable: bool = False) -> None:
         super().__init__()
         if stride not in (4, 8):
             raise ValueError(f"head stride must be 4 or 8, got {stride}")
         self.stride = stride
-        self.convs = nn.Sequential(*[_conv_bn_relu(channels, channels) for _ in range(num_convs)])
+        conv = _separable_conv_bn_relu if separable else _conv_bn_relu
+        self.convs = nn.Sequential(*[conv(channels) for _ in range(num_convs)])
         if stride == 4:
             self.fine_lateral = _conv_bn_relu(stem_channels, channels, 1)
-            self.fine_conv = _conv_bn_relu(channels, channels)
+            self.fine_conv = conv(channels)
         self.logits = nn.Conv2d(channels, 2, 1)
         self.offsets = nn.Conv2d(channels, 2, 1)
         nn.init.zeros_(self.offsets.weight)
@@ -132,7 +144,8 @@ class PointDetector(nn.Module):
         self.config = config
         self.backbone = Backbone(config.backbone, imagenet_weights)
         self.neck = PAN(self.backbone.channels[1:], config.neck_channels)
-        self.head = PointHead(config.neck_channels, config.head_convs, config.head_stride, self.backbone.channels[0])
+        self.head = PointHead(config.neck_channels, config.head_convs, config.head_stride, self.backbone.channels[0],
+                              config.head_separable)
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1) * 255, persistent=False)
 
