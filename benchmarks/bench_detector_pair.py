@@ -1,10 +1,11 @@
 """Two detectors timed side by side on the same BRCAM2C test images (two working resolutions, two widths, ...).
 
-    python benchmarks/bench_detector_pair.py MODEL_A MODEL_B [--images 10] [--repeats 3]
+    python benchmarks/bench_detector_pair.py MODEL_A MODEL_B [--images 10] [--repeats 3] [--runtime onnx]
         --out benchmarks/results/NAME.json
 
 Each detector gets the images at their native 0.5 um/px and resamples them to its own working resolution, as a
-user's call would (so a 0.25 um/px model pays for the upsampling too). PyTorch, the process's default threads;
+user's call would (so a 0.25 um/px model pays for the upsampling too). PyTorch (or ONNX Runtime with
+``--runtime onnx``), the process's default threads;
 models alternate within each round; the median round is reported, with seconds per mm^2 of image.
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("models", nargs=2)
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -39,7 +41,7 @@ def main() -> None:
     mpp = samples[0].nuclei.mpp
     images = [np.asarray(Image.open(s.image_path).convert("RGB")) for s in samples]
     mm2 = sum(im.shape[0] * im.shape[1] for im in images) * (mpp * 1e-3) ** 2
-    detectors = {name: Detector.from_pretrained(name) for name in args.models}
+    detectors = {name: Detector.from_pretrained(name, runtime=args.runtime) for name in args.models}
     for detector in detectors.values():
         detector.detect(images[0], mpp=mpp)  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in detectors}
@@ -49,7 +51,8 @@ def main() -> None:
             for image in images:
                 detector.detect(image, mpp=mpp)
             seconds[name].append(time.perf_counter() - begin)
-    results = {"images": len(images), "image_mm2": mm2, "input_mpp": mpp, "torch": torch.__version__,
+    results = {"images": len(images), "image_mm2": mm2, "input_mpp": mpp, "runtime": args.runtime,
+               "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "models": {}}
     for name, detector in detectors.items():
         median = statistics.median(seconds[name])
