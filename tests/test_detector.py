@@ -40,7 +40,7 @@ def test_parameter_counts_grow_with_width() -> None:
 
 
 @pytest.mark.parametrize("stride", [4, 8])
-def test_separable_head_same_outputs_fewer_parameters(stride: int, tmp_path: Path) -> None:
+def test_separable_head_shapes_parameters_and_round_trip(stride: int, tmp_path: Path) -> None:
     plain = PointDetector(DetectorConfig(head_stride=stride))
     separable = PointDetector(DetectorConfig(head_stride=stride, head_separable=True)).eval()
     head_convs = [m for m in separable.head.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
