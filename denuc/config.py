@@ -95,6 +95,7 @@ class DetectorTrainConfig:
     background_weight: float = 0.5
     scale_jitter: float = 0.1  # crops rescaled by a factor in [1 - j, 1 + j]
     color_jitter: float = 0.1  # brightness / contrast / saturation / stain (HED) perturbation strength
+    ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     seed: int = 0
     threads: int = 0  # 0: torch's default
     init: str | None = None  # fine-tuning: start from this denuc detector (file or shipped name), not random

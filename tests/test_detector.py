@@ -272,17 +272,34 @@ def test_detect_needs_pixel_size() -> None:
 
 
 @needs_brcam2c
-def test_resume_gives_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_resume_gives_identical_weights(tmp_path: Path, ema_decay: float | None) -> None:
     cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=2, iters_per_epoch=2,
-                              batch_size=2, crop_size=128, warmup_iters=1)
+                              batch_size=2, crop_size=128, warmup_iters=1, ema_decay=ema_decay)
     train_detector(cfg, tmp_path / "straight", progress=False)
     train_detector(cfg, tmp_path / "resumed", progress=False, epochs_this_run=1)  # "dies" after epoch 1
     train_detector(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    names = ["model"] if ema_decay is None else ["model", "ema"]
+    assert set(names) <= set(a) and ("ema" in a) == (ema_decay is not None)
+    for name in names:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+@needs_brcam2c
+def test_ema_is_what_is_validated_and_saved(tmp_path: Path) -> None:
+    cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=1, iters_per_epoch=3,
+                              batch_size=2, crop_size=128, warmup_iters=1, ema_decay=0.5)
+    best = Detector.from_pretrained(train_detector(cfg, tmp_path, progress=False)).model.state_dict()
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    raw, ema = state["model"], {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    assert state["ema"]["n_averaged"] == 3  # one update per iteration
+    for key in raw:
+        assert torch.equal(best[key], ema[key]), key
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the average lags the raw weights
 
 
 @needs_brcam2c

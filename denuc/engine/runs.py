@@ -41,10 +41,10 @@ AFTER_TRAINING = {"offsets"}
 """Config keys that only act once training has ended (they do not bind a resumed run)."""
 
 
-def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def resume(run_dir: Path, config: dict, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
            scheduler, rng: np.random.Generator) -> tuple[int, float, list[dict]]:
-    """Restore the state saved by ``save_epoch`` in ``run_dir`` (weights under ``name``); returns (first epoch
-    to run, best validation score so far, history). With no checkpoint: (0, -1.0, [])."""
+    """Restore the state saved by ``save_epoch`` in ``run_dir`` (each module's weights under its key); returns
+    (first epoch to run, best validation score so far, history). With no checkpoint: (0, -1.0, [])."""
     path = run_dir / "last.pt"
     if not path.exists():
         return 0, -1.0, []
@@ -55,7 +55,8 @@ def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optim
     differing = sorted(k for k in (set(saved) | set(config)) - AFTER_TRAINING if saved.get(k) != config.get(k))
     if differing:
         raise ValueError(f"{path}: was trained with another config (differs in {differing}); resume needs the same one")
-    model.load_state_dict(checkpoint[name])
+    for name, module in modules.items():
+        module.load_state_dict(checkpoint[name])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     rng.bit_generator.state = checkpoint["rng"]["numpy"]
@@ -63,12 +64,13 @@ def resume(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optim
     return checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["history"]
 
 
-def save_epoch(run_dir: Path, config: dict, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler, rng: np.random.Generator, epoch: int, best: float, history: list[dict],
-               progress: bool) -> None:
-    """Write ``last.pt`` (the resumable state, weights under ``name``) and the history as ``log.json`` and
-    ``log.csv``; print the epoch's row when ``progress``."""
-    state = {name: model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+def save_epoch(run_dir: Path, config: dict, modules: dict[str, torch.nn.Module],
+               optimizer: torch.optim.Optimizer, scheduler, rng: np.random.Generator, epoch: int, best: float,
+               history: list[dict], progress: bool) -> None:
+    """Write ``last.pt`` (the resumable state, each module's weights under its key) and the history as
+    ``log.json`` and ``log.csv``; print the epoch's row when ``progress``."""
+    state = {**{name: module.state_dict() for name, module in modules.items()},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}, "epoch": epoch,
              "best": best, "history": history, "config": config}
     with atomic_path(run_dir / "last.pt") as tmp:

@@ -270,7 +270,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     schedule_cfg.iters_per_epoch = steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule_cfg))
 
-    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "classifier", classifier, optimizer,
+    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), {"classifier": classifier}, optimizer,
                                               scheduler, rng) if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 
@@ -317,7 +317,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             Pipeline(detector, copy.deepcopy(chosen)).save(
                 run_dir / "best.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
                                                                "train_config": cfg.to_dict()})
-        runs.save_epoch(run_dir, cfg.to_dict(), "classifier", classifier, optimizer, scheduler, rng, epoch, best,
+        runs.save_epoch(run_dir, cfg.to_dict(), {"classifier": classifier}, optimizer, scheduler, rng, epoch, best,
                         history, progress)
     if stop < cfg.epochs:
         return run_dir / "best.safetensors"

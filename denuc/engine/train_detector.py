@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from denuc.config import DetectorTrainConfig
@@ -175,13 +176,16 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     model = initial_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng)
+    modules: dict[str, torch.nn.Module] = {"model": model}
+    if cfg.ema_decay is not None:  # validation and the saved models use the running average of the weights
+        modules["ema"] = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 
     train = [TrainImage(name, image, nuclei.xy) for name, image, nuclei in load_split(cfg, "train")]
     val = load_split(cfg, "val")
-    detector = Detector(model)
+    detector = Detector(modules["ema"].module if "ema" in modules else model)
     stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
     for epoch in range(start_epoch, stop):
         model.train()
@@ -201,11 +205,13 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if "ema" in modules:
+                modules["ema"].update_parameters(model)
             sums["loss"] += loss.item()
             sums["cls"] += parts["cls"]
             sums["coord"] += parts["coord"]
             bar.set_postfix(loss=f"{loss.item():.4f}", cls=f"{parts['cls']:.4f}", coord=f"{parts['coord']:.4f}")
-        model.eval()
+        detector.model.eval()
         val_f1 = validate(detector, val) if val else {"mean": float("nan")}
         row = {"epoch": epoch + 1, **{k: v / cfg.iters_per_epoch for k, v in sums.items()},
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
@@ -214,8 +220,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
         if val_f1["mean"] > best or not val:
             best = val_f1["mean"]
             detector.save(run_dir / "best.safetensors", {"epoch": epoch + 1, "val_f1": val_f1})
-        runs.save_epoch(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng, epoch, best, history,
-                        progress)
+        runs.save_epoch(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng, epoch, best, history, progress)
     return run_dir / "best.safetensors"
 
 

@@ -116,7 +116,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
     detection_cfg = DetectorTrainConfig(model=model.detector.config)  # the detector's loss settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng)
+    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), {"model": model}, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
     train, val = joint_items(cfg, "train"), joint_items(cfg, "val")
@@ -158,7 +158,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
         if val_f1["mean"] > best:
             best = val_f1["mean"]
             model.save(run_dir / "best.safetensors", {"epoch": epoch + 1, "val_f1": val_f1})
-        runs.save_epoch(run_dir, cfg.to_dict(), "model", model, optimizer, scheduler, rng, epoch, best, history,
+        runs.save_epoch(run_dir, cfg.to_dict(), {"model": model}, optimizer, scheduler, rng, epoch, best, history,
                         progress)
     return run_dir / "best.safetensors"
 
