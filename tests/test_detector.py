@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -307,7 +308,10 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
     from denuc.cli import main
 
     assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path), "--epochs", "1",
-                 "--iters-per-epoch", "2", "--batch-size", "2", "--crop-size", "128", "--quiet"]) == 0
+                 "--iters-per-epoch", "2", "--batch-size", "2", "--crop-size", "128", "--quiet",
+                 "--color-jitter", "0.2", "--scale-jitter", "0.05", "--ema-decay", "0.9"]) == 0
+    recipe = json.loads((tmp_path / "config.json").read_text())
+    assert (recipe["color_jitter"], recipe["scale_jitter"], recipe["ema_decay"]) == (0.2, 0.05, 0.9)
     detector = Detector.from_pretrained(tmp_path / "model.safetensors")
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)

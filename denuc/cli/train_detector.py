@@ -22,6 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=float, help=f"working resolution of the model in um/px (default: {model.mpp})")
     p.add_argument("--init", help="fine-tune: start from this detector (a shipped name such as 'default', or a "
                                   ".safetensors file); the model's architecture and pixel size are its own")
+    p.add_argument("--color-jitter", type=float, default=train.color_jitter,
+                   help="strength of the stain (HED), brightness and contrast jitter")
+    p.add_argument("--scale-jitter", type=float, default=train.scale_jitter,
+                   help="crops are rescaled by a random factor in [1 - j, 1 + j]")
     p.add_argument("--ema-decay", type=float, help="validate and save an exponential moving average of the "
                                                     "weights with this decay per iteration, e.g. 0.998 (default: off)")
     p.add_argument("--backbone-weights", help="an ImageNet checkpoint (state dict) of the torchvision backbone, "
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
         crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
         init=args.init, backbone_weights=args.backbone_weights, ema_decay=args.ema_decay,
+        color_jitter=args.color_jitter, scale_jitter=args.scale_jitter,
     )
     best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
     chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors")

@@ -1,0 +1,89 @@
+"""Stain shift: detection F1 when each image is re-stained to another lab's colours, side by side with the originals.
+
+    python benchmarks/bench_stain_shift.py [--model default] [--split val] [--runtime onnx]
+                                           [--out benchmarks/results/stain_shift.json]
+
+A proxy for slides from a lab the model never saw: every image of ``--split`` is re-stained by Reinhard's
+colour transfer (per-channel mean and standard deviation of its tissue pixels in CIELAB, L < 90, matched to a
+target's) to (a) the other dataset's train split and (b) ../shared/slides/CMU-1-Small-Region.svs (Carnegie
+Mellon, another scanner and lab), then detected at the model's own threshold and NMS radius. Reports detection
+precision / recall / F1 per dataset and target (`denuc` protocol, 3 um). Re-staining keeps the nuclei where they
+are, so the ground truth is unchanged. Needs the `bench` extra (scikit-image) and OpenSlide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import openslide
+import torch
+from skimage.color import lab2rgb, rgb2lab
+
+from bench_detection import DATASETS
+from denuc.datasets import get_dataset
+from denuc.engine.detect import Detector
+from denuc.engine.evaluate import evaluate
+from denuc.io.atomic import write_json
+from denuc.io.images import read_image
+
+SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
+TRAIN_IMAGES_FOR_STATISTICS = 30
+
+
+def tissue_statistics(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of L, a, b over the tissue pixels (L < 90: not white background)."""
+    pixels = np.concatenate([lab[lab[..., 0] < 90] for lab in map(rgb2lab, images)])
+    return pixels.mean(0), pixels.std(0)
+
+
+def restain(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: tuple[np.ndarray, np.ndarray]
+            ) -> np.ndarray:
+    """Reinhard colour transfer of ``image`` (whose tissue statistics are ``source``) to ``target``'s."""
+    lab = (rgb2lab(image) - source[0]) / source[1] * target[1] + target[0]
+    return (np.clip(lab2rgb(lab), 0, 1) * 255).round().astype(np.uint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--runtime", default="onnx", choices=("torch", "onnx"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stain_shift.json")
+    args = parser.parse_args()
+
+    detector = Detector.from_pretrained(args.model, runtime=args.runtime)
+    targets = {}
+    for name, root in DATASETS.items():
+        train = list(get_dataset(name, root).samples("train"))[:TRAIN_IMAGES_FOR_STATISTICS]
+        targets[f"{name} train"] = tissue_statistics([read_image(s.image_path) for s in train])
+    slide = openslide.OpenSlide(SLIDE)
+    targets[SLIDE.stem] = tissue_statistics([np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))])
+
+    results = {"model": str(args.model), "config": json.loads(detector.config.to_json()), "split": args.split,
+               "runtime": args.runtime, "radius_um": 3.0, "protocol": "denuc", "torch": torch.__version__,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+               "target_statistics": {k: {"mean_lab": m.tolist(), "std_lab": s.tolist()} for k, (m, s) in targets.items()},
+               "datasets": {}}
+    for name, root in DATASETS.items():
+        samples = list(get_dataset(name, root).samples(args.split))
+        images = [read_image(s.image_path) for s in samples]
+        own = tissue_statistics(images)  # the split's own colours: one transfer for all its images
+        rows = {}
+        for target in ["original", *(t for t in targets if not t.startswith(name))]:
+            pairs = [(s.name, detector.detect(image if target == "original" else restain(image, own, targets[target]),
+                                              mpp=s.nuclei.mpp), s.nuclei) for s, image in zip(samples, images)]
+            det = evaluate(pairs, radius_um=3.0).detection
+            rows[target] = {"images": len(pairs), "precision": det.precision, "recall": det.recall, "f1": det.f1}
+            print(f"{name} {args.split} -> {target}: P {det.precision:.3f} R {det.recall:.3f} F1 {det.f1:.3f} "
+                  f"({det.f1 - rows['original']['f1']:+.3f})", flush=True)
+        results["datasets"][name] = rows
+    write_json(args.out, results)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
