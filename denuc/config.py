@@ -94,7 +94,7 @@ class DetectorTrainConfig:
     coord_loss_weight: float = 5e-3
     background_weight: float = 0.5
     scale_jitter: float = 0.1  # crops rescaled by a factor in [1 - j, 1 + j]
-    color_jitter: float = 0.1  # brightness / contrast / saturation / stain (HED) perturbation strength
+    color_jitter: float = 0.1  # stain (HED), brightness and contrast perturbation strength
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     seed: int = 0
     threads: int = 0  # 0: torch's default
