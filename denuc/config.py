@@ -101,6 +101,13 @@ class DetectorTrainConfig:
     init: str | None = None  # fine-tuning: start from this denuc detector (file or shipped name), not random
     backbone_weights: str | None = None  # an ImageNet checkpoint of the torchvision backbone, loaded strictly
 
+    def __post_init__(self) -> None:
+        for name in ("color_jitter", "scale_jitter"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -316,6 +316,9 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
     assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
+    for bad in (["--ema-decay", "1.5"], ["--color-jitter", "-0.1"], ["--scale-jitter", "1"]):
+        assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path / "x"), *bad]) == 2
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made
     twice = ["--dataset", f"brcam2c={BRCAM2C}"] * 2
     assert main(["train-detector", *twice, "--run-dir", str(tmp_path / "twice")]) == 2
 

@@ -47,13 +47,17 @@ def run(args: argparse.Namespace) -> int:
         model = Detector.from_pretrained(args.init).config
     else:
         model = DetectorConfig(**architecture)
-    cfg = DetectorTrainConfig(
-        datasets=dataset_specs(args.dataset), model=model,
-        epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
-        crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
-        init=args.init, backbone_weights=args.backbone_weights, ema_decay=args.ema_decay,
-        color_jitter=args.color_jitter, scale_jitter=args.scale_jitter,
-    )
+    specs = dataset_specs(args.dataset)
+    try:
+        cfg = DetectorTrainConfig(
+            datasets=specs, model=model,
+            epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
+            crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr,
+            weight_decay=args.weight_decay, init=args.init, backbone_weights=args.backbone_weights,
+            ema_decay=args.ema_decay, color_jitter=args.color_jitter, scale_jitter=args.scale_jitter,
+        )
+    except ValueError as error:
+        raise InputError("options", str(error)) from None
     best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
     chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors")
     print(f"model: {args.run_dir / 'model.safetensors'} (validation: {chosen})")
