@@ -95,6 +95,9 @@ class DetectorTrainConfig:
     background_weight: float = 0.5
     scale_jitter: float = 0.1  # crops rescaled by a factor in [1 - j, 1 + j]
     color_jitter: float = 0.1  # stain (HED), brightness and contrast perturbation strength
+    # probability that a crop is first re-stained to a virtual template drawn from the training images' CIELAB
+    # statistics (RandStainNA; 0: off)
+    randstainna: float = 0.0
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     seed: int = 0
     threads: int = 0  # 0: torch's default
@@ -105,6 +108,8 @@ class DetectorTrainConfig:
         for name in ("color_jitter", "scale_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.randstainna <= 1:
+            raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 

@@ -273,10 +273,11 @@ def test_detect_needs_pixel_size() -> None:
 
 
 @needs_brcam2c
-@pytest.mark.parametrize("ema_decay", [None, 0.5])
-def test_resume_gives_identical_weights(tmp_path: Path, ema_decay: float | None) -> None:
+@pytest.mark.parametrize("ema_decay, randstainna", [(None, 0.0), (0.5, 0.0), (None, 0.5)])
+def test_resume_gives_identical_weights(tmp_path: Path, ema_decay: float | None, randstainna: float) -> None:
     cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=2, iters_per_epoch=2,
-                              batch_size=2, crop_size=128, warmup_iters=1, ema_decay=ema_decay)
+                              batch_size=2, crop_size=128, warmup_iters=1, ema_decay=ema_decay,
+                              randstainna=randstainna)
     train_detector(cfg, tmp_path / "straight", progress=False)
     train_detector(cfg, tmp_path / "resumed", progress=False, epochs_this_run=1)  # "dies" after epoch 1
     train_detector(cfg, tmp_path / "resumed", resume=True, progress=False)
@@ -309,14 +310,17 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
 
     assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path), "--epochs", "1",
                  "--iters-per-epoch", "2", "--batch-size", "2", "--crop-size", "128", "--quiet",
-                 "--color-jitter", "0.2", "--scale-jitter", "0.05", "--ema-decay", "0.9"]) == 0
+                 "--color-jitter", "0.2", "--scale-jitter", "0.05", "--ema-decay", "0.9", "--randstainna", "0.5"]) == 0
     recipe = json.loads((tmp_path / "config.json").read_text())
-    assert (recipe["color_jitter"], recipe["scale_jitter"], recipe["ema_decay"]) == (0.2, 0.05, 0.9)
+    assert (recipe["color_jitter"], recipe["scale_jitter"], recipe["ema_decay"], recipe["randstainna"]) == (
+        0.2, 0.05, 0.9, 0.5)
+    templates = json.loads((tmp_path / "stain_templates.json").read_text())  # what the crops were re-stained to
+    assert np.array(templates["centre"]).shape == (2, 3) and templates["template_spread"] == 0.7
     detector = Detector.from_pretrained(tmp_path / "model.safetensors")
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
     assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
-    for bad in (["--ema-decay", "1.5"], ["--color-jitter", "-0.1"], ["--scale-jitter", "1"]):
+    for bad in (["--ema-decay", "1.5"], ["--color-jitter", "-0.1"], ["--scale-jitter", "1"], ["--randstainna", "2"]):
         assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path / "x"), *bad]) == 2
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
     twice = ["--dataset", f"brcam2c={BRCAM2C}"] * 2

@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                   ".safetensors file); the model's architecture and pixel size are its own")
     p.add_argument("--color-jitter", type=float, default=train.color_jitter,
                    help="strength of the stain (HED), brightness and contrast jitter")
+    p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
+                   help="probability that a crop is re-stained to a template drawn from the training images' "
+                        "CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
     p.add_argument("--scale-jitter", type=float, default=train.scale_jitter,
                    help="crops are rescaled by a random factor in [1 - j, 1 + j]")
     p.add_argument("--ema-decay", type=float, help="validate and save an exponential moving average of the "
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr,
             weight_decay=args.weight_decay, init=args.init, backbone_weights=args.backbone_weights,
             ema_decay=args.ema_decay, color_jitter=args.color_jitter, scale_jitter=args.scale_jitter,
+            randstainna=args.randstainna,
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None

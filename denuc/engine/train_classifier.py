@@ -46,7 +46,8 @@ from denuc.engine.pipeline import Pipeline, model_file
 from denuc.engine import runs
 from denuc.errors import InputError
 from denuc.engine.runs import lr_factor
-from denuc.engine.train_detector import color_jitter, load_split
+from denuc.engine.stain import color_jitter
+from denuc.engine.train_detector import load_split
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
 

@@ -22,6 +22,7 @@ import denuc.datasets as datasets
 from denuc.engine import runs
 from denuc.engine.detect import Detector, point_nms
 from denuc.engine.runs import lr_factor
+from denuc.engine.stain import StainTemplates, color_jitter
 from denuc.errors import InputError
 import denuc.engine.evaluate as evaluation
 from denuc.io.images import read_image, resample
@@ -53,27 +54,10 @@ def load_split(config: DetectorTrainConfig, split: str) -> list[tuple[str, np.nd
 
 # ---------------------------------------------------------------------------------------------- augmentation
 
-# Ruifrok & Johnston's H&E-DAB stain vectors, as in scikit-image's rgb2hed: stain jitter perturbs each
-# stain's optical density, which mimics scanner and staining variation better than RGB jitter alone.
-_HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
-_RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB)
-
-
-def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Stain (HED optical density) scale/shift, then brightness and contrast; float32 RGB 0-255 in and out."""
-    od = -np.log(np.clip(crop, 1.0, 255.0) / 255.0)
-    hed = od @ _HED_FROM_RGB
-    hed = hed * rng.uniform(1 - strength, 1 + strength, 3) + rng.uniform(-strength, strength, 3) * 0.05
-    rgb = 255.0 * np.exp(-np.clip(hed @ _RGB_FROM_HED, 0, None))
-    rgb = rgb * rng.uniform(1 - strength, 1 + strength) + rng.uniform(-strength, strength) * 64
-    mean = rgb.mean()
-    rgb = (rgb - mean) * rng.uniform(1 - strength, 1 + strength) + mean
-    return np.clip(rgb, 0, 255).astype(np.float32)
-
-
-def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """A random ``size`` x ``size`` crop, scale-jittered, flipped, rotated and colour-jittered, with its points."""
+def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.random.Generator,
+                templates: StainTemplates | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``size`` x ``size`` crop, scale-jittered, flipped, rotated and colour-jittered, with its points;
+    re-stained first with probability ``cfg.randstainna`` to a template drawn from ``templates``."""
     scale = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
     h, w = item.image.shape[:2]
     src = min(int(round(size / scale)), h, w)
@@ -88,6 +72,8 @@ def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.r
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
+    if templates is not None and rng.random() < cfg.randstainna:
+        crop = templates.apply(crop, rng)
     if cfg.color_jitter > 0:
         crop = color_jitter(crop, cfg.color_jitter, rng)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2)
@@ -184,6 +170,10 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 
     train = [TrainImage(name, image, nuclei.xy) for name, image, nuclei in load_split(cfg, "train")]
+    templates = None
+    if cfg.randstainna > 0:  # fitted to all train images (every dataset), the same on resume
+        templates = StainTemplates.fit([item.image for item in train])
+        runs.write_json(run_dir / "stain_templates.json", templates.to_dict())
     val = load_split(cfg, "val")
     detector = Detector(modules["ema"].module if "ema" in modules else model)
     stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
@@ -195,7 +185,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
         for _ in bar:
             crops, targets = [], []
             for index in rng.integers(0, len(train), cfg.batch_size):
-                crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng)
+                crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng, templates)
                 crops.append(torch.from_numpy(crop).permute(2, 0, 1))
                 targets.append(torch.from_numpy(xy).float())
             images = torch.stack(crops).contiguous(memory_format=torch.channels_last)
