@@ -214,7 +214,8 @@ def test_loss_falls_and_detector_overfits_one_image(overfit_detector) -> None:
 
 
 @needs_brcam2c
-@pytest.mark.parametrize("name, backbone", [("default", "shufflenet_v2_x1_0"), ("fast", "shufflenet_v2_x0_5")])
+@pytest.mark.parametrize("name, backbone", [("default", "shufflenet_v2_x1_0"), ("fast", "shufflenet_v2_x0_5"),
+                                            ("stain-robust", "shufflenet_v2_x1_0")])
 def test_shipped_detectors_find_the_sample_nuclei(name: str, backbone: str) -> None:
     """Each shipped detector loads by name with its architecture and finds the bundled sample's annotated nuclei
     (a BRCAM2C test image, never trained on)."""
