@@ -18,6 +18,7 @@ target's). Needs the `bench` extra (torchstain) and OpenSlide.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 from pathlib import Path
@@ -42,7 +43,8 @@ TRAIN_IMAGES_FOR_STATISTICS = 30
 def tissue_statistics(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of L, a, b over the tissue pixels (L < 90: not white background) of all
     ``images`` together."""
-    return lab_statistics(np.concatenate([rgb_to_lab(image).reshape(-1, 3) for image in images]))
+    # float64: summing millions of float32 pixels loses the second decimal of the spread
+    return lab_statistics(np.concatenate([rgb_to_lab(image).reshape(-1, 3) for image in images]).astype(np.float64))
 
 
 def restain(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: tuple[np.ndarray, np.ndarray]
@@ -75,7 +77,7 @@ def main() -> None:
 
     results = {"model": str(args.model), "config": json.loads(detector.config.to_json()), "split": args.split,
                "runtime": args.runtime, "radius_um": 3.0, "protocol": "denuc", "torch": torch.__version__,
-               "torchstain": torchstain.__version__,
+               "torchstain": importlib.metadata.version("torchstain"),  # its __version__ lags its releases
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                "target_statistics": {k: {"mean_lab": m.tolist(), "std_lab": s.tolist()} for k, (m, s) in targets.items()},
                "target_stains": {k: {"stain_vectors_rgb_od": n.HERef.tolist(), "max_concentrations": n.maxCRef.tolist()}

@@ -62,7 +62,8 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 def tissue_statistics(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-channel mean and standard deviation of the tissue pixels (L < 90) of a CIELAB image; None when
-    fewer than 1% of its pixels are tissue (a blank crop has no stain to move)."""
+    fewer than 1% of its pixels are tissue (a blank crop has no stain to move). Sums in the image's dtype:
+    float32 is exact enough for a crop or one image; pass float64 to pool millions of pixels."""
     tissue = lab[lab[..., 0] < TISSUE_MAX_L]
     if len(tissue) < 0.01 * lab[..., 0].size or len(tissue) < 2:
         return None
