@@ -181,6 +181,8 @@ class ClassifierTrainConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 50
     color_jitter: float = 0.1
+    # lora / full / joint: probability that a crop is first re-stained (RandStainNA; see DetectorTrainConfig)
+    randstainna: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0
@@ -191,6 +193,11 @@ class ClassifierTrainConfig:
             raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
         if self.offsets not in ("none", "nucleus", "all"):
             raise ValueError(f"unknown offsets {self.offsets!r}; choose from ['none', 'nucleus', 'all']")
+        if not 0 <= self.randstainna <= 1:
+            raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
+        if self.randstainna > 0 and self.mode == "frozen":
+            raise ValueError("randstainna re-stains training crops; mode 'frozen' trains on cached features of the "
+                             "unaugmented images: use mode 'lora' or 'full'")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,32 @@ def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str, caps
     with safe_open(str(run / "model.safetensors"), framework="pt") as f:  # tuned after the last epoch
         tuned = json.loads(f.metadata()["class_offsets"])["crchisto"]
     assert len(tuned["offsets"]) == 5 and tuned["val_f1_after"] >= tuned["val_f1_before"]
+
+
+def test_randstainna_recolours_classifier_crops_and_trains(fake_run) -> None:
+    from denuc.engine.stain import StainTemplates
+    from denuc.engine.train_classifier import labelled_crop
+    from denuc.errors import InputError
+
+    cfg, tmp_path = fake_run
+    cfg.mode, cfg.epochs, cfg.randstainna = "full", 1, 0.5
+    with pytest.raises(InputError, match="two images"):  # one train image: no distribution of colours to fit
+        train_classifier(cfg, tmp_path / "one", progress=False)
+    (tmp_path / "crchisto" / "split_train.txt").write_text("img1\nimg2\n")
+    train_classifier(cfg, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "stain_templates.json").read_text())["template_spread"] == 0.7
+    # the same crop with and without re-staining: the points and their classes do not move, the colours do
+    (item,) = point_images(replace(cfg, randstainna=0.0), Detector.from_pretrained(cfg.detector), "val",
+                           tmp_path / "run")
+    item.targets = np.arange(len(item.xy))
+    templates = StainTemplates(np.array([[50.0, 30.0, -20.0], [15.0, 8.0, 9.0]]), np.ones((2, 3)))
+    on = labelled_crop(item, 64, 0.0, np.random.default_rng(1), templates, restain_probability=1.0)
+    off = labelled_crop(item, 64, 0.0, np.random.default_rng(1))
+    np.testing.assert_array_equal(on[1], off[1])
+    np.testing.assert_array_equal(on[2], off[2])
+    assert not np.allclose(on[0], off[0])
+    with pytest.raises(ValueError, match="frozen"):
+        replace(cfg, mode="frozen")
 
 
 def test_joint_baseline_trains_and_classifies(fake_run) -> None:

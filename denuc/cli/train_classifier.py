@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", default=train.detector, help="detector for the negatives and the bundle")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
+                   help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
+                        "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
     p.add_argument("--offsets", default=train.offsets, choices=("none", "nucleus", "all"),
                    help="after training, tune the heads' offsets on validation: 'not a nucleus' only (default), "
                         "every output (fits the validation class mix), or none")
@@ -55,16 +58,19 @@ def run(args: argparse.Namespace) -> int:
     if args.layers:
         layers = [int(v) if v.lstrip("-").isdigit() else v for v in args.layers.split(",")]
     weights = None if args.weights is None else str(Path(args.weights).resolve())
-    cfg = ClassifierTrainConfig(
-        datasets=specs,
-        model=ClassifierConfig(encoder=args.encoder, encoder_weights=weights, encoder_layers=layers,
-                               encoder_kwargs=kwargs, head=args.head),
-        mode=args.mode, detector=args.detector, negatives=not args.no_negatives,
-        class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,
-        iters_per_epoch=args.iters_per_epoch,
-        batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
-        threads=args.threads, lr=args.lr, weight_decay=args.weight_decay,
-    )
+    try:
+        cfg = ClassifierTrainConfig(
+            datasets=specs,
+            model=ClassifierConfig(encoder=args.encoder, encoder_weights=weights, encoder_layers=layers,
+                                   encoder_kwargs=kwargs, head=args.head),
+            mode=args.mode, detector=args.detector, negatives=not args.no_negatives,
+            class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,
+            iters_per_epoch=args.iters_per_epoch,
+            batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
+            threads=args.threads, lr=args.lr, weight_decay=args.weight_decay, randstainna=args.randstainna,
+        )
+    except ValueError as error:
+        raise InputError("options", str(error)) from None
     if args.mode == "joint":
         print(f"joint model: {train_joint(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)}")
     else:

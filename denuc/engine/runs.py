@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from denuc.engine.stain import StainTemplates
+from denuc.errors import InputError
 from denuc.io.atomic import atomic_path, write_json
 
 
@@ -24,6 +26,19 @@ def lr_factor(step: int, cfg) -> float:
         return (step + 1) / cfg.warmup_iters
     progress = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def stain_templates(run_dir: Path, images: list[np.ndarray], probability: float) -> StainTemplates | None:
+    """RandStainNA's templates, fitted to the run's train images (every dataset; the same again on resume) and
+    written to ``stain_templates.json``; None when the run does not re-stain (``probability`` 0)."""
+    if probability <= 0:
+        return None
+    try:
+        templates = StainTemplates.fit(images)
+    except ValueError as error:
+        raise InputError("--randstainna", str(error)) from None
+    write_json(run_dir / "stain_templates.json", templates.to_dict())
+    return templates
 
 
 def start(run_dir: str | Path, cfg) -> tuple[Path, np.random.Generator]:

@@ -40,6 +40,15 @@ def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator) ->
     return np.clip(rgb, 0, 255).astype(np.float32)
 
 
+def recolour(crop: np.ndarray, jitter: float, rng: np.random.Generator, templates: "StainTemplates | None" = None,
+             restain_probability: float = 0.0) -> np.ndarray:
+    """A training crop's colour augmentation: re-stained to a random template with ``restain_probability``
+    (RandStainNA; only with ``templates``), then jittered with strength ``jitter`` (0: not at all)."""
+    if templates is not None and rng.random() < restain_probability:
+        crop = templates.apply(crop, rng)
+    return color_jitter(crop, jitter, rng) if jitter > 0 else crop
+
+
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """RGB 0-255 (any shape ending in 3) to CIELAB (L 0-100), D65 white; float32 (half the time of float64,
     within 1e-3 of scikit-image's rgb2lab)."""

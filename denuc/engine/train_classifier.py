@@ -46,7 +46,7 @@ from denuc.engine.pipeline import Pipeline, model_file
 from denuc.engine import runs
 from denuc.errors import InputError
 from denuc.engine.runs import lr_factor
-from denuc.engine.stain import color_jitter
+from denuc.engine.stain import StainTemplates, recolour
 from denuc.engine.train_detector import load_split
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
@@ -154,10 +154,11 @@ def point_loss(logits: list[torch.Tensor], targets: list[torch.Tensor], taxonomy
     return torch.stack(terms).sum() / torch.stack(norms).sum().clamp(min=1e-6)
 
 
-def labelled_crop(item: PointImage, size: int, jitter: float, rng: np.random.Generator
+def labelled_crop(item: PointImage, size: int, jitter: float, rng: np.random.Generator,
+                  templates: StainTemplates | None = None, restain_probability: float = 0.0
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random ``size`` crop (white-padded if the image is smaller), flipped, rotated and colour-jittered,
-    with its points and their targets. Unlike the detector's crop it keeps each point's label."""
+    """A random ``size`` crop (white-padded if the image is smaller), flipped, rotated and colour-augmented
+    (``recolour``), with its points and their targets. Unlike the detector's crop it keeps each point's label."""
     h, w = item.image.shape[:2]
     y0, x0 = rng.integers(0, max(h - size, 0) + 1), rng.integers(0, max(w - size, 0) + 1)
     crop = np.full((size, size, 3), 255, dtype=np.float32)
@@ -170,8 +171,7 @@ def labelled_crop(item: PointImage, size: int, jitter: float, rng: np.random.Gen
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    if jitter > 0:
-        crop = color_jitter(crop, jitter, rng)
+    crop = recolour(crop, jitter, rng, templates, restain_probability)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2), targets
 
 
@@ -257,6 +257,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     train = point_images(cfg, detector, "train", run_dir, progress)
     val = point_images(cfg, detector, "val", run_dir, progress)
     weights = class_weights(train, classes, cfg.class_balanced)
+    templates = runs.stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
     trainable = classifier.heads.parameters() if cfg.mode == "frozen" else \
         [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -290,7 +291,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
                 logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
             else:
                 picks = rng.integers(0, len(train), cfg.batch_size)
-                crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng) for i in picks]
+                crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng, templates, cfg.randstainna)
+                         for i in picks]
                 images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
                 taxonomy = [train[i].taxonomy for i in picks]
                 targets = [torch.from_numpy(t) for _, _, t in crops]

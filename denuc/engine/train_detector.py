@@ -22,7 +22,7 @@ import denuc.datasets as datasets
 from denuc.engine import runs
 from denuc.engine.detect import Detector, point_nms
 from denuc.engine.runs import lr_factor
-from denuc.engine.stain import StainTemplates, color_jitter
+from denuc.engine.stain import StainTemplates, recolour
 from denuc.errors import InputError
 import denuc.engine.evaluate as evaluation
 from denuc.io.images import read_image, resample
@@ -72,10 +72,7 @@ def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.r
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    if templates is not None and rng.random() < cfg.randstainna:
-        crop = templates.apply(crop, rng)
-    if cfg.color_jitter > 0:
-        crop = color_jitter(crop, cfg.color_jitter, rng)
+    crop = recolour(crop, cfg.color_jitter, rng, templates, cfg.randstainna)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2)
 
 
@@ -170,10 +167,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 
     train = [TrainImage(name, image, nuclei.xy) for name, image, nuclei in load_split(cfg, "train")]
-    templates = None
-    if cfg.randstainna > 0:  # fitted to all train images (every dataset), the same on resume
-        templates = StainTemplates.fit([item.image for item in train])
-        runs.write_json(run_dir / "stain_templates.json", templates.to_dict())
+    templates = runs.stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
     val = load_split(cfg, "val")
     detector = Detector(modules["ema"].module if "ema" in modules else model)
     stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)

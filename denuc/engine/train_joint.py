@@ -120,6 +120,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
                                   if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
     train, val = joint_items(cfg, "train"), joint_items(cfg, "val")
+    templates = runs.stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -128,7 +129,8 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
         bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         for _ in bar:
             picks = rng.integers(0, len(train), cfg.batch_size)
-            crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng) for i in picks]
+            crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng, templates, cfg.randstainna)
+                     for i in picks]
             images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
             points = [torch.from_numpy(xy).float() for _, xy, _ in crops]
             logits, predicted = model.network(images.contiguous(memory_format=torch.channels_last))
