@@ -1,14 +1,15 @@
 """Detection + classification on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um), end to end.
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
-        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--out benchmarks/results/classification.json]
+        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1]
+        [--out benchmarks/results/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
 then classifier with the dataset's own head), and the points are scored per class (F1), as the mean class F1
 and as class-agnostic detection F1. Then the same classifier at the ground-truth coordinates (the upper bound
 of classification: every point is a true nucleus, so the class is the argmax over the taxonomy alone;
 unlabelled ground truth is not scored). Prints a table and saves every figure as JSON; models already in the
-output file (same split and radius) are kept, so models can be scored one run at a time.
+output file (same split, radius and re-staining) are kept, so models can be scored one run at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,9 +49,8 @@ def summary(report: Report) -> dict:
     return out
 
 
-def at_ground_truth(model: Pipeline, sample) -> np.ndarray:
+def at_ground_truth(model: Pipeline, sample, image: np.ndarray) -> np.ndarray:
     """Labels the classifier gives the ground-truth points (argmax over the taxonomy, "not a nucleus" ignored)."""
-    image = read_image(sample.image_path)
     work = resample(image, sample.nuclei.mpp / model.mpp)
     gt = sample.nuclei.scaled(work.shape[1] / image.shape[1])
     ((probs, _),) = model.classifier.classify_tiles(work[None], [gt.xy])
@@ -57,9 +58,11 @@ def at_ground_truth(model: Pipeline, sample) -> np.ndarray:
     return names[probs[:, : len(names)].argmax(1)] if len(gt) else np.zeros(0, dtype=object)
 
 
-def bench(name: str, path: str, split: str, radius_um: float, joint: bool = False, views: int = 1) -> dict:
+def bench(name: str, path: str, split: str, radius_um: float, joint: bool = False, views: int = 1,
+          restain: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only).
-    ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``)."""
+    ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``);
+    ``restain``: applied to every image first (another lab's colours)."""
     result = {"bundle": path, "kind": "joint" if joint else "bundle", "datasets": {}}
     if views != 1:
         result["test_time_views"] = views
@@ -68,17 +71,19 @@ def bench(name: str, path: str, split: str, radius_um: float, joint: bool = Fals
     for dataset, root in DATASETS.items():
         if joint:
             model = JointModel.load(path)
-            predict = lambda sample: model.predict(sample.image_path, sample.nuclei.mpp, dataset)  # noqa: E731
+            predict = lambda image, sample: model.predict(image, sample.nuclei.mpp, dataset)  # noqa: E731
         else:
             model = Pipeline.from_pretrained(path, taxonomy=dataset)
             model.with_test_time_views(views)
-            predict = lambda sample: model.predict(sample.image_path, mpp=sample.nuclei.mpp)  # noqa: E731
+            predict = lambda image, sample: model.predict(image, mpp=sample.nuclei.mpp)  # noqa: E731
         started = time.perf_counter()
         end_to_end, upper = [], []
         for sample in get_dataset(dataset, root).samples(split):
-            end_to_end.append((sample.name, predict(sample), sample.nuclei))
+            image = read_image(sample.image_path)
+            image = image if restain is None else restain(image)
+            end_to_end.append((sample.name, predict(image, sample), sample.nuclei))
             if not joint:
-                labels = np.where(sample.nuclei.labels == UNLABELLED, UNLABELLED, at_ground_truth(model, sample))
+                labels = np.where(sample.nuclei.labels == UNLABELLED, UNLABELLED, at_ground_truth(model, sample, image))
                 upper.append((sample.name, replace(sample.nuclei, labels=labels), sample.nuclei))
         seconds = time.perf_counter() - started
         e2e = evaluate(end_to_end, radius_um=radius_um)
@@ -104,22 +109,32 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=1, help="test-time views of the bundles (1, 2, 4, 8)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--radius-um", type=float, default=3.0)
+    parser.add_argument("--restain", choices=("none", "macenko-cmu1"), default="none",
+                        help="re-stain every image first: Macenko to CMU-1-Small-Region.svs's stains "
+                             "(bench_stain_shift.py; needs torchstain and OpenSlide)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "classification.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
-    results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "torch": torch.__version__,
+    restain = None
+    if args.restain == "macenko-cmu1":
+        from bench_stain_shift import macenko_normaliser, read_slide_region
+
+        normaliser = macenko_normaliser([read_slide_region()])
+        restain = lambda image: normaliser.normalize(image, stains=False)[0]  # noqa: E731
+    results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
+               "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
                "models": {}}
     if args.out.exists():  # keep the figures of models scored by earlier runs with the same protocol
         earlier = json.loads(args.out.read_text())
-        if all(earlier.get(k) == results[k] for k in ("split", "radius_um", "protocol")):
+        if all(earlier.get(k, "none") == results[k] for k in ("split", "radius_um", "protocol", "restain")):
             results["models"] = earlier["models"]
     for name, path in models.items():
-        results["models"][name] = bench(name, path, args.split, args.radius_um, views=args.tta)
+        results["models"][name] = bench(name, path, args.split, args.radius_um, views=args.tta, restain=restain)
     for name, path in (item.split("=", 1) for item in args.joint):
-        results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True)
+        results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True, restain=restain)
     write_json(args.out, results)
     print(f"saved {args.out}")
 

@@ -54,6 +54,20 @@ def restain(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: tu
     return lab_to_rgb(lab).round().astype(np.uint8)
 
 
+def macenko_normaliser(images: list[np.ndarray]) -> "torchstain.normalizers.HENormalizer":
+    """Macenko's normaliser (torchstain, numpy backend) fitted to the stain vectors of ``images`` together;
+    its ``normalize(image, stains=False)[0]`` re-stains an RGB image to them."""
+    normaliser = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    normaliser.fit(np.concatenate([image.reshape(-1, 3) for image in images])[:, None])
+    return normaliser
+
+
+def read_slide_region() -> np.ndarray:
+    """The whole of CMU-1-Small-Region.svs as RGB (it is small: 2220 x 2967)."""
+    slide = openslide.OpenSlide(SLIDE)
+    return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
@@ -67,13 +81,10 @@ def main() -> None:
     for name, root in DATASETS.items():
         train = list(get_dataset(name, root).samples("train"))[:TRAIN_IMAGES_FOR_STATISTICS]
         target_images[f"{name} train"] = [read_image(s.image_path) for s in train]
-    slide = openslide.OpenSlide(SLIDE)
-    target_images[SLIDE.stem] = [np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))]
+    target_images[SLIDE.stem] = [read_slide_region()]
     targets = {k: tissue_statistics(images) for k, images in target_images.items()}
-    stain_matrices = {}  # Macenko: each target's stain vectors and maximal concentrations (torchstain)
-    for k, images in target_images.items():
-        stain_matrices[k] = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
-        stain_matrices[k].fit(np.concatenate([image.reshape(-1, 3) for image in images])[:, None])
+    # Macenko: each target's stain vectors and maximal concentrations
+    stain_matrices = {k: macenko_normaliser(images) for k, images in target_images.items()}
 
     results = {"model": str(args.model), "config": json.loads(detector.config.to_json()), "split": args.split,
                "runtime": args.runtime, "radius_um": 3.0, "protocol": "denuc", "torch": torch.__version__,
