@@ -9,7 +9,7 @@ target's) to (a) the other dataset's train split and (b) ../shared/slides/CMU-1-
 Mellon, another scanner and lab), then detected at the model's own threshold and NMS radius. Reports detection
 precision / recall / F1 per dataset and target (`denuc` protocol, 3 um). Re-staining keeps the nuclei where they
 are, so the ground truth is unchanged. The CIELAB conversion is denuc's own (``denuc.engine.stain``, the one
-RandStainNA training uses; within 1e-3 of scikit-image's). Because a model trained with ``--randstainna`` has
+RandStainNA training uses; within 1e-4 of scikit-image's). Because a model trained with ``--randstainna`` has
 seen Reinhard transfers, each target is also reached by a second, different transfer: Macenko's stain-vector
 normalisation (torchstain, numpy backend; each image's own H and E vectors estimated and replaced by the
 target's). Needs the `bench` extra (torchstain) and OpenSlide.
