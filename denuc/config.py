@@ -180,7 +180,7 @@ class ClassifierTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_iters: int = 50
-    color_jitter: float = 0.1
+    color_jitter: float = 0.1  # lora / full / joint: stain (HED), brightness and contrast jitter of the crops
     # lora / full / joint: probability that a crop is first re-stained (RandStainNA; see DetectorTrainConfig)
     randstainna: float = 0.0
     lora_rank: int = 8
@@ -193,6 +193,8 @@ class ClassifierTrainConfig:
             raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
         if self.offsets not in ("none", "nucleus", "all"):
             raise ValueError(f"unknown offsets {self.offsets!r}; choose from ['none', 'nucleus', 'all']")
+        if not 0 <= self.color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
         if not 0 <= self.randstainna <= 1:
             raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
         if self.randstainna > 0 and self.mode == "frozen":

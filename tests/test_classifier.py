@@ -399,3 +399,17 @@ def test_a_points_folder_without_validation_trains_and_keeps_the_last_epoch(tmp_
     with safe_open(str(bundle), framework="pt") as f:
         metadata = f.metadata()
     assert json.loads(metadata["epoch"]) == 2 and json.loads(metadata["class_offsets"]) == {}
+
+
+def test_train_classifier_command_passes_the_jitter_and_refuses_bad_values(fake_run) -> None:
+    from denuc.cli import main
+
+    cfg, tmp_path = fake_run
+    common = ["train-classifier", "--dataset", f"crchisto={tmp_path / 'crchisto'}", "--encoder", TINY.encoder,
+              "--detector", cfg.detector, "--mode", "full", "--epochs", "1", "--iters-per-epoch", "1",
+              "--batch-size", "2", "--crop-size", "64", "--threads", "1", "--offsets", "none", "--quiet"]
+    assert main([*common, "--run-dir", str(tmp_path / "run"), "--color-jitter", "0.3"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["color_jitter"] == 0.3
+    for bad in (["--color-jitter", "1"], ["--color-jitter", "-0.1"], ["--randstainna", "2"]):
+        assert main([*common, "--run-dir", str(tmp_path / "x"), *bad]) == 2
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made

@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", default=train.detector, help="detector for the negatives and the bundle")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--color-jitter", type=float, default=train.color_jitter,
+                   help="lora / full / joint: strength of the crops' stain (HED), brightness and contrast jitter")
     p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
                    help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
                         "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,
             iters_per_epoch=args.iters_per_epoch,
             batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
-            threads=args.threads, lr=args.lr, weight_decay=args.weight_decay, randstainna=args.randstainna,
+            threads=args.threads, lr=args.lr, weight_decay=args.weight_decay, color_jitter=args.color_jitter,
+            randstainna=args.randstainna,
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None
