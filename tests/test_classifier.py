@@ -252,10 +252,14 @@ def test_randstainna_recolours_classifier_crops_and_trains(fake_run) -> None:
         replace(cfg, mode="frozen")
 
 
-def test_joint_baseline_trains_and_classifies(fake_run) -> None:
+@pytest.mark.parametrize("randstainna", [0.0, 0.5])
+def test_joint_baseline_trains_and_classifies(fake_run, randstainna: float) -> None:
     cfg, tmp_path = fake_run
-    cfg.mode, cfg.epochs = "joint", 1
+    cfg.mode, cfg.epochs, cfg.randstainna = "joint", 1, randstainna
+    if randstainna:
+        (tmp_path / "crchisto" / "split_train.txt").write_text("img1\nimg2\n")  # two images' colours to fit
     path = train_joint(cfg, tmp_path / "joint", progress=False)
+    assert (tmp_path / "joint" / "stain_templates.json").exists() == bool(randstainna)
     model = JointModel.load(path)
     found = model.predict(tiles(1, 96)[0], mpp=0.5, taxonomy="crchisto")
     assert found.class_names == ["epithelial", "fibroblast", "inflammatory", "others"]
