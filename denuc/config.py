@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-RUNTIMES = ("torch", "onnx")
-"""Where the detector's network runs: PyTorch (any device) or ONNX Runtime (CPU; the ``onnx`` extra)."""
+RUNTIMES = ("auto", "torch", "onnx")
+"""Where the networks run: PyTorch (any device), ONNX Runtime (CPU), or "auto": ONNX Runtime on a CPU, where
+it is the faster of the two (docs/benchmarks.md), and PyTorch on a GPU (``engine.detect.choose_runtime``)."""
 
 
 @dataclass

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from denuc.config import DetectorConfig
-from denuc.engine.detect import Detector, make_detector
+from denuc.engine.detect import Detector, choose_runtime, make_detector
 from denuc.models.detector import PointDetector
-
-pytest.importorskip("onnxruntime")
 
 # Stated tolerance: ONNX Runtime folds batch norms into the convolutions and reorders float32 sums, so outputs
 # differ from PyTorch's by rounding only: probabilities by at most 1e-4, point positions by at most 1e-3 px.
@@ -93,16 +93,25 @@ def test_unknown_runtime_is_refused() -> None:
         make_detector(random_detector(8), runtime="tensorrt")
 
 
+def test_auto_runtime_is_onnx_on_a_cpu_and_torch_elsewhere() -> None:
+    assert choose_runtime("auto", "cpu") == "onnx" and choose_runtime("auto", torch.device("cpu")) == "onnx"
+    assert choose_runtime("auto", "cuda") == choose_runtime("auto", "mps") == "torch"
+    assert choose_runtime("torch", "cpu") == "torch" and choose_runtime("onnx", "cpu") == "onnx"
+    assert make_detector(random_detector(8), runtime="auto").runtime == "onnx"
+
+
 def test_predict_cli_with_onnx_runtime_gives_the_torch_nuclei(tmp_path) -> None:
-    """`denuc predict --runtime onnx` with the shipped bundle: the same classified nuclei as PyTorch."""
+    """`denuc predict` (ONNX Runtime on a CPU by default) with the shipped bundle: PyTorch's classified nuclei."""
     from denuc.cli import main
     from denuc.engine.evaluate import evaluate
     from denuc.io import read_points
 
     found = {}
-    for runtime in ("torch", "onnx"):
-        assert main(["predict", "--sample", "--quiet", "--runtime", runtime, "--out", str(tmp_path / runtime)]) == 0
+    for runtime, option in (("torch", ["--runtime", "torch"]), ("onnx", [])):
+        assert main(["predict", "--sample", "--quiet", *option, "--out", str(tmp_path / runtime)]) == 0
         found[runtime] = read_points(tmp_path / runtime / "sample_brcam2c.csv")
+        summary = json.loads((tmp_path / runtime / "sample_brcam2c_summary.json").read_text())
+        assert summary["settings"]["runtime"] == runtime
     found["onnx"].mpp = found["torch"].mpp = 0.5
     report = evaluate([("sample", found["onnx"], found["torch"])], radius_um=0.1)
     assert len(found["torch"]) > 100

@@ -19,8 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=float, help="pixel size of the images in um/px (required for plain images)")
     p.add_argument("--model", default="default", help="detector: a shipped name or a .safetensors file")
     p.add_argument("--threshold", type=float, help="score threshold (default: the model's, chosen on validation)")
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                   help="where the detector runs: torch, or onnx (ONNX Runtime, CPU; the onnx extra)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="where the detector runs: torch, onnx (ONNX Runtime, CPU), or auto: onnx on a CPU, torch "
+                        "on a GPU (default)")
     p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
                    help="test-time augmentation: detect in this many flipped/transposed views and fuse the points "
                         "(8: +1.5 validation F1 points for 8x the detector's time; default: %(default)s, off)")

@@ -31,9 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
     p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                   help="where the networks run: torch, or onnx (ONNX Runtime, CPU; the onnx extra): the "
-                        "detector and a convolutional classifier encoder")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="where the networks run: torch, onnx (ONNX Runtime, CPU: the detector and a convolutional "
+                        "classifier encoder), or auto: onnx on a CPU, torch on a GPU (default)")
     p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
                    help="test-time augmentation: detect and classify in this many flipped/transposed views of each tile "
                         "and fuse the results (8: +2 validation F1 points for about 8x the time; default: "

@@ -176,6 +176,8 @@ def iter_tiles(image: np.ndarray, config: DetectorConfig,
 class Detector:
     """A trained point detector with its working resolution and thresholds."""
 
+    runtime = "torch"  # where the network runs (subclasses: "onnx")
+
     def __init__(self, model: PointDetector, device: str | torch.device = "cpu") -> None:
         # channels-last weights, as the tiles are fed: measured several times faster on CPU than contiguous
         # ones (docs/benchmarks.md); the model is taken over, as eval() already does
@@ -191,7 +193,8 @@ class Detector:
                         runtime: str = "torch") -> "Detector":
         """Load a detector from a ``.safetensors`` file written by ``save`` or a shipped name ("default").
 
-        ``runtime``: "torch", or "onnx" to run the network in ONNX Runtime (CPU only; see ``make_detector``).
+        ``runtime``: "torch", "onnx" to run the network in ONNX Runtime (CPU only), or "auto" (ONNX Runtime on a
+        CPU, PyTorch on a GPU; see ``make_detector``).
         """
         if str(path_or_name) in PRETRAINED:
             path = resources.files("denuc") / "weights" / PRETRAINED[str(path_or_name)]
@@ -307,16 +310,25 @@ class Detector:
         return predict_image(image, mpp, self.config, self.detect_tiles, batch_size)
 
 
-def make_detector(model: PointDetector, device: str | torch.device = "cpu", runtime: str = "torch") -> Detector:
-    """A ``Detector`` for inference on ``model``: "torch" runs it in PyTorch on ``device``; "onnx" exports it
-    to ONNX Runtime (CPU; the ``onnx`` extra), the fastest CPU path measured (docs/benchmarks.md), with the
-    same outputs within float32 rounding (tests/test_onnx.py)."""
+def choose_runtime(runtime: str, device: str | torch.device = "cpu") -> str:
+    """The runtime "torch" or "onnx" that ``runtime`` (one of ``RUNTIMES``) means on ``device``: "auto" is
+    ONNX Runtime on a CPU and PyTorch elsewhere."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+    if runtime == "auto":
+        return "onnx" if torch.device(device).type == "cpu" else "torch"
+    return runtime
+
+
+def make_detector(model: PointDetector, device: str | torch.device = "cpu", runtime: str = "torch") -> Detector:
+    """A ``Detector`` for inference on ``model``: "torch" runs it in PyTorch on ``device``; "onnx" exports it
+    to ONNX Runtime (CPU), the fastest CPU path measured (docs/benchmarks.md), with the same outputs within
+    float32 rounding (tests/test_onnx.py); "auto" picks one of the two for ``device`` (``choose_runtime``)."""
+    runtime = choose_runtime(runtime, device)
     if runtime == "onnx":
         if torch.device(device).type != "cpu":
             raise ValueError(f'runtime="onnx" runs on the CPU; use runtime="torch" for device {device!r}')
-        from denuc.engine.onnx_runtime import OnnxDetector  # optional dependency: imported only when asked for
+        from denuc.engine.onnx_runtime import OnnxDetector  # imported only when asked for: onnx loads slowly
 
         return OnnxDetector(model)
     return Detector(model, device)

@@ -13,7 +13,7 @@ Exporting takes seconds, so exported graphs are kept in a cache folder (``$DENUC
 ``~/.cache/denuc/onnx``) under a digest of the weights, the architecture and the software versions; a later
 run with the same model loads its graph from there. A cache that cannot be written or read is skipped.
 
-Needs the optional extra: ``pip install "denuc[onnx]"``.
+The default runtime of the ``denuc`` commands on a CPU (``--runtime auto``).
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ class _ScoresAndPoints(torch.nn.Module):
 class OnnxDetector(Detector):
     """A ``Detector`` whose network runs in ONNX Runtime (CPU). ``threads``: intra-op threads, default torch's.
     ``graph``: an ONNX graph of ``model`` to run instead of its own export (e.g. a quantised one)."""
+
+    runtime = "onnx"
 
     def __init__(self, model: PointDetector, threads: int | None = None, graph: bytes | None = None) -> None:
         super().__init__(model, "cpu")
@@ -161,7 +163,8 @@ def _session(graph: bytes, threads: int | None):
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError('runtime="onnx" needs onnxruntime: pip install "denuc[onnx]"') from None
+        raise ImportError('runtime="onnx" needs onnxruntime (a dependency of denuc): pip install onnxruntime; '
+                          'or use runtime="torch"') from None
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()

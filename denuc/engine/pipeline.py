@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from denuc.engine.classify import Classifier
-from denuc.engine.detect import PRETRAINED, Detector, predict_image
+from denuc.engine.detect import PRETRAINED, Detector, choose_runtime, predict_image
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import Nuclei, NucleusClass
@@ -58,8 +58,9 @@ class Pipeline:
 
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
         ``runtime`` is where the networks run: "torch", or "onnx" (CPU) for the detector and a convolutional
-        classifier encoder (see ``denuc.engine.onnx_runtime``).
+        classifier encoder (see ``denuc.engine.onnx_runtime``), or "auto": ONNX Runtime on a CPU, else PyTorch.
         """
+        runtime = choose_runtime(runtime, device)
         path = model_file(path_or_name)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -78,7 +79,7 @@ class Pipeline:
         if taxonomy is not None:
             classifier.use_taxonomy(taxonomy)
         if runtime == "onnx" and classifier.encoder.patch_size is None:
-            from denuc.engine.onnx_runtime import OnnxEncoder  # optional dependency: imported only when asked for
+            from denuc.engine.onnx_runtime import OnnxEncoder  # imported only when asked for: onnx loads slowly
 
             classifier.encoder_runtime = OnnxEncoder(classifier.encoder)
         try:

@@ -202,8 +202,8 @@ def predict_slide(
         "slide": {"name": slide.path.name, "bytes": slide.path.stat().st_size,
                   "quickhash": slide.properties.get("openslide.quickhash-1")},
         "mpp": slide.mpp, "model": model_id or model_fingerprint(model), "device": str(model.detector.device.type),
-        "tissue_mask": tissue_mask, "embeddings": embeddings, "batch_size": batch_size, "chunk_tiles": chunk_tiles,
-        "denuc": denuc.__version__,
+        "runtime": model.detector.runtime, "tissue_mask": tissue_mask, "embeddings": embeddings,
+        "batch_size": batch_size, "chunk_tiles": chunk_tiles, "denuc": denuc.__version__,
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     done = _completed_summary(paths, fingerprint, embeddings)
@@ -265,6 +265,7 @@ def predict_slide(
                   "classes": [{"name": c.name, "color": list(c.color)} for c in model.classes],
                   "detector": json.loads(model.detector.config.to_json())},
         "settings": {"batch_size": batch_size, "workers": workers, "device": settings["device"],
+                     "runtime": settings["runtime"],
                      "tissue_mask": tissue_mask, "embeddings": embeddings, "resumed": len(todo) < len(chunks)},
         "versions": software_versions(),
         "runtime_s": time.perf_counter() - started,
