@@ -392,3 +392,12 @@ def test_detect_command_writes_points_and_overlay_with_test_time_views(tmp_path:
         assert (out / "sample_brcam2c_overlay.png").stat().st_size > 0
         points = read_points(out / "sample_brcam2c.geojson")
         assert len(points) == len(read_points(out / "sample_brcam2c.csv")) > 100
+
+
+def test_version_option_prints_the_package_version(capsys) -> None:
+    from denuc import __version__
+    from denuc.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"denuc {__version__}"

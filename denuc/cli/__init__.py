@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from denuc import __version__
 from denuc.errors import InputError
 
 SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier", "tune-offsets"]
@@ -17,6 +18,7 @@ SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classif
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="denuc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"denuc {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name in SUBCOMMANDS:
