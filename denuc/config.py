@@ -96,6 +96,7 @@ class DetectorTrainConfig:
     background_weight: float = 0.5
     scale_jitter: float = 0.1  # crops rescaled by a factor in [1 - j, 1 + j]
     color_jitter: float = 0.1  # stain (HED), brightness and contrast perturbation strength
+    stain_vector_jitter: float = 0.0  # noise on the H and E colour vectors (engine.stain.color_jitter; 0: off)
     # probability that a crop is first re-stained to a virtual template drawn from the training images' CIELAB
     # statistics (RandStainNA; 0: off)
     randstainna: float = 0.0
@@ -106,7 +107,7 @@ class DetectorTrainConfig:
     backbone_weights: str | None = None  # an ImageNet checkpoint of the torchvision backbone, loaded strictly
 
     def __post_init__(self) -> None:
-        for name in ("color_jitter", "scale_jitter"):
+        for name in ("color_jitter", "scale_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.randstainna <= 1:
@@ -182,6 +183,7 @@ class ClassifierTrainConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 50
     color_jitter: float = 0.1  # lora / full / joint: stain (HED), brightness and contrast jitter of the crops
+    stain_vector_jitter: float = 0.0  # lora / full / joint: noise on the H and E colour vectors (0: off)
     # lora / full / joint: probability that a crop is first re-stained (RandStainNA; see DetectorTrainConfig)
     randstainna: float = 0.0
     lora_rank: int = 8
@@ -194,8 +196,9 @@ class ClassifierTrainConfig:
             raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
         if self.offsets not in ("none", "nucleus", "all"):
             raise ValueError(f"unknown offsets {self.offsets!r}; choose from ['none', 'nucleus', 'all']")
-        if not 0 <= self.color_jitter < 1:
-            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        for name in ("color_jitter", "stain_vector_jitter"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.randstainna <= 1:
             raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
         if self.randstainna > 0 and self.mode == "frozen":

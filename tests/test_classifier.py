@@ -243,8 +243,9 @@ def test_randstainna_recolours_classifier_crops_and_trains(fake_run) -> None:
                            tmp_path / "run")
     item.targets = np.arange(len(item.xy))
     templates = StainTemplates(np.array([[50.0, 30.0, -20.0], [15.0, 8.0, 9.0]]), np.ones((2, 3)))
-    on = labelled_crop(item, 64, 0.0, np.random.default_rng(1), templates, restain_probability=1.0)
-    off = labelled_crop(item, 64, 0.0, np.random.default_rng(1))
+    plain = replace(cfg, color_jitter=0.0, randstainna=0.0)
+    on = labelled_crop(item, 64, replace(plain, randstainna=1.0), np.random.default_rng(1), templates)
+    off = labelled_crop(item, 64, plain, np.random.default_rng(1))
     np.testing.assert_array_equal(on[1], off[1])
     np.testing.assert_array_equal(on[2], off[2])
     assert not np.allclose(on[0], off[0])
@@ -405,15 +406,18 @@ def test_a_points_folder_without_validation_trains_and_keeps_the_last_epoch(tmp_
     assert json.loads(metadata["epoch"]) == 2 and json.loads(metadata["class_offsets"]) == {}
 
 
-def test_train_classifier_command_passes_the_jitter_and_refuses_bad_values(fake_run) -> None:
+def test_train_classifier_command_passes_the_jitters_and_refuses_bad_values(fake_run) -> None:
     from denuc.cli import main
 
     cfg, tmp_path = fake_run
     common = ["train-classifier", "--dataset", f"crchisto={tmp_path / 'crchisto'}", "--encoder", TINY.encoder,
               "--detector", cfg.detector, "--mode", "full", "--epochs", "1", "--iters-per-epoch", "1",
               "--batch-size", "2", "--crop-size", "64", "--threads", "1", "--offsets", "none", "--quiet"]
-    assert main([*common, "--run-dir", str(tmp_path / "run"), "--color-jitter", "0.3"]) == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["color_jitter"] == 0.3
-    for bad in (["--color-jitter", "1"], ["--color-jitter", "-0.1"], ["--randstainna", "2"]):
+    assert main([*common, "--run-dir", str(tmp_path / "run"), "--color-jitter", "0.3",
+                 "--stain-vector-jitter", "0.1"]) == 0
+    recipe = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recipe["color_jitter"], recipe["stain_vector_jitter"]) == (0.3, 0.1)
+    for bad in (["--color-jitter", "1"], ["--color-jitter", "-0.1"], ["--randstainna", "2"],
+                ["--stain-vector-jitter", "1.5"]):
         assert main([*common, "--run-dir", str(tmp_path / "x"), *bad]) == 2
     assert not (tmp_path / "x").exists()  # refused before the run folder is made

@@ -311,17 +311,19 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
 
     assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path), "--epochs", "1",
                  "--iters-per-epoch", "2", "--batch-size", "2", "--crop-size", "128", "--quiet",
-                 "--color-jitter", "0.2", "--scale-jitter", "0.05", "--ema-decay", "0.9", "--randstainna", "0.5"]) == 0
+                 "--color-jitter", "0.2", "--scale-jitter", "0.05", "--ema-decay", "0.9", "--randstainna", "0.5",
+                 "--stain-vector-jitter", "0.1"]) == 0
     recipe = json.loads((tmp_path / "config.json").read_text())
-    assert (recipe["color_jitter"], recipe["scale_jitter"], recipe["ema_decay"], recipe["randstainna"]) == (
-        0.2, 0.05, 0.9, 0.5)
+    assert (recipe["color_jitter"], recipe["scale_jitter"], recipe["ema_decay"], recipe["randstainna"],
+            recipe["stain_vector_jitter"]) == (0.2, 0.05, 0.9, 0.5, 0.1)
     templates = json.loads((tmp_path / "stain_templates.json").read_text())  # what the crops were re-stained to
     assert np.array(templates["centre"]).shape == (2, 3) and templates["template_spread"] == 0.7
     detector = Detector.from_pretrained(tmp_path / "model.safetensors")
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
     assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
-    for bad in (["--ema-decay", "1.5"], ["--color-jitter", "-0.1"], ["--scale-jitter", "1"], ["--randstainna", "2"]):
+    for bad in (["--ema-decay", "1.5"], ["--color-jitter", "-0.1"], ["--scale-jitter", "1"], ["--randstainna", "2"],
+                ["--stain-vector-jitter", "-1"]):
         assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path / "x"), *bad]) == 2
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
     twice = ["--dataset", f"brcam2c={BRCAM2C}"] * 2
@@ -401,3 +403,20 @@ def test_version_option_prints_the_package_version(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"denuc {__version__}"
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    from denuc.engine import runs
+
+    cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", "/data/brcam2c")])
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rng = np.random.default_rng(0)
+    older = {k: v for k, v in cfg.to_dict().items() if k != "stain_vector_jitter"}  # written before it existed
+    runs.save_epoch(tmp_path, older, {"model": model}, optimizer, scheduler, rng, epoch=0, best=0.5,
+                    history=[{"epoch": 1}], progress=False)
+    assert runs.resume(tmp_path, cfg, {"model": model}, optimizer, scheduler, rng)[:2] == (1, 0.5)
+    for changed in (replace(cfg, stain_vector_jitter=0.1), replace(cfg, color_jitter=0.2)):
+        with pytest.raises(ValueError, match="another config"):
+            runs.resume(tmp_path, changed, {"model": model}, optimizer, scheduler, rng)

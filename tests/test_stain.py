@@ -1,4 +1,4 @@
-"""Colour augmentations: CIELAB conversion, Reinhard re-staining and RandStainNA templates."""
+"""Colour augmentations: stain colour jitter, CIELAB conversion, Reinhard re-staining and RandStainNA templates."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from denuc.config import DetectorTrainConfig
-from denuc.engine.stain import StainTemplates, lab_to_rgb, restain, rgb_to_lab
+from denuc.engine.stain import StainTemplates, color_jitter, lab_to_rgb, restain, rgb_to_lab
 from denuc.engine.train_detector import TrainImage, random_crop
 from denuc.io.images import read_image
 
@@ -64,3 +64,24 @@ def test_randstainna_recolours_crops_and_keeps_their_points() -> None:
     assert crop_on.shape == crop_off.shape and not np.allclose(crop_on, crop_off)
     with pytest.raises(ValueError, match="randstainna"):
         DetectorTrainConfig(randstainna=1.5)
+
+
+def test_stain_vector_jitter_turns_the_stains_and_keeps_glass_white() -> None:
+    image = read_image(SAMPLE)[:128, :128].astype(np.float32)
+    # no concentration, brightness or contrast change: what moves is the stains' colour alone
+    same = color_jitter(image, 0.0, np.random.default_rng(0))
+    np.testing.assert_allclose(same, image, atol=0.05)
+    turned = color_jitter(image, 0.0, np.random.default_rng(0), vector_jitter=0.1)
+    assert turned.dtype == np.float32 and turned.shape == image.shape
+    np.testing.assert_array_equal(turned, color_jitter(image, 0.0, np.random.default_rng(0), vector_jitter=0.1))
+    od, od_turned = (-np.log(np.clip(x, 1, 255) / 255).reshape(-1, 3) for x in (image, turned))
+    stained = od.sum(1) > 0.5
+    cosine = (od[stained] * od_turned[stained]).sum(1) / np.linalg.norm(od[stained], axis=1) / np.linalg.norm(
+        od_turned[stained], axis=1)
+    angle = np.degrees(np.arccos(np.clip(np.median(cosine), -1, 1)))
+    assert 0.5 < angle < 30  # the optical density of stained pixels changes direction (hue), not just length
+    glass = np.full((8, 8, 3), 255.0, np.float32)
+    np.testing.assert_array_equal(color_jitter(glass, 0.0, np.random.default_rng(1), vector_jitter=0.3), glass)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="stain_vector_jitter"):
+            DetectorTrainConfig(stain_vector_jitter=bad)

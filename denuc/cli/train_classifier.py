@@ -34,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--color-jitter", type=float, default=train.color_jitter,
                    help="lora / full / joint: strength of the crops' stain (HED), brightness and contrast jitter")
+    p.add_argument("--stain-vector-jitter", type=float, default=train.stain_vector_jitter, metavar="S",
+                   help="lora / full / joint: noise on the haematoxylin and eosin colour vectors the crops are "
+                        "rebuilt with (0.1 turns them by about 8 degrees; default: 0, off)")
     p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
                    help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
                         "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             iters_per_epoch=args.iters_per_epoch,
             batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
             threads=args.threads, lr=args.lr, weight_decay=args.weight_decay, color_jitter=args.color_jitter,
+            stain_vector_jitter=args.stain_vector_jitter,
             randstainna=args.randstainna,
         )
     except ValueError as error:

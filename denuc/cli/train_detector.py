@@ -24,6 +24,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                   ".safetensors file); the model's architecture and pixel size are its own")
     p.add_argument("--color-jitter", type=float, default=train.color_jitter,
                    help="strength of the stain (HED), brightness and contrast jitter")
+    p.add_argument("--stain-vector-jitter", type=float, default=train.stain_vector_jitter, metavar="S",
+                   help="noise (standard deviation per component) on the haematoxylin and eosin colour vectors the "
+                        "crops are rebuilt with: other labs' stain hues (0.1 turns them by about 8 degrees; "
+                        "default: 0, off)")
     p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
                    help="probability that a crop is re-stained to a template drawn from the training images' "
                         "CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
             crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr,
             weight_decay=args.weight_decay, init=args.init, backbone_weights=args.backbone_weights,
-            ema_decay=args.ema_decay, color_jitter=args.color_jitter, scale_jitter=args.scale_jitter,
+            ema_decay=args.ema_decay, color_jitter=args.color_jitter,
+            stain_vector_jitter=args.stain_vector_jitter, scale_jitter=args.scale_jitter,
             randstainna=args.randstainna,
         )
     except ValueError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,18 +57,22 @@ AFTER_TRAINING = {"offsets"}
 """Config keys that only act once training has ended (they do not bind a resumed run)."""
 
 
-def resume(run_dir: Path, config: dict, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+def resume(run_dir: Path, cfg, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
            scheduler, rng: np.random.Generator) -> tuple[int, float, list[dict]]:
-    """Restore the state saved by ``save_epoch`` in ``run_dir`` (each module's weights under its key); returns
-    (first epoch to run, best validation score so far, history). With no checkpoint: (0, -1.0, [])."""
+    """Restore the state saved by ``save_epoch`` in ``run_dir`` (each module's weights under its key) if it was
+    saved with the training config ``cfg`` (a dataclass); returns (first epoch to run, best validation score so
+    far, history). With no checkpoint: (0, -1.0, [])."""
     path = run_dir / "last.pt"
     if not path.exists():
         return 0, -1.0, []
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    saved = checkpoint["config"]
-    # a key missing on one side is None there: a run saved before an optional setting existed resumes;
-    # settings applied after the last epoch may change between runs
-    differing = sorted(k for k in (set(saved) | set(config)) - AFTER_TRAINING if saved.get(k) != config.get(k))
+    saved, config = checkpoint["config"], asdict(cfg)
+    # a run saved before a setting existed ran as that setting's default does (settings are added with the old
+    # behaviour as their default), so it resumes if the setting still has it; settings applied after the last
+    # epoch may change between runs
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    differing = sorted(k for k in (set(saved) | set(config)) - AFTER_TRAINING
+                       if saved.get(k, defaults.get(k)) != config.get(k))
     if differing:
         raise ValueError(f"{path}: was trained with another config (differs in {differing}); resume needs the same one")
     for name, module in modules.items():

@@ -1,7 +1,9 @@
 """Colour augmentations for training: stain jitter, and re-staining to templates drawn from the training images.
 
 Both take and return float32 RGB in 0-255. ``color_jitter`` perturbs each stain's optical density (HED) and the
-brightness and contrast; ``StainTemplates`` is RandStainNA (Shen et al., MICCAI 2022) in CIELAB: each crop's
+brightness and contrast, and optionally the stains' colours themselves (their optical density vectors: another
+lab's haematoxylin can be much redder - CMU-1's is about 19 degrees from our training images', against about 5
+degrees among those); ``StainTemplates`` is RandStainNA (Shen et al., MICCAI 2022) in CIELAB: each crop's
 tissue colour statistics are moved (Reinhard's transfer) to a virtual template sampled from a normal
 distribution fitted to the training images' own statistics, so the network sees every plausible lab's colours
 between and around those of its datasets, not only small perturbations of each image's own.
@@ -28,12 +30,24 @@ TISSUE_MAX_L = 90.0  # CIELAB lightness above this is glass / background, not st
 TEMPLATE_SPREAD = 0.7
 
 
-def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Stain (HED optical density) scale/shift, then brightness and contrast; float32 RGB 0-255 in and out."""
+def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator, vector_jitter: float = 0.0
+                 ) -> np.ndarray:
+    """Stain (HED optical density) scale/shift, then brightness and contrast; float32 RGB 0-255 in and out.
+
+    ``vector_jitter`` > 0 also re-colours the stains: the haematoxylin and eosin optical density vectors the
+    crop is rebuilt with get normal noise of this standard deviation per component (then unit length again;
+    0.1 turns a vector by about 8 degrees on average), a linear change of optical density that keeps glass white.
+    """
     od = -np.log(np.clip(crop, 1.0, 255.0) / 255.0)
     hed = od @ _HED_FROM_RGB
     hed = hed * rng.uniform(1 - strength, 1 + strength, 3) + rng.uniform(-strength, strength, 3) * 0.05
-    rgb = 255.0 * np.exp(-np.clip(hed @ _RGB_FROM_HED, 0, None))
+    rgb_from_hed = _RGB_FROM_HED
+    if vector_jitter > 0:  # drawn only when asked for: recipes without it keep their random stream
+        rgb_from_hed = _RGB_FROM_HED.copy()
+        for stain in (0, 1):  # haematoxylin, eosin; DAB (absent from H&E) stays
+            vector = np.abs(rgb_from_hed[stain] + rng.normal(0, vector_jitter, 3))
+            rgb_from_hed[stain] = vector / np.linalg.norm(vector) * np.linalg.norm(_RGB_FROM_HED[stain])
+    rgb = 255.0 * np.exp(-np.clip(hed @ rgb_from_hed, 0, None))
     rgb = rgb * rng.uniform(1 - strength, 1 + strength) + rng.uniform(-strength, strength) * 64
     mean = rgb.mean()
     rgb = (rgb - mean) * rng.uniform(1 - strength, 1 + strength) + mean
@@ -41,12 +55,13 @@ def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator) ->
 
 
 def recolour(crop: np.ndarray, jitter: float, rng: np.random.Generator, templates: "StainTemplates | None" = None,
-             restain_probability: float = 0.0) -> np.ndarray:
+             restain_probability: float = 0.0, vector_jitter: float = 0.0) -> np.ndarray:
     """A training crop's colour augmentation: re-stained to a random template with ``restain_probability``
-    (RandStainNA; only with ``templates``), then jittered with strength ``jitter`` (0: not at all)."""
+    (RandStainNA; only with ``templates``), then jittered with strength ``jitter`` and stain colour jitter
+    ``vector_jitter`` (``color_jitter``; both 0: not at all)."""
     if templates is not None and rng.random() < restain_probability:
         crop = templates.apply(crop, rng)
-    return color_jitter(crop, jitter, rng) if jitter > 0 else crop
+    return color_jitter(crop, jitter, rng, vector_jitter) if jitter > 0 or vector_jitter > 0 else crop
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:

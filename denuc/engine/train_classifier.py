@@ -154,11 +154,11 @@ def point_loss(logits: list[torch.Tensor], targets: list[torch.Tensor], taxonomy
     return torch.stack(terms).sum() / torch.stack(norms).sum().clamp(min=1e-6)
 
 
-def labelled_crop(item: PointImage, size: int, jitter: float, rng: np.random.Generator,
-                  templates: StainTemplates | None = None, restain_probability: float = 0.0
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random ``size`` crop (white-padded if the image is smaller), flipped, rotated and colour-augmented
-    (``recolour``), with its points and their targets. Unlike the detector's crop it keeps each point's label."""
+def labelled_crop(item: PointImage, size: int, cfg: ClassifierTrainConfig, rng: np.random.Generator,
+                  templates: StainTemplates | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random ``size`` crop (white-padded if the image is smaller), flipped, rotated and colour-augmented as
+    ``cfg`` says (``recolour``; re-stained with probability ``cfg.randstainna`` to a template drawn from
+    ``templates``), with its points and their targets. Unlike the detector's crop it keeps each point's label."""
     h, w = item.image.shape[:2]
     y0, x0 = rng.integers(0, max(h - size, 0) + 1), rng.integers(0, max(w - size, 0) + 1)
     crop = np.full((size, size, 3), 255, dtype=np.float32)
@@ -171,7 +171,7 @@ def labelled_crop(item: PointImage, size: int, jitter: float, rng: np.random.Gen
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    crop = recolour(crop, jitter, rng, templates, restain_probability)
+    crop = recolour(crop, cfg.color_jitter, rng, templates, cfg.randstainna, cfg.stain_vector_jitter)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2), targets
 
 
@@ -272,7 +272,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     schedule_cfg.iters_per_epoch = steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule_cfg))
 
-    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), {"classifier": classifier}, optimizer,
+    start_epoch, best, history = (runs.resume(run_dir, cfg, {"classifier": classifier}, optimizer,
                                               scheduler, rng) if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 
@@ -291,7 +291,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
                 logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
             else:
                 picks = rng.integers(0, len(train), cfg.batch_size)
-                crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng, templates, cfg.randstainna)
+                crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates)
                          for i in picks]
                 images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
                 taxonomy = [train[i].taxonomy for i in picks]

@@ -72,7 +72,7 @@ def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.r
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    crop = recolour(crop, cfg.color_jitter, rng, templates, cfg.randstainna)
+    crop = recolour(crop, cfg.color_jitter, rng, templates, cfg.randstainna, cfg.stain_vector_jitter)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2)
 
 
@@ -162,7 +162,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     modules: dict[str, torch.nn.Module] = {"model": model}
     if cfg.ema_decay is not None:  # validation and the saved models use the running average of the weights
         modules["ema"] = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng)
+    start_epoch, best, history = (runs.resume(run_dir, cfg, modules, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 

@@ -116,7 +116,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
     detection_cfg = DetectorTrainConfig(model=model.detector.config)  # the detector's loss settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    start_epoch, best, history = (runs.resume(run_dir, cfg.to_dict(), {"model": model}, optimizer, scheduler, rng)
+    start_epoch, best, history = (runs.resume(run_dir, cfg, {"model": model}, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
     train, val = joint_items(cfg, "train"), joint_items(cfg, "val")
@@ -129,7 +129,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
         bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         for _ in bar:
             picks = rng.integers(0, len(train), cfg.batch_size)
-            crops = [labelled_crop(train[i], cfg.crop_size, cfg.color_jitter, rng, templates, cfg.randstainna)
+            crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates)
                      for i in picks]
             images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
             points = [torch.from_numpy(xy).float() for _, xy, _ in crops]
