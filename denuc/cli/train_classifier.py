@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="lora / full / joint: strength of the crops' stain (HED), brightness and contrast jitter")
     p.add_argument("--stain-vector-jitter", type=float, default=train.stain_vector_jitter, metavar="S",
                    help="lora / full / joint: noise on the haematoxylin and eosin colour vectors the crops are "
-                        "rebuilt with (0.1 turns them by about 8 degrees; default: 0, off)")
+                        "rebuilt with (0.1 turns them by 6-7 degrees on average; default: 0, off)")
     p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
                    help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
                         "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")

@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="strength of the stain (HED), brightness and contrast jitter")
     p.add_argument("--stain-vector-jitter", type=float, default=train.stain_vector_jitter, metavar="S",
                    help="noise (standard deviation per component) on the haematoxylin and eosin colour vectors the "
-                        "crops are rebuilt with: other labs' stain hues (0.1 turns them by about 8 degrees; "
+                        "crops are rebuilt with: other labs' stain hues (0.1 turns them by 6-7 degrees on average; "
                         "default: 0, off)")
     p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
                    help="probability that a crop is re-stained to a template drawn from the training images' "

@@ -1,9 +1,9 @@
 """Colour augmentations for training: stain jitter, and re-staining to templates drawn from the training images.
 
 Both take and return float32 RGB in 0-255. ``color_jitter`` perturbs each stain's optical density (HED) and the
-brightness and contrast, and optionally the stains' colours themselves (their optical density vectors: another
-lab's haematoxylin can be much redder - CMU-1's is about 19 degrees from our training images', against about 5
-degrees among those); ``StainTemplates`` is RandStainNA (Shen et al., MICCAI 2022) in CIELAB: each crop's
+brightness and contrast, and optionally the stains' colours themselves (their optical density vectors: by
+Macenko's estimate, CMU-1-Small-Region's haematoxylin vector is 17 degrees from BRCAM2C's, and BRCAM2C's and
+CRCHisto's differ by 12); ``StainTemplates`` is RandStainNA (Shen et al., MICCAI 2022) in CIELAB: each crop's
 tissue colour statistics are moved (Reinhard's transfer) to a virtual template sampled from a normal
 distribution fitted to the training images' own statistics, so the network sees every plausible lab's colours
 between and around those of its datasets, not only small perturbations of each image's own.
@@ -35,8 +35,9 @@ def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator, ve
     """Stain (HED optical density) scale/shift, then brightness and contrast; float32 RGB 0-255 in and out.
 
     ``vector_jitter`` > 0 also re-colours the stains: the haematoxylin and eosin optical density vectors the
-    crop is rebuilt with get normal noise of this standard deviation per component (then unit length again;
-    0.1 turns a vector by about 8 degrees on average), a linear change of optical density that keeps glass white.
+    crop is rebuilt with get normal noise of this standard deviation per component (then their length again;
+    0.1 turns them by 6-7 degrees on average, 10-12 at the 90th percentile): a linear change of optical density
+    that keeps glass white.
     """
     od = -np.log(np.clip(crop, 1.0, 255.0) / 255.0)
     hed = od @ _HED_FROM_RGB
