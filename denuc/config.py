@@ -201,9 +201,10 @@ class ClassifierTrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.randstainna <= 1:
             raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
-        if self.randstainna > 0 and self.mode == "frozen":
-            raise ValueError("randstainna re-stains training crops; mode 'frozen' trains on cached features of the "
-                             "unaugmented images: use mode 'lora' or 'full'")
+        for name in ("randstainna", "stain_vector_jitter"):
+            if getattr(self, name) > 0 and self.mode == "frozen":
+                raise ValueError(f"{name} re-colours training crops; mode 'frozen' trains on cached features of "
+                                 "the unaugmented images: use mode 'lora' or 'full'")
 
     def to_dict(self) -> dict:
         return asdict(self)

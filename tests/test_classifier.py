@@ -251,6 +251,8 @@ def test_randstainna_recolours_classifier_crops_and_trains(fake_run) -> None:
     assert not np.allclose(on[0], off[0])
     with pytest.raises(ValueError, match="frozen"):
         replace(cfg, mode="frozen")
+    with pytest.raises(ValueError, match="stain_vector_jitter.*frozen"):
+        replace(cfg, mode="frozen", randstainna=0.0, stain_vector_jitter=0.1)
 
 
 @pytest.mark.parametrize("randstainna", [0.0, 0.5])
