@@ -171,7 +171,7 @@ def labelled_crop(item: PointImage, size: int, cfg: ClassifierTrainConfig, rng: 
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    crop = recolour(crop, cfg.color_jitter, rng, templates, cfg.randstainna, cfg.stain_vector_jitter)
+    crop = recolour(crop, cfg, rng, templates)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2), targets
 
 
@@ -291,8 +291,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
                 logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
             else:
                 picks = rng.integers(0, len(train), cfg.batch_size)
-                crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates)
-                         for i in picks]
+                crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates) for i in picks]
                 images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
                 taxonomy = [train[i].taxonomy for i in picks]
                 targets = [torch.from_numpy(t) for _, _, t in crops]

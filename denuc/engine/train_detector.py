@@ -72,7 +72,7 @@ def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.r
         crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
     for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
         crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    crop = recolour(crop, cfg.color_jitter, rng, templates, cfg.randstainna, cfg.stain_vector_jitter)
+    crop = recolour(crop, cfg, rng, templates)
     return np.ascontiguousarray(crop), xy.reshape(-1, 2)
 
 

@@ -129,8 +129,7 @@ def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = 
         bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         for _ in bar:
             picks = rng.integers(0, len(train), cfg.batch_size)
-            crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates)
-                     for i in picks]
+            crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates) for i in picks]
             images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
             points = [torch.from_numpy(xy).float() for _, xy, _ in crops]
             logits, predicted = model.network(images.contiguous(memory_format=torch.channels_last))
