@@ -1,7 +1,7 @@
 """Detection + classification on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um), end to end.
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
-        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1]
+        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|reinhard-cmu1]
         [--out benchmarks/results/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
@@ -100,6 +100,20 @@ def bench(name: str, path: str, split: str, radius_um: float, joint: bool = Fals
     return result
 
 
+def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The re-staining ``--restain`` names: to CMU-1's colours by Macenko's transfer (its stain vectors and
+    maximal concentrations) or by Reinhard's (each image's own tissue statistics in CIELAB mapped to CMU-1's;
+    per image, where bench_stain_shift.py pools a split)."""
+    from bench_stain_shift import macenko_normaliser, read_slide_region, restain, tissue_statistics
+
+    slide = read_slide_region()
+    if name == "macenko-cmu1":
+        normaliser = macenko_normaliser([slide])
+        return lambda image: normaliser.normalize(image, stains=False)[0]
+    target = tissue_statistics([slide])
+    return lambda image: restain(image, tissue_statistics([image]), target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", metavar="NAME=BUNDLE",
@@ -109,20 +123,16 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=1, help="test-time views of the bundles (1, 2, 4, 8)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--radius-um", type=float, default=3.0)
-    parser.add_argument("--restain", choices=("none", "macenko-cmu1"), default="none",
-                        help="re-stain every image first: Macenko to CMU-1-Small-Region.svs's stains "
+    parser.add_argument("--restain", choices=("none", "macenko-cmu1", "reinhard-cmu1"), default="none",
+                        help="re-stain every image first to CMU-1-Small-Region.svs's colours: Macenko's stain "
+                             "vectors, or Reinhard's CIELAB statistics of each image's tissue "
                              "(bench_stain_shift.py; needs torchstain and OpenSlide)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "classification.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
-    restain = None
-    if args.restain == "macenko-cmu1":
-        from bench_stain_shift import macenko_normaliser, read_slide_region
-
-        normaliser = macenko_normaliser([read_slide_region()])
-        restain = lambda image: normaliser.normalize(image, stains=False)[0]  # noqa: E731
+    restain = None if args.restain == "none" else restainer(args.restain)
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
                "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
