@@ -58,8 +58,8 @@ AFTER_TRAINING = {"offsets"}
 """Config keys that only act once training has ended (they do not bind a resumed run)."""
 
 
-def resume(run_dir: Path, cfg: DetectorTrainConfig | ClassifierTrainConfig, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-           scheduler, rng: np.random.Generator) -> tuple[int, float, list[dict]]:
+def resume(run_dir: Path, cfg: DetectorTrainConfig | ClassifierTrainConfig, modules: dict[str, torch.nn.Module],
+           optimizer: torch.optim.Optimizer, scheduler, rng: np.random.Generator) -> tuple[int, float, list[dict]]:
     """Restore the state saved by ``save_epoch`` in ``run_dir`` (each module's weights under its key) if it was
     saved with the training config ``cfg`` (a dataclass); returns (first epoch to run, best validation score so
     far, history). With no checkpoint: (0, -1.0, [])."""
