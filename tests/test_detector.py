@@ -358,6 +358,36 @@ def test_initial_model_from_a_detector_or_an_imagenet_checkpoint(tmp_path: Path)
         initial_model(replace(cfg, backbone_weights=str(tmp_path / "wrong.pth")))
 
 
+@pytest.mark.parametrize(("backbone", "layers"), [("shufflenet_v2_x0_5", ["maxpool", "stage2", "stage3", "stage4"]),
+                                                  ("resnet50", None)])
+def test_exported_backbone_is_the_encoder_of_the_same_features(backbone: str, layers: list[str] | None,
+                                                               tmp_path: Path) -> None:
+    from denuc.cli import main
+    from denuc.models.encoders import create_encoder
+
+    torch.manual_seed(1)
+    detector = Detector(PointDetector(DetectorConfig(backbone=backbone)))  # random weights stand in
+    for module in detector.model.modules():  # non-default batch-norm statistics, so they must travel too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    detector.save(tmp_path / "det.safetensors")
+    assert main(["export-backbone", str(tmp_path / "det.safetensors"), "--out", str(tmp_path / "bb.safetensors")]) == 0
+    # loaded through the encoders' real (strict) path, as `train-classifier --weights` does
+    encoder = create_encoder(f"torchvision:{backbone}", weights=tmp_path / "bb.safetensors", layers=layers).eval()
+    images = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.inference_mode():
+        ours = encoder(images)
+        model = detector.model
+        theirs = model.backbone((images - model.mean) / model.std)
+    assert encoder.strides == [4, 8, 16, 32]
+    for a, b in zip(ours, theirs):  # the detector runs channels-last: other kernels, float rounding apart
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert main(["export-backbone", str(tmp_path / "det.safetensors"), "--out", str(tmp_path / "bb.pth")]) == 2
+    assert main(["export-backbone", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @needs_brcam2c
 def test_train_detector_command_fine_tunes_a_shipped_detector_on_own_points(tmp_path: Path, capsys,
                                                                             points_folder) -> None:

@@ -13,7 +13,7 @@ import sys
 from denuc import __version__
 from denuc.errors import InputError
 
-SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier", "tune-offsets"]
+SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier", "tune-offsets", "export-backbone"]
 
 
 def main(argv: list[str] | None = None) -> int:

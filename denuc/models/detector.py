@@ -61,12 +61,32 @@ class Backbone(nn.Module):
             except (OSError, RuntimeError, pickle.UnpicklingError) as error:
                 raise InputError(imagenet_weights, f"not an ImageNet checkpoint of torchvision's {name}: "
                                                    f"{' '.join(str(error).split())[:300]}") from None
-        if name.startswith("shufflenet"):
-            self.stem = nn.Sequential(net.conv1, net.maxpool)
-            self.stages = nn.ModuleList([net.stage2, net.stage3, net.stage4])
-        else:
-            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
-            self.stages = nn.ModuleList([net.layer2, net.layer3, net.layer4])
+        self.name = name
+        stem, stages = self._parts()
+        self.stem = nn.Sequential(*(getattr(net, part) for part in stem))
+        self.stages = nn.ModuleList(getattr(net, part) for part in stages)
+
+    def _parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The torchvision network's top-level modules that make the stem (to stride 4) and the three stages."""
+        if self.name.startswith("shufflenet"):
+            return ("conv1", "maxpool"), ("stage2", "stage3", "stage4")
+        return ("conv1", "bn1", "relu", "maxpool", "layer1"), ("layer2", "layer3", "layer4")
+
+    def torchvision_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights under the names of the torchvision network it was cut from, for that network
+        (e.g. as the encoder of a classifier: ``torchvision:<name>``). Complete, so it loads strictly: the
+        modules the detector does not have (ShuffleNetV2's conv5, the ImageNet fc) keep torchvision's
+        initialisation under seed 0; cut at the stages, an encoder never runs them."""
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            state = BACKBONES[self.name][0](weights=None).state_dict()
+        stem, stages = self._parts()
+        prefixes = {f"stem.{i}.": f"{part}." for i, part in enumerate(stem)}
+        prefixes.update({f"stages.{i}.": f"{part}." for i, part in enumerate(stages)})
+        for key, value in self.state_dict().items():
+            prefix = next(p for p in prefixes if key.startswith(p))
+            state[prefixes[prefix] + key[len(prefix):]] = value.detach().clone()
+        return state
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [self.stem(x)]
