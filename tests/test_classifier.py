@@ -423,3 +423,39 @@ def test_train_classifier_command_passes_the_jitters_and_refuses_bad_values(fake
                 ["--stain-vector-jitter", "1.5"]):
         assert main([*common, "--run-dir", str(tmp_path / "x"), *bad]) == 2
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
+
+
+def test_weight_average_is_what_is_kept_and_resumes_exactly(fake_run) -> None:
+    cfg, tmp_path = fake_run
+    cfg.mode, cfg.ema_decay, cfg.offsets, cfg.epochs = "full", 0.9, "none", 3
+    whole = tmp_path / "whole"
+    train_classifier(cfg, whole, progress=False)
+    split = tmp_path / "split"
+    train_classifier(cfg, split, progress=False, epochs_this_run=1)
+    train_classifier(cfg, split, resume=True, progress=False)
+    a = torch.load(whole / "last.pt", weights_only=False)
+    b = torch.load(split / "last.pt", weights_only=False)
+    assert a["ema"].keys() == b["ema"].keys()
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    head = "module.heads.crchisto.1.weight"
+    assert not torch.equal(a["ema"][head], a["classifier"][head.removeprefix("module.")])  # an average, not a copy
+    with pytest.raises(ValueError, match="ema_decay"):
+        replace(cfg, ema_decay=1.0)
+
+
+def test_without_validation_the_last_weight_average_is_kept(tmp_path: Path, points_folder) -> None:
+    rng = np.random.default_rng(0)
+    gt = Nuclei(xy=rng.uniform(8, 88, (12, 2)), labels=np.array(["tumour", "immune"] * 6, dtype=object), mpp=0.5)
+    root = points_folder(tmp_path / "mine", {"train": [("a", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), gt)]},
+                         {"mpp": 0.5, "classes": ["tumour", "immune"]})
+    tiny_detector(threshold=0.5).save(tmp_path / "detector.safetensors")
+    cfg = ClassifierTrainConfig(datasets=[DatasetSpec("points", str(root))], model=TINY, mode="full", ema_decay=0.9,
+                                detector=str(tmp_path / "detector.safetensors"), epochs=2, iters_per_epoch=2,
+                                batch_size=1, crop_size=64, warmup_iters=1, threads=1)
+    with pytest.warns(UserWarning, match="no validation images"):
+        bundle = train_classifier(cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    kept = load_file(str(bundle))
+    name = next(k for k in kept if k.endswith("heads.points.1.weight"))
+    assert torch.equal(kept[name], state["ema"]["module.heads.points.1.weight"])
+    assert not torch.equal(kept[name], state["classifier"]["heads.points.1.weight"])

@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
                    help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
                         "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
+    p.add_argument("--ema-decay", type=float, default=train.ema_decay, metavar="D",
+                   help="frozen / lora / full: validate and keep an exponential moving average of the weights "
+                        "with this decay (0.999: about the last 1,000 iterations; default: 0, off)")
     p.add_argument("--offsets", default=train.offsets, choices=("none", "nucleus", "all"),
                    help="after training, tune the heads' offsets on validation: 'not a nucleus' only (default), "
                         "every output (fits the validation class mix), or none")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,
             threads=args.threads, lr=args.lr, weight_decay=args.weight_decay, color_jitter=args.color_jitter,
             stain_vector_jitter=args.stain_vector_jitter,
-            randstainna=args.randstainna,
+            randstainna=args.randstainna, ema_decay=args.ema_decay,
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None

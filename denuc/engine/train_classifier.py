@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.spatial import cKDTree
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -272,8 +273,12 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     schedule_cfg.iters_per_epoch = steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule_cfg))
 
-    start_epoch, best, history = (runs.resume(run_dir, cfg, {"classifier": classifier}, optimizer,
-                                              scheduler, rng) if resume else (0, -1.0, []))
+    # with ema_decay, an exponential moving average of the weights is what is validated and kept: the epoch-to-epoch
+    # swings of a small validation split then pick less of a lucky epoch
+    ema = ModelEmaV3(classifier, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+    modules = {"classifier": classifier} | ({"ema": ema} if ema else {})
+    start_epoch, best, history = (runs.resume(run_dir, cfg, modules, optimizer, scheduler, rng)
+                                  if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
 
     stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
@@ -285,7 +290,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         total = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         batches = _frozen_epoch(train, train_features, cfg.batch_size * 128, rng) if cfg.mode == "frozen" else None
-        for _ in bar:
+        for step in bar:
             if cfg.mode == "frozen":
                 features, targets, taxonomy = next(batches)
                 logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
@@ -303,24 +308,27 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema:
+                ema.update(classifier, step=epoch * steps + step + 1)
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        scored = ema.module if ema else classifier
         classifier.eval()
+        scored.eval()
         with torch.inference_mode():
-            features = val_features if cfg.mode == "frozen" else image_features(classifier, val, progress)
-            probs = [classifier.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
+            features = val_features if cfg.mode == "frozen" else image_features(scored, val, progress)
+            probs = [scored.heads[item.taxonomy](f).softmax(-1).numpy() for item, f in zip(val, features)]
         val_f1 = validation_f1(val, probs, classes) if val else {"mean": float("nan")}
         row = {"epoch": epoch + 1, "loss": total / steps, "lr": scheduler.get_last_lr()[0],
                "seconds": time.perf_counter() - started, **{f"val_f1_{k}": v for k, v in val_f1.items()}}
         history.append(row)
         if val_f1["mean"] > best or not val:  # without validation images the last epoch is kept
             best = val_f1["mean"]
-            chosen = merge_lora(classifier) if cfg.mode == "lora" else classifier
+            chosen = merge_lora(scored) if cfg.mode == "lora" else scored
             Pipeline(detector, copy.deepcopy(chosen)).save(
                 run_dir / "best.safetensors", extra_metadata={"epoch": epoch + 1, "val_f1": val_f1,
                                                                "train_config": cfg.to_dict()})
-        runs.save_epoch(run_dir, cfg.to_dict(), {"classifier": classifier}, optimizer, scheduler, rng, epoch, best,
-                        history, progress)
+        runs.save_epoch(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng, epoch, best, history, progress)
     if stop < cfg.epochs:
         return run_dir / "best.safetensors"
     if cfg.offsets != "none":
