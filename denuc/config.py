@@ -182,7 +182,7 @@ class ClassifierTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_iters: int = 50
-    # > 0: validate and keep an exponential moving average of the weights (timm's ModelEmaV3, warm-up on), not
+    # full mode, > 0: validate and keep an exponential moving average of the weights (timm's ModelEmaV3, warm-up on), not
     # the weights of the last step; 0.999 averages over about the last 1,000 iterations
     ema_decay: float = 0.0
     color_jitter: float = 0.1  # lora / full / joint: stain (HED), brightness and contrast jitter of the crops
@@ -206,8 +206,9 @@ class ClassifierTrainConfig:
             raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
-        if self.ema_decay and self.mode == "joint":
-            raise ValueError("ema_decay applies to modes 'frozen', 'lora' and 'full'")
+        # the average is a copy of the whole model: a frozen foundation encoder would be held and updated twice
+        if self.ema_decay and self.mode != "full":
+            raise ValueError("ema_decay applies to mode 'full' only")
         for name in ("randstainna", "stain_vector_jitter"):
             if getattr(self, name) > 0 and self.mode == "frozen":
                 raise ValueError(f"{name} re-colours training crops; mode 'frozen' trains on cached features of "

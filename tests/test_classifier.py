@@ -441,6 +441,8 @@ def test_weight_average_is_what_is_kept_and_resumes_exactly(fake_run) -> None:
     assert not torch.equal(a["ema"][head], a["classifier"][head.removeprefix("module.")])  # an average, not a copy
     with pytest.raises(ValueError, match="ema_decay"):
         replace(cfg, ema_decay=1.0)
+    with pytest.raises(ValueError, match="mode 'full' only"):
+        replace(cfg, mode="frozen")
 
 
 def test_without_validation_the_last_weight_average_is_kept(tmp_path: Path, points_folder) -> None:
