@@ -182,9 +182,8 @@ class ClassifierTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_iters: int = 50
-    # full mode, > 0: validate and keep an exponential moving average of the weights (timm's ModelEmaV3, warm-up on), not
-    # the weights of the last step; 0.999 averages over about the last 1,000 iterations
-    ema_decay: float = 0.0
+    # full mode: validate and keep an exponential moving average of the weights, as the detector's (e.g. 0.999)
+    ema_decay: float | None = None
     color_jitter: float = 0.1  # lora / full / joint: stain (HED), brightness and contrast jitter of the crops
     stain_vector_jitter: float = 0.0  # lora / full / joint: noise on the H and E colour vectors (0: off)
     # lora / full / joint: probability that a crop is first re-stained (RandStainNA; see DetectorTrainConfig)
@@ -204,10 +203,10 @@ class ClassifierTrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.randstainna <= 1:
             raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         # the average is a copy of the whole model: a frozen foundation encoder would be held and updated twice
-        if self.ema_decay and self.mode != "full":
+        if self.ema_decay is not None and self.mode != "full":
             raise ValueError("ema_decay applies to mode 'full' only")
         for name in ("randstainna", "stain_vector_jitter"):
             if getattr(self, name) > 0 and self.mode == "frozen":

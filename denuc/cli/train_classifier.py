@@ -41,8 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
                         "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
     p.add_argument("--ema-decay", type=float, default=train.ema_decay, metavar="D",
-                   help="full: validate and keep an exponential moving average of the weights "
-                        "with this decay (0.999: about the last 1,000 iterations; default: 0, off)")
+                   help="full: validate and keep an exponential moving average of the weights with this decay "
+                        "(0.999: about the last 1,000 iterations; default: off)")
     p.add_argument("--offsets", default=train.offsets, choices=("none", "nucleus", "all"),
                    help="after training, tune the heads' offsets on validation: 'not a nucleus' only (default), "
                         "every output (fits the validation class mix), or none")

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.spatial import cKDTree
-from timm.utils import ModelEmaV3
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import denuc.datasets as datasets
@@ -275,7 +275,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
 
     # with ema_decay, an exponential moving average of the weights is what is validated and kept: the epoch-to-epoch
     # swings of a small validation split then pick less of a lucky epoch
-    ema = ModelEmaV3(classifier, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+    ema = None if cfg.ema_decay is None else \
+        AveragedModel(classifier, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     modules = {"classifier": classifier} | ({"ema": ema} if ema else {})
     start_epoch, best, history = (runs.resume(run_dir, cfg, modules, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))
@@ -290,7 +291,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         total = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         batches = _frozen_epoch(train, train_features, cfg.batch_size * 128, rng) if cfg.mode == "frozen" else None
-        for step in bar:
+        for _ in bar:
             if cfg.mode == "frozen":
                 features, targets, taxonomy = next(batches)
                 logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
@@ -309,7 +310,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             optimizer.step()
             scheduler.step()
             if ema:
-                ema.update(classifier, step=epoch * steps + step + 1)
+                ema.update_parameters(classifier)
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
         scored = ema.module if ema else classifier
