@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from denuc.config import ClassifierTrainConfig, DetectorTrainConfig
 from denuc.engine.stain import StainTemplates
@@ -103,3 +104,9 @@ def save_epoch(run_dir: Path, config: dict, modules: dict[str, torch.nn.Module],
         writer.writerows(history)
     if progress:
         print(json.dumps(history[-1]), flush=True)
+
+
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and batch-norm buffers (``update_parameters(model)``
+    after each step), for validating and saving in place of the last step's weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

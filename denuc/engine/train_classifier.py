@@ -35,7 +35,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.spatial import cKDTree
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import denuc.datasets as datasets
@@ -275,8 +274,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
 
     # with ema_decay, an exponential moving average of the weights is what is validated and kept: the epoch-to-epoch
     # swings of a small validation split then pick less of a lucky epoch
-    ema = None if cfg.ema_decay is None else \
-        AveragedModel(classifier, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = None if cfg.ema_decay is None else runs.weight_average(classifier, cfg.ema_decay)
     modules = {"classifier": classifier} | ({"ema": ema} if ema else {})
     start_epoch, best, history = (runs.resume(run_dir, cfg, modules, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))

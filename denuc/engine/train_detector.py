@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from denuc.config import DetectorTrainConfig
@@ -161,7 +160,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     modules: dict[str, torch.nn.Module] = {"model": model}
     if cfg.ema_decay is not None:  # validation and the saved models use the running average of the weights
-        modules["ema"] = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        modules["ema"] = runs.weight_average(model, cfg.ema_decay)
     start_epoch, best, history = (runs.resume(run_dir, cfg, modules, optimizer, scheduler, rng)
                                   if resume else (0, -1.0, []))
     runs.write_json(run_dir / "config.json", cfg.to_dict())
