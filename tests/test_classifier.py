@@ -416,11 +416,12 @@ def test_train_classifier_command_passes_the_jitters_and_refuses_bad_values(fake
               "--detector", cfg.detector, "--mode", "full", "--epochs", "1", "--iters-per-epoch", "1",
               "--batch-size", "2", "--crop-size", "64", "--threads", "1", "--offsets", "none", "--quiet"]
     assert main([*common, "--run-dir", str(tmp_path / "run"), "--color-jitter", "0.3",
-                 "--stain-vector-jitter", "0.1"]) == 0
+                 "--stain-vector-jitter", "0.1", "--ema-decay", "0.99"]) == 0
     recipe = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (recipe["color_jitter"], recipe["stain_vector_jitter"]) == (0.3, 0.1)
+    assert (recipe["color_jitter"], recipe["stain_vector_jitter"], recipe["ema_decay"]) == (0.3, 0.1, 0.99)
+    assert "ema" in torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     for bad in (["--color-jitter", "1"], ["--color-jitter", "-0.1"], ["--randstainna", "2"],
-                ["--stain-vector-jitter", "1.5"]):
+                ["--stain-vector-jitter", "1.5"], ["--ema-decay", "1"]):
         assert main([*common, "--run-dir", str(tmp_path / "x"), *bad]) == 2
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
 

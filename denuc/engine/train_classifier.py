@@ -311,8 +311,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
                 ema.update_parameters(classifier)
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        scored = ema.module if ema else classifier
-        classifier.eval()
+        scored = ema.module if ema else classifier  # what is validated and kept
         scored.eval()
         with torch.inference_mode():
             features = val_features if cfg.mode == "frozen" else image_features(scored, val, progress)
