@@ -27,8 +27,9 @@ from denuc.nuclei import Nuclei, concat
 PRETRAINED = {"default": "detector_default.safetensors", "fast": "detector_fast.safetensors",
               "stain-robust": "detector_stain_robust.safetensors"}
 """Detectors shipped inside the package (denuc/weights): "default" (ShuffleNetV2 1.0x), "fast" (0.5x, about
-three quarters of the time for 1-2 points less F1) and "stain-robust" (1.0x trained with RandStainNA: as accurate
-on our test splits, and loses less on images in another lab's colours); see DETECTOR_CARD.md."""
+three quarters of the time for 1-2 points less F1), both fine-tuned with RandStainNA colour augmentation, and
+"stain-robust" (1.0x trained with RandStainNA from the start: 1-4 points less F1 on our test splits, 2 points more
+on images in another lab's colours); see DETECTOR_CARD.md."""
 
 ALIGN = 32  # the backbone's total stride: tile origins and sizes are multiples of it so grids line up
 
