@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from denuc.datasets import get_dataset
-from denuc.engine.evaluate import Report, evaluate
-from denuc.engine.pipeline import Pipeline
-from denuc.engine.train_joint import JointModel
+from denuc.metrics.evaluate import Report, evaluate
+from denuc.inference.pipeline import Pipeline
+from denuc.train.joint import JointModel
 from denuc.io.atomic import write_json
 from denuc.io.images import read_image, resample
 from denuc.nuclei import UNLABELLED
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", metavar="NAME=BUNDLE",
                         help="a bundle to score under a name (repeat); default: default=default")
     parser.add_argument("--joint", action="append", default=[], metavar="NAME=FILE",
-                        help="a joint end-to-end baseline (denuc.engine.train_joint) to score end to end (repeat)")
+                        help="a joint end-to-end baseline (denuc.train.joint) to score end to end (repeat)")
     parser.add_argument("--tta", type=int, default=1, help="test-time views of the bundles (1, 2, 4, 8)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--radius-um", type=float, default=3.0)

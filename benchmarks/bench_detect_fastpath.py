@@ -33,8 +33,9 @@ import torch
 
 from denuc.config import DetectorConfig
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector, make_detector, tile_origins
-from denuc.engine.onnx_runtime import OnnxDetector, export_onnx
+from denuc.inference.detect import Detector, make_detector
+from denuc.inference.tiling import tile_origins
+from denuc.inference.runtime import OnnxDetector, export_onnx
 from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 from denuc.models.detector import PointDetector

@@ -25,7 +25,8 @@ import torch
 
 from denuc.config import RUNTIMES
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector, tile_origins
+from denuc.inference.detect import Detector
+from denuc.inference.tiling import tile_origins
 from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector
-from denuc.engine.evaluate import evaluate
+from denuc.inference.detect import Detector
+from denuc.metrics.evaluate import evaluate
 from denuc.io.atomic import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

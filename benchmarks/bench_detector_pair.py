@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector
+from denuc.inference.detect import Detector
 from denuc.io.atomic import write_json
 
 BRCAM2C = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brcam2c"

@@ -28,9 +28,9 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 from PIL import Image
 
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector
-from denuc.engine.evaluate import evaluate
-from denuc.engine.onnx_runtime import OnnxDetector, export_onnx
+from denuc.inference.detect import Detector
+from denuc.metrics.evaluate import evaluate
+from denuc.inference.runtime import OnnxDetector, export_onnx
 from denuc.io.atomic import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from denuc.engine.evaluate import PROTOCOLS, evaluate
+from denuc.metrics.evaluate import PROTOCOLS, evaluate
 from denuc.io.atomic import write_json
 from denuc.nuclei import NucleusClass, Nuclei
 

@@ -30,8 +30,8 @@ import torch
 
 from bench_classification import DATASETS, summary
 from denuc.datasets import get_dataset
-from denuc.engine.evaluate import evaluate
-from denuc.engine.pipeline import Pipeline
+from denuc.metrics.evaluate import evaluate
+from denuc.inference.pipeline import Pipeline
 from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 from denuc.nuclei import Nuclei

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_models import CellViT256, HoVerNet, StarDistUNet  # noqa: E402
 
 from denuc.config import DetectorConfig  # noqa: E402
-from denuc.engine.detect import make_detector, point_nms  # noqa: E402
-from denuc.engine.matching import greedy_match  # noqa: E402
+from denuc.inference.detect import make_detector  # noqa: E402
+from denuc.inference.nms import point_nms  # noqa: E402
+from denuc.metrics.matching import greedy_match  # noqa: E402
 from denuc.io.atomic import write_json  # noqa: E402
 from denuc.models.detector import PointDetector, count_parameters  # noqa: E402
 from denuc.models.encoders import create_encoder  # noqa: E402
@@ -97,7 +98,7 @@ def networks(batch: int, repeats: int) -> list[dict]:
         onnx = make_detector(PointDetector(DetectorConfig(backbone=width)), runtime="onnx")
         name = f"denuc {width}, onnxruntime"
         position = [m[0] for m in models].index(f"denuc {width}") + 1
-        models.insert(position, (name, onnx.model, 256, 256, [0.5, 0.25], "denuc.engine.onnx_runtime (runtime='onnx')"))
+        models.insert(position, (name, onnx.model, 256, 256, [0.5, 0.25], "denuc.inference.runtime (runtime='onnx')"))
         runs[name] = lambda session=onnx.session: session.run(None, {"images": onnx_input})
     print(f"networks, batch {batch}:", flush=True)
     seconds = interleaved(runs, repeats)

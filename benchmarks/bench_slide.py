@@ -37,8 +37,8 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
     """Runs in the child: one slide, one model, fresh process. Returns the figures."""
     import torch
 
-    from denuc.engine.pipeline import Pipeline
-    from denuc.engine.slide import predict_slide
+    from denuc.inference.pipeline import Pipeline
+    from denuc.inference.slide import predict_slide
     from denuc.io.slides import open_slide
 
     model = Pipeline.from_pretrained(model_name, runtime=runtime)
@@ -97,8 +97,8 @@ def main() -> None:
     if not CMU.is_file():
         sys.exit(f"benchmark slide not found: {CMU}")
 
-    from denuc.engine.pipeline import Pipeline
-    from denuc.engine.slide import software_versions
+    from denuc.inference.pipeline import Pipeline
+    from denuc.inference.slide import software_versions
     from denuc.io.atomic import write_json
 
     with_classifier = [m for m in models if Pipeline.from_pretrained(m).classifier is not None]

@@ -8,7 +8,7 @@ colour transfer (per-channel mean and standard deviation of its tissue pixels in
 target's) to (a) the other dataset's train split and (b) ../shared/slides/CMU-1-Small-Region.svs (Carnegie
 Mellon, another scanner and lab), then detected at the model's own threshold and NMS radius. Reports detection
 precision / recall / F1 per dataset and target (`denuc` protocol, 3 um). Re-staining keeps the nuclei where they
-are, so the ground truth is unchanged. The CIELAB conversion is denuc's own (``denuc.engine.stain``, the one
+are, so the ground truth is unchanged. The CIELAB conversion is denuc's own (``denuc.train.stain``, the one
 RandStainNA training uses; within 1e-4 of scikit-image's). Because a model trained with ``--randstainna`` has
 seen Reinhard transfers, each target is also reached by a second, different transfer: Macenko's stain-vector
 normalisation (torchstain, numpy backend; each image's own H and E vectors estimated and replaced by the
@@ -30,9 +30,9 @@ import torchstain
 
 from bench_detection import DATASETS
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector
-from denuc.engine.evaluate import evaluate
-from denuc.engine.stain import lab_to_rgb, rgb_to_lab, tissue_statistics as lab_statistics
+from denuc.inference.detect import Detector
+from denuc.metrics.evaluate import evaluate
+from denuc.train.stain import lab_to_rgb, rgb_to_lab, tissue_statistics as lab_statistics
 from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 

@@ -19,8 +19,8 @@ import torch
 
 from bench_detection import DATASETS
 from denuc.datasets import get_dataset
-from denuc.engine.detect import Detector
-from denuc.engine.evaluate import evaluate
+from denuc.inference.detect import Detector
+from denuc.metrics.evaluate import evaluate
 from denuc.io.atomic import write_json
 
 

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # The models are importable from the top (``from denuc import Pipeline``) but load torch only when asked for,
 # so that ``import denuc`` and ``denuc --help`` stay fast.
-_MODELS = {"Pipeline": "denuc.engine.pipeline", "Detector": "denuc.engine.detect"}
+_MODELS = {"Pipeline": "denuc.inference.pipeline", "Detector": "denuc.inference.detect"}
 
 __all__ = ["Detector", "InputError", "NOT_A_NUCLEUS", "Nuclei", "NucleusClass", "Pipeline", "UNLABELLED",
            "__version__"]

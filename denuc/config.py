@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 RUNTIMES = ("auto", "torch", "onnx")
 """Where the networks run: PyTorch (any device), ONNX Runtime (CPU), or "auto": ONNX Runtime on a CPU, where
-it is the faster of the two (docs/benchmarks.md), and PyTorch on a GPU (``engine.detect.choose_runtime``)."""
+it is the faster of the two (docs/benchmarks.md), and PyTorch on a GPU (``inference.detect.choose_runtime``)."""
 
 
 @dataclass
@@ -31,7 +31,7 @@ class DetectorConfig:
     tile_size: int = 256
     tile_overlap: int = 32
     # test-time augmentation: 1 (off), 2, 4 or 8 flipped/transposed views of each tile, their points fused
-    # (``denuc.engine.detect.fuse_views``); 8 measured +1.5 validation F1 points for 8x the network's time
+    # (``denuc.inference.tta.fuse_views``); 8 measured +1.5 validation F1 points for 8x the network's time
     test_time_views: int = 1
 
     def __post_init__(self) -> None:
@@ -96,7 +96,7 @@ class DetectorTrainConfig:
     background_weight: float = 0.5
     scale_jitter: float = 0.1  # crops rescaled by a factor in [1 - j, 1 + j]
     color_jitter: float = 0.1  # stain (HED), brightness and contrast perturbation strength
-    stain_vector_jitter: float = 0.0  # noise on the H and E colour vectors (engine.stain.color_jitter; 0: off)
+    stain_vector_jitter: float = 0.0  # noise on the H and E colour vectors (train.stain.color_jitter; 0: off)
     # probability that a crop is first re-stained to a virtual template drawn from the training images' CIELAB
     # statistics (RandStainNA; 0: off)
     randstainna: float = 0.0

@@ -16,12 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec, DetectorConfig
-from denuc.engine.classify import Classifier
-from denuc.engine.detect import Detector
-from denuc.engine.pipeline import Pipeline
-from denuc.engine.train_classifier import (PointImage, add_lora, add_offsets, best_offsets, false_positives,
+from denuc.inference.classify import Classifier
+from denuc.inference.detect import Detector
+from denuc.inference.pipeline import Pipeline
+from denuc.train.classifier import (PointImage, add_lora, add_offsets, best_offsets, false_positives,
                                            merge_lora, point_images, train_classifier, tune_offsets)
-from denuc.engine.train_joint import JointModel, train_joint
+from denuc.train.joint import JointModel, train_joint
 from denuc.errors import InputError
 from denuc.models.detector import PointDetector
 from denuc.models.heads import create_head
@@ -227,8 +227,8 @@ def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str, caps
 
 
 def test_randstainna_recolours_classifier_crops_and_trains(fake_run) -> None:
-    from denuc.engine.stain import StainTemplates
-    from denuc.engine.train_classifier import labelled_crop
+    from denuc.train.stain import StainTemplates
+    from denuc.train.classifier import labelled_crop
     from denuc.errors import InputError
 
     cfg, tmp_path = fake_run
@@ -290,7 +290,7 @@ def test_lora_adapters_merge_into_the_encoder() -> None:
 def test_test_time_views_average_the_views_and_do_not_depend_on_orientation() -> None:
     """With 8 views, a flipped or transposed tile (points moved with it) gets the same probabilities: the eight
     views of it are the eight views of the tile. The features returned are those of the tile itself."""
-    from denuc.engine.detect import unview_points, view_points, view_tiles
+    from denuc.inference.tta import unview_points, view_points, view_tiles
 
     classifier = Classifier.create(TINY, CLASSES).eval()
     tile = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)  # not square: transposes show

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from denuc.config import DatasetSpec, DetectorConfig, DetectorTrainConfig
-from denuc.engine.detect import Detector, fuse_views, point_nms, tile_origins, unview_points, view_tiles
-from denuc.engine.evaluate import evaluate
-from denuc.engine.train_detector import TrainImage, detection_loss, match_anchors, random_crop, train_detector
+from denuc.inference.detect import Detector
+from denuc.inference.nms import point_nms
+from denuc.inference.tiling import tile_origins
+from denuc.inference.tta import fuse_views, unview_points, view_tiles
+from denuc.metrics.evaluate import evaluate
+from denuc.train.detector import TrainImage, detection_loss, match_anchors, random_crop, train_detector
 from denuc.models.detector import BACKBONES, PointDetector, count_parameters
 from denuc.nuclei import Nuclei
 
@@ -333,7 +336,7 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
 def test_initial_model_from_a_detector_or_an_imagenet_checkpoint(tmp_path: Path) -> None:
     import torchvision
 
-    from denuc.engine.train_detector import initial_model
+    from denuc.train.detector import initial_model
     from denuc.errors import InputError
 
     cfg = DetectorTrainConfig()
@@ -436,7 +439,7 @@ def test_version_option_prints_the_package_version(capsys) -> None:
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
-    from denuc.engine import runs
+    from denuc.train import loop as runs
 
     cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", "/data/brcam2c")])
     model = torch.nn.Linear(2, 2)

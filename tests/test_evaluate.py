@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from denuc.cli import main
-from denuc.engine.evaluate import PROTOCOLS, evaluate
+from denuc.metrics.evaluate import PROTOCOLS, evaluate
 from denuc.errors import InputError
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, NucleusClass, Nuclei
 

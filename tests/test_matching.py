@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from denuc.engine.matching import candidate_pairs, greedy_match, hungarian_match, puma_match
+from denuc.metrics.matching import candidate_pairs, greedy_match, hungarian_match, puma_match
 
 
 def pairs(result: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from denuc.config import DetectorConfig
-from denuc.engine.detect import Detector, choose_runtime, make_detector
+from denuc.inference.detect import Detector, choose_runtime, make_detector
 from denuc.models.detector import PointDetector
 
 # Stated tolerance: ONNX Runtime folds batch norms into the convolutions and reorders float32 sums, so outputs
@@ -76,7 +76,7 @@ def test_onnx_detections_match_torch(onnx: Detector) -> None:
 def test_onnx_detector_runs_the_graph_it_is_given() -> None:
     import io
 
-    from denuc.engine.onnx_runtime import OnnxDetector, export_onnx
+    from denuc.inference.runtime import OnnxDetector, export_onnx
 
     other = random_detector(8, seed=1)
     buffer = io.BytesIO()
@@ -103,7 +103,7 @@ def test_auto_runtime_is_onnx_on_a_cpu_and_torch_elsewhere() -> None:
 def test_predict_cli_with_onnx_runtime_gives_the_torch_nuclei(tmp_path) -> None:
     """`denuc predict` (ONNX Runtime on a CPU by default) with the shipped bundle: PyTorch's classified nuclei."""
     from denuc.cli import main
-    from denuc.engine.evaluate import evaluate
+    from denuc.metrics.evaluate import evaluate
     from denuc.io import read_points
 
     found = {}
@@ -126,7 +126,7 @@ FEATURE_ATOL = 1e-4
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 160), (70, 90)], ids=["square", "wide", "padded"])
 def test_onnx_encoder_matches_torch(size: tuple[int, int]) -> None:
-    from denuc.engine.onnx_runtime import OnnxEncoder
+    from denuc.inference.runtime import OnnxEncoder
     from denuc.models.encoders import create_encoder
 
     torch.manual_seed(0)
@@ -142,8 +142,8 @@ def test_onnx_encoder_matches_torch(size: tuple[int, int]) -> None:
 
 def test_onnx_pipeline_classifies_like_torch(tmp_path) -> None:
     from denuc.config import ClassifierConfig
-    from denuc.engine.classify import Classifier
-    from denuc.engine.pipeline import Pipeline
+    from denuc.inference.classify import Classifier
+    from denuc.inference.pipeline import Pipeline
     from denuc.nuclei import NucleusClass
 
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ def test_onnx_pipeline_classifies_like_torch(tmp_path) -> None:
 
 
 def test_transformer_encoders_stay_in_torch() -> None:
-    from denuc.engine.onnx_runtime import OnnxEncoder
+    from denuc.inference.runtime import OnnxEncoder
     from denuc.models.encoders import create_encoder
 
     with pytest.raises(ValueError, match="transformer encoders run in PyTorch"):
@@ -171,7 +171,7 @@ def test_transformer_encoders_stay_in_torch() -> None:
 
 
 def test_exported_graphs_are_cached_by_weights(onnx_cache, monkeypatch) -> None:
-    import denuc.engine.onnx_runtime as onnx_runtime
+    import denuc.inference.runtime as onnx_runtime
 
     model = random_detector(8, seed=5)
     tiles = np.random.default_rng(6).integers(0, 256, (1, 96, 96, 3), dtype=np.uint8)

@@ -19,11 +19,11 @@ from PIL import Image
 
 from denuc.cli import main
 from denuc.config import ClassifierConfig, DetectorConfig
-from denuc.engine.classify import Classifier
-from denuc.engine.detect import Detector
-from denuc.engine.pipeline import Pipeline
-from denuc.engine.slide import predict_slide
-from denuc.engine.tissue import detect_tissue
+from denuc.inference.classify import Classifier
+from denuc.inference.detect import Detector
+from denuc.inference.pipeline import Pipeline
+from denuc.inference.slide import predict_slide
+from denuc.inference.tissue import detect_tissue
 from denuc.errors import InputError
 from denuc.io import read_points
 from denuc.io.slides import open_slide, write_pyramidal_tiff
@@ -51,7 +51,7 @@ def tiny_model() -> Pipeline:
 
 def test_model_fingerprint_changes_with_test_time_views() -> None:
     """Resumed work must come from the same settings: test-time views change what the model outputs."""
-    from denuc.engine.slide import model_fingerprint
+    from denuc.inference.slide import model_fingerprint
 
     model = Pipeline(tiny_model().detector, Classifier.create(ClassifierConfig(encoder="timm:test_efficientnet"),
                                                             {"t": [NucleusClass("a")]}))
@@ -116,7 +116,7 @@ def test_plain_image_needs_mpp_and_opens_with_it(tmp_path: Path) -> None:
 
 
 def test_saturation_is_hsv_saturation() -> None:
-    from denuc.engine.tissue import saturation
+    from denuc.inference.tissue import saturation
 
     rgb = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     rgb[0, 0] = 0  # black: saturation 0, no division by zero

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from denuc.config import DetectorTrainConfig
-from denuc.engine.stain import StainTemplates, color_jitter, lab_to_rgb, restain, rgb_to_lab
-from denuc.engine.train_detector import TrainImage, random_crop
+from denuc.train.stain import StainTemplates, color_jitter, lab_to_rgb, restain, rgb_to_lab
+from denuc.train.detector import TrainImage, random_crop
 from denuc.io.images import read_image
 
 SAMPLE = Path(__file__).resolve().parents[1] / "denuc" / "data" / "sample_brcam2c.png"

@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.engine.detect import Detector
+    from denuc.inference.detect import Detector
     from denuc.errors import InputError
     from denuc.io import write_points
     from denuc.io.images import read_image

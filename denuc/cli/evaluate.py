@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from denuc.engine.evaluate import PROTOCOLS
+from denuc.metrics.evaluate import PROTOCOLS
 from denuc.errors import InputError
 
 POINT_SUFFIXES = (".csv", ".geojson", ".json")
@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.engine.evaluate import evaluate
+    from denuc.metrics.evaluate import evaluate
     from denuc.io.atomic import write_json
 
     if args.mpp is not None and not args.mpp > 0:

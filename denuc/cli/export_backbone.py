@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from denuc.engine.detect import Detector
+    from denuc.inference.detect import Detector
     from denuc.errors import InputError
     from denuc.io.atomic import atomic_path
 

@@ -68,8 +68,8 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.engine.pipeline import Pipeline
-    from denuc.engine.slide import model_fingerprint, predict_slide
+    from denuc.inference.pipeline import Pipeline
+    from denuc.inference.slide import model_fingerprint, predict_slide
     from denuc.errors import InputError
     from denuc.io.slides import open_slide
 

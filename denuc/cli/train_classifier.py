@@ -50,8 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from denuc.config import ClassifierConfig, ClassifierTrainConfig
-    from denuc.engine.train_classifier import train_classifier
-    from denuc.engine.train_joint import train_joint
+    from denuc.train.classifier import train_classifier
+    from denuc.train.joint import train_joint
     from denuc.errors import InputError
 
     specs = dataset_specs(args.dataset)

@@ -41,8 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from denuc.config import DetectorConfig, DetectorTrainConfig
-    from denuc.engine.detect import Detector
-    from denuc.engine.train_detector import train_detector, tune_thresholds
+    from denuc.inference.detect import Detector
+    from denuc.train.detector import train_detector, tune_thresholds
     from denuc.errors import InputError
 
     architecture = {k: v for k, v in (("backbone", args.backbone), ("head_stride", args.head_stride),

@@ -27,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.engine.pipeline import model_file
-    from denuc.engine.train_classifier import tune_offsets
+    from denuc.inference.pipeline import model_file
+    from denuc.train.classifier import tune_offsets
     from denuc.errors import InputError
 
     if args.out.exists() and args.out.samefile(model_file(args.model)):

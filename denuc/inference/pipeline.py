@@ -5,7 +5,7 @@ working pixel size (``predict_tiles``) so that slide readers can stream tiles to
 any pixel size (``predict``). With no classifier every nucleus is "unlabelled" (detection only).
 
 A model *bundle* is one safetensors file: the detector's tensors under ``detector.``, the classifier's under
-``classifier.`` (see ``denuc.engine.classify``), and both configs plus the taxonomies in its metadata. A bare
+``classifier.`` (see ``denuc.inference.classify``), and both configs plus the taxonomies in its metadata. A bare
 detector file (``Detector.save``) loads as a detection-only model.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from denuc.engine.classify import Classifier
-from denuc.engine.detect import PRETRAINED, Detector, choose_runtime, predict_image
+from denuc.inference.classify import Classifier
+from denuc.inference.detect import PRETRAINED, Detector, choose_runtime
+from denuc.inference.tiling import predict_image
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import Nuclei, NucleusClass
@@ -58,7 +59,7 @@ class Pipeline:
 
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
         ``runtime`` is where the networks run: "torch", or "onnx" (CPU) for the detector and a convolutional
-        classifier encoder (see ``denuc.engine.onnx_runtime``), or "auto": ONNX Runtime on a CPU, else PyTorch.
+        classifier encoder (see ``denuc.inference.runtime``), or "auto": ONNX Runtime on a CPU, else PyTorch.
         """
         runtime = choose_runtime(runtime, device)
         path = model_file(path_or_name)
@@ -79,7 +80,7 @@ class Pipeline:
         if taxonomy is not None:
             classifier.use_taxonomy(taxonomy)
         if runtime == "onnx" and classifier.encoder.patch_size is None:
-            from denuc.engine.onnx_runtime import OnnxEncoder  # imported only when asked for: onnx loads slowly
+            from denuc.inference.runtime import OnnxEncoder  # imported only when asked for: onnx loads slowly
 
             classifier.encoder_runtime = OnnxEncoder(classifier.encoder)
         try:
@@ -117,7 +118,7 @@ class Pipeline:
         """Nuclei of each RGB uint8 tile of a (B, H, W, 3) batch at ``self.mpp``, in tile pixels.
 
         H and W must be multiples of 32. Point NMS is applied within each tile; ownership between overlapping
-        tiles is the caller's business (see ``denuc.engine.detect.iter_tiles``). With a classifier, detections
+        tiles is the caller's business (see ``denuc.inference.tiling.iter_tiles``). With a classifier, detections
         it calls "not a nucleus" are dropped; the others get the most probable class and ``probs``, the
         class probabilities given that the point is a nucleus (renormalised without "not a nucleus").
         """

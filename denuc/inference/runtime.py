@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from denuc import __version__
-from denuc.engine.detect import Detector
+from denuc.inference.detect import Detector
 from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.models.encoders import Encoder, pad_to_multiple

@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-import denuc.engine.evaluate as evaluation
+import denuc.metrics.evaluate as evaluation
 from denuc.config import ClassifierTrainConfig, DetectorConfig, DetectorTrainConfig
-from denuc.engine.detect import Detector, predict_image
-from denuc.engine import runs
-from denuc.engine.runs import lr_factor
-from denuc.engine.train_classifier import PointImage, labelled_crop, taxonomies
-from denuc.engine.train_detector import detection_loss, load_split
+from denuc.inference.detect import Detector
+from denuc.inference.tiling import predict_image
+from denuc.train import loop as runs
+from denuc.train.loop import lr_factor
+from denuc.train.classifier import PointImage, labelled_crop, taxonomies
+from denuc.train.detector import detection_loss, load_split
 from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.models.feature_query import sample_features

@@ -18,12 +18,13 @@ from tqdm import tqdm
 
 from denuc.config import DetectorTrainConfig
 import denuc.datasets as datasets
-from denuc.engine import runs
-from denuc.engine.detect import Detector, point_nms
-from denuc.engine.runs import lr_factor
-from denuc.engine.stain import StainTemplates, recolour
+from denuc.train import loop as runs
+from denuc.inference.detect import Detector
+from denuc.inference.nms import point_nms
+from denuc.train.loop import lr_factor
+from denuc.train.stain import StainTemplates, recolour
 from denuc.errors import InputError
-import denuc.engine.evaluate as evaluation
+import denuc.metrics.evaluate as evaluation
 from denuc.io.images import read_image, resample
 from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from denuc.engine.matching import Candidates, candidate_pairs, greedy_match, hungarian_match, puma_match
+from denuc.metrics.matching import Candidates, candidate_pairs, greedy_match, hungarian_match, puma_match
 from denuc.errors import InputError
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei
 

@@ -3,7 +3,7 @@
 ``Classifier`` holds one encoder and one head per taxonomy (e.g. BRCAM2C's and CRCHisto's classes), each head
 with a last "not a nucleus" output that rejects false detections. One taxonomy is active at a time
 (``use_taxonomy``); its classes are ``classifier.classes``. It is saved inside a model bundle (see
-``denuc.engine.pipeline``): its tensors under ``classifier.``, its config and taxonomies in the metadata, and
+``denuc.inference.pipeline``): its tensors under ``classifier.``, its config and taxonomies in the metadata, and
 the encoder either embedded (trained or small encoders) or referenced by the path of its weights file.
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from denuc.config import ClassifierConfig
-from denuc.engine.detect import view_points, view_tiles
+from denuc.inference.tta import view_points, view_tiles
 from denuc.errors import InputError
 from denuc.models.encoders import Encoder, create_encoder
 from denuc.models.feature_query import sample_features
@@ -62,7 +62,7 @@ class Classifier(nn.Module):
         # runs the encoder's forward pass instead of PyTorch when set (an OnnxEncoder); weights stay in encoder
         self.encoder_runtime: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
         # test-time augmentation: class probabilities averaged over this many views of each tile (1, 2, 4, 8;
-        # see denuc.engine.detect.view_tiles); an inference setting, not saved in bundles
+        # see denuc.inference.tta.view_tiles); an inference setting, not saved in bundles
         self.test_time_views = 1
 
     @classmethod

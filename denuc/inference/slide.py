@@ -45,10 +45,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 import denuc
-from denuc.engine.detect import ALIGN, _ownership_bounds, tile_origins
-from denuc.engine.pipeline import Pipeline
-from denuc.engine.tissue import METHOD as TISSUE_METHOD
-from denuc.engine.tissue import TissueMask, detect_tissue
+from denuc.inference.tiling import ALIGN, ownership_bounds, tile_origins
+from denuc.inference.pipeline import Pipeline
+from denuc.inference.tissue import METHOD as TISSUE_METHOD
+from denuc.inference.tissue import TissueMask, detect_tissue
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
 from denuc.io.images import scale_to
@@ -103,7 +103,7 @@ class Grid:
         xs = tile_origins(padded_w, tile_w, cfg.tile_overlap)
         ys = tile_origins(padded_h, tile_h, cfg.tile_overlap)
         return cls(scale, level, ratio, (width, height), (tile_w, tile_h), xs, ys,
-                   _ownership_bounds(xs, tile_w, padded_w), _ownership_bounds(ys, tile_h, padded_h))
+                   ownership_bounds(xs, tile_w, padded_w), ownership_bounds(ys, tile_h, padded_h))
 
     def owned_box(self, tile: Tile) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1): the working-pixel edges of the part of the slide a tile owns."""

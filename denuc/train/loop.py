@@ -17,7 +17,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from denuc.config import ClassifierTrainConfig, DetectorTrainConfig
-from denuc.engine.stain import StainTemplates
+from denuc.train.stain import StainTemplates
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path, write_json
 

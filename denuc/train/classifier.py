@@ -8,7 +8,7 @@ What it learns from, per training image (resampled to the working pixel size):
 
 Each dataset keeps its own taxonomy and head. Every epoch is scored end to end on the validation splits: the
 detector's detections on each validation image are classified and matched to the ground truth
-(``denuc.engine.evaluate``, 3 um); the epoch with the best mean over datasets of the mean class F1 is kept
+(``denuc.metrics.evaluate``, 3 um); the epoch with the best mean over datasets of the mean class F1 is kept
 (``best.safetensors``). Then ``tune_offsets`` chooses, on the same validation images, an offset added to each
 head's "not a nucleus" logit (``cfg.offsets`` "nucleus", the default: how readily detections are rejected,
 the classifier's counterpart of the detector's threshold sweep) or to every output ("all": also each class's
@@ -38,16 +38,16 @@ from torch import nn
 from tqdm import tqdm
 
 import denuc.datasets as datasets
-import denuc.engine.evaluate as evaluation
+import denuc.metrics.evaluate as evaluation
 from denuc.config import ClassifierTrainConfig, DatasetSpec
-from denuc.engine.classify import Classifier
-from denuc.engine.detect import Detector
-from denuc.engine.pipeline import Pipeline, model_file
-from denuc.engine import runs
+from denuc.inference.classify import Classifier
+from denuc.inference.detect import Detector
+from denuc.inference.pipeline import Pipeline, model_file
+from denuc.train import loop as runs
 from denuc.errors import InputError
-from denuc.engine.runs import lr_factor
-from denuc.engine.stain import StainTemplates, recolour
-from denuc.engine.train_detector import load_split
+from denuc.train.loop import lr_factor
+from denuc.train.stain import StainTemplates, recolour
+from denuc.train.detector import load_split
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
 
@@ -241,7 +241,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     """Train (or resume) a classifier in ``run_dir``; returns the bundle ``model.safetensors`` (the detector
     ``cfg.detector`` + the classifier of the best validation epoch)."""
     if cfg.mode == "joint":
-        raise ValueError("the joint baseline trains with denuc.engine.train_joint.train_joint")
+        raise ValueError("the joint baseline trains with denuc.train.joint.train_joint")
     run_dir, rng = runs.start(run_dir, cfg)
     classes = taxonomies(cfg)
     classifier = Classifier.create(cfg.model, classes)

@@ -1,0 +1,1 @@
+"""Running trained models: tiling, detection, classification, pipelines, whole slides."""

@@ -1,0 +1,1 @@
+"""Scoring predicted nuclei against ground truth: point matching and the protocols built on it."""
