@@ -2,14 +2,15 @@
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
         [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|reinhard-cmu1]
-        [--out benchmarks/results/classification.json]
+        [--out benchmarks/results/classification/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
 then classifier with the dataset's own head), and the points are scored per class (F1), as the mean class F1
 and as class-agnostic detection F1. Then the same classifier at the ground-truth coordinates (the upper bound
 of classification: every point is a true nucleus, so the class is the argmax over the taxonomy alone;
 unlabelled ground truth is not scored). Prints a table and saves every figure as JSON; models already in the
-output file (same split, radius and re-staining) are kept, so models can be scored one run at a time.
+output file (same split, radius and re-staining) are kept, so models can be scored one run at a time; the
+provenance of the runs that scored them is kept too (``earlier_runs``).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, write_result
 
 from denuc.datasets import get_dataset
-from denuc.metrics.evaluate import Report, evaluate
 from denuc.inference.pipeline import Pipeline
-from denuc.train.joint import JointModel
-from denuc.io.atomic import write_json
 from denuc.io.images import read_image, resample
+from denuc.metrics.evaluate import Report, evaluate
 from denuc.nuclei import UNLABELLED
+from denuc.train.joint import JointModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
@@ -128,10 +129,11 @@ def main() -> None:
                              "vectors, or Reinhard's CIELAB statistics of each image's tissue "
                              "(bench_stain_shift.py; needs torchstain and OpenSlide)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "classification.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "classification" / "classification.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
+    joints = dict(item.split("=", 1) for item in args.joint)
     restain = None if args.restain == "none" else restainer(args.restain)
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
                "torch": torch.__version__,
@@ -141,11 +143,15 @@ def main() -> None:
         earlier = json.loads(args.out.read_text())
         if all(earlier.get(k, "none") == results[k] for k in ("split", "radius_um", "protocol", "restain")):
             results["models"] = earlier["models"]
+            # files written before results recorded their provenance have none to keep
+            results["earlier_runs"] = earlier.get("earlier_runs", []) + (
+                [earlier["provenance"]] if "provenance" in earlier else [])
     for name, path in models.items():
         results["models"][name] = bench(name, path, args.split, args.radius_um, views=args.tta, restain=restain)
-    for name, path in (item.split("=", 1) for item in args.joint):
+    for name, path in joints.items():
         results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True, restain=restain)
-    write_json(args.out, results)
+    write_result(args.out, results, models=[*models.values(), *joints.values()],
+                 kind="bundle")
     print(f"saved {args.out}")
 
 

@@ -11,7 +11,7 @@ A raw forward-pass comparison adds OpenVINO when it is installed.
 
 Without ``--model`` the detector is randomly initialised (speed does not depend on weight values) and its
 score threshold is set so that it finds as many points per mm^2 as the test images' ground truth has, which
-keeps the post-processing load realistic. Writes benchmarks/results/fastpath.json.
+keeps the post-processing load realistic. Writes benchmarks/results/speed/fastpath.json.
 """
 
 from __future__ import annotations
@@ -30,18 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, write_result
 
 from denuc.config import DetectorConfig
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector, make_detector
+from denuc.inference.runtime import OnnxBackend, export_onnx
 from denuc.inference.tiling import tile_origins
-from denuc.inference.runtime import OnnxDetector, export_onnx
-from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 from denuc.models.detector import PointDetector
 
 BRCAM2C = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brcam2c"
-RESULTS = Path(__file__).resolve().parent / "results" / "fastpath.json"
 
 
 def versions() -> dict:
@@ -189,7 +188,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=2048, help="mosaic side in pixels (0.5 um/px)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed" / "fastpath.json")
     args = parser.parse_args()
 
     mosaic, density = mosaic_of_test_images(args.side)
@@ -220,7 +219,7 @@ def main() -> None:
             detector = Detector(own)
             detector.model.to(memory_format=torch.contiguous_format)  # undo the fast path's weight layout
         elif runtime == "onnx":
-            detector = OnnxDetector(own, threads=count)
+            detector = Detector(own, backend=OnnxBackend(own, threads=count))
         else:
             detector = make_detector(own, runtime=runtime)
         detectors[name] = Timed(detector, count)
@@ -251,8 +250,7 @@ def main() -> None:
               f"{r['tiling_and_merge_s']:8.3f} {r['points']:7.0f}")
     for name, r in forward.items():
         print(f"forward {name:44s} {r['ms_per_256_tile']:7.1f} ms per 256^2")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
+    write_result(args.out, results, models=[args.model] if args.model else [])
     print(f"saved {args.out}")
 
 

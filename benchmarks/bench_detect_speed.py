@@ -1,11 +1,12 @@
 """Detection throughput on this CPU at the model's working resolution, for several detectors side by side.
 
     python benchmarks/bench_detect_speed.py [--model default --model fast] [--runtime torch --runtime onnx]
-        [--repeats 3] [--out benchmarks/results/detect_speed.json]
+        [--repeats 3] [--out benchmarks/results/speed/detect_speed.json]
 
 Two inputs, both real H&E at 0.5 um/px: the 30 BRCAM2C test images (about 500 x 500 px each), and a
-4000 x 4000 px mosaic of them (16 mm^2). Every (model, runtime) pair runs once per round, in turn, after a
-warm-up round, so load from other processes falls on all alike; the median round is reported, as images/s,
+4000 x 4000 px mosaic of 250 px crops of them (4 mm^2). Every (model, runtime) pair runs once per round, in
+turn, after a warm-up round, so load from other processes falls on all alike; the median round is reported, as
+images/s,
 tiles/s and seconds per mm^2. Peak resident memory is the whole process's (all pairs loaded at once).
 """
 
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, write_result
 
 from denuc.config import RUNTIMES
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.inference.tiling import tile_origins
-from denuc.io.atomic import write_json
 from denuc.io.images import read_image
 
 BRCAM2C = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brcam2c"
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--runtime", action="append", choices=RUNTIMES, help="repeat (default: torch, onnx)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "detect_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed" / "detect_speed.json")
     args = parser.parse_args()
 
     pairs = [(m, r) for m in args.model or ["default", "fast"] for r in args.runtime or list(RUNTIMES)]
@@ -88,8 +89,7 @@ def main() -> None:
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "repeats": args.repeats,
                "load_average_at_end": os.getloadavg(), "peak_rss_mb": peak_rss_mb()}
     print(f"{results['threads']} threads, peak RSS {results['peak_rss_mb']:.0f} MB (all detectors loaded)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
+    write_result(args.out, results, models=sorted({model for model, _ in pairs}))
     print(f"saved {args.out}")
 
 

@@ -1,6 +1,7 @@
 """Detection accuracy of a detector on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um).
 
-    python benchmarks/bench_detection.py [--model default] [--split test] [--tta 1] [--out benchmarks/results/detection.json]
+    python benchmarks/bench_detection.py [--model default] [--split test] [--tta 1]
+        [--out benchmarks/results/detection/detection.json]
 
 Prints precision / recall / F1 per dataset and saves them as JSON. Images are read at their native pixel size
 and the detector resamples them to its working resolution, exactly as a user's call would.
@@ -15,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.metrics.evaluate import evaluate
-from denuc.io.atomic import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--tta", type=int, default=1, help="test-time views (1, 2, 4, 8)")
     parser.add_argument("--radius-um", type=float, default=3.0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "detection.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "detection" / "detection.json")
     args = parser.parse_args()
 
     detector = Detector.from_pretrained(args.model).with_settings(test_time_views=args.tta)
@@ -50,8 +51,7 @@ def main() -> None:
                                      "seconds": time.perf_counter() - started}
         print(f"{name:9s} {args.split}: P {det.precision:.4f}  R {det.recall:.4f}  F1 {det.f1:.4f} "
               f"({len(pairs)} images, TP {det.tp} FP {det.fp} FN {det.fn})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
+    write_result(args.out, results, models=[args.model])
     print(f"saved {args.out}")
 
 

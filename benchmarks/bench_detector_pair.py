@@ -1,7 +1,7 @@
 """Two detectors timed side by side on the same BRCAM2C test images (two working resolutions, two widths, ...).
 
     python benchmarks/bench_detector_pair.py MODEL_A MODEL_B [--images 10] [--repeats 3] [--runtime onnx]
-        --out benchmarks/results/NAME.json
+        --out benchmarks/results/speed/NAME.json
 
 Each detector gets the images at their native 0.5 um/px and resamples them to its own working resolution, as a
 user's call would (so a 0.25 um/px model pays for the upsampling too). PyTorch (or ONNX Runtime with
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_result
 from PIL import Image
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
-from denuc.io.atomic import write_json
 
 BRCAM2C = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brcam2c"
 
@@ -66,7 +66,7 @@ def main() -> None:
     a, b = (results["models"][name]["median_s"] for name in args.models)
     results["ratio_b_over_a"] = b / a
     print(f"{args.models[1]} / {args.models[0]}: {b / a:.2f}x")
-    write_json(args.out, results)
+    write_result(args.out, results, models=args.models)
     print(f"saved {args.out}")
 
 

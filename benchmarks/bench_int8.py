@@ -1,11 +1,11 @@
 """Would INT8 help the CPU fast path? The ONNX detector quantised by ONNX Runtime, against float32, side by side.
 
     python benchmarks/bench_int8.py [--model default] [--calibration-tiles 64] [--repeats 15]
-        [--out benchmarks/results/int8.json]
+        [--out benchmarks/results/speed/int8.json]
 
 The detector is exported as ``runtime="onnx"`` exports it, then statically quantised (QDQ format, per-channel
 int8 weights, uint8 activations; calibrated on 256^2 crops of BRCAM2C and CRCHisto *train* images). Both
-sessions run in the shipped ``OnnxDetector`` (its threads and settings). Reported:
+sessions run in the shipped ``OnnxBackend`` (its threads and settings). Reported:
 milliseconds per tile on batches of 8 real tiles (the sessions alternate within each round, median round), and
 detection F1 on the *validation* splits of both datasets (`denuc` protocol, 3 um) with each session inside the
 same ``Detector`` (tiling, threshold and NMS unchanged). Validation, not test: this decides a default.
@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                      quantize_static)
+from common import RESULTS, write_result
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from PIL import Image
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
+from denuc.inference.runtime import OnnxBackend, export_onnx
 from denuc.metrics.evaluate import evaluate
-from denuc.inference.runtime import OnnxDetector, export_onnx
-from denuc.io.atomic import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--calibration-tiles", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed" / "int8.json")
     args = parser.parse_args()
     threads = torch.get_num_threads()
 
@@ -79,7 +78,7 @@ def main() -> None:
     quant_pre_process(str(folder / "float32.onnx"), str(folder / "prepared.onnx"))
     quantize_static(str(folder / "prepared.onnx"), str(folder / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    int8 = OnnxDetector(float32.model, graph=(folder / "int8.onnx").read_bytes())
+    int8 = Detector(float32.model, backend=OnnxBackend(float32.model, graph=(folder / "int8.onnx").read_bytes()))
     size_mb = {"float32": len(graph) / 1e6, "int8": (folder / "int8.onnx").stat().st_size / 1e6}
     for path in folder.iterdir():
         path.unlink()
@@ -115,7 +114,7 @@ def main() -> None:
     speedup = results["variants"]["float32"]["ms_per_tile"] / results["variants"]["int8"]["ms_per_tile"]
     results["int8_speedup"] = speedup
     print(f"int8 speed-up: {speedup:.2f}x")
-    write_json(args.out, results)
+    write_result(args.out, results, models=[args.model])
     print(f"saved {args.out}")
 
 

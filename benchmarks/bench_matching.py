@@ -3,9 +3,10 @@
 The points are uniform in one square image at about the density of nuclei (1 per 100 px^2), scored at 3 um
 with 0.5 um/px, i.e. a 6 px radius. Two cases: detector output (no classes; detection only) and three classes
 (labels uniform at random, so about a third of each class). Prints the times and writes
-benchmarks/results/matching.json. The requirement: the denuc protocol under 10 s on a 2-core machine.
+benchmarks/results/matching/matching.json (``--out``). The requirement: the denuc protocol under 10 s on a 2-core
+machine.
 
-Usage: python benchmarks/bench_matching.py [--points N] [--protocols denuc,ocelot,puma,hungarian]
+Usage: python benchmarks/bench_matching.py [--points N] [--protocols denuc,ocelot,puma,hungarian] [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, write_result
 
 from denuc.metrics.evaluate import PROTOCOLS, evaluate
-from denuc.io.atomic import write_json
-from denuc.nuclei import NucleusClass, Nuclei
+from denuc.nuclei import Nuclei, NucleusClass
 
-RESULTS = Path(__file__).resolve().parent / "results" / "matching.json"
 CLASSES = ["tumour", "lymphocyte", "stroma"]
 MPP, RADIUS_UM, AREA_PER_POINT = 0.5, 3.0, 100.0
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "matching" / "matching.json")
     args = parser.parse_args()
     protocols = args.protocols.split(",")
     runs = []
@@ -80,8 +81,8 @@ def main() -> None:
         "numpy": np.__version__,
         "runs": runs,
     }
-    write_json(RESULTS, result)
-    print(f"written to {RESULTS}")
+    write_result(args.out, result)
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

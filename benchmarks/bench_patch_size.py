@@ -1,7 +1,7 @@
 """Small patches: what a bundle loses when each image is cut into patches and every patch is predicted alone.
 
     python benchmarks/bench_patch_size.py [--model default] [--split val] [--size 128 --size 256]
-        [--reflect 32] [--out benchmarks/results/patch_size.json]
+        [--reflect 32] [--out benchmarks/results/patch_size/patch_size.json]
 
 Public datasets are often distributed as small patches (PanNuke: 256 px at 0.25 um/px, which is 128 px at the
 models' 0.5 um/px), so a model scored there sees no tissue beyond each patch. Each image of ``--split`` is cut
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_classification import DATASETS, summary
+from common import RESULTS, write_result
+
 from denuc.datasets import get_dataset
-from denuc.metrics.evaluate import evaluate
 from denuc.inference.pipeline import Pipeline
-from denuc.io.atomic import write_json
 from denuc.io.images import read_image
+from denuc.metrics.evaluate import evaluate
 from denuc.nuclei import Nuclei
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, action="append", help="patch side in working pixels (repeat)")
     parser.add_argument("--reflect", type=int, action="append", help="reflected margin in working pixels (repeat)")
     parser.add_argument("--runtime", default="onnx", choices=("torch", "onnx"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "patch_size.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "patch_size" / "patch_size.json")
     args = parser.parse_args()
     sizes, margins = args.size or [128, 256], args.reflect or [32]
 
@@ -91,7 +91,7 @@ def main() -> None:
                       f"R {det.recall:.3f} F1 {det.f1:.3f}  mean class F1 {report.mean_f1:.3f}", flush=True)
             rows["seconds"] = time.perf_counter() - started  # the patches' predictions (whole images: before)
             results["datasets"][name][f"{size}px"] = rows
-    write_json(args.out, results)
+    write_result(args.out, results, models=[args.model], kind="bundle")
     print(f"saved {args.out}")
 
 

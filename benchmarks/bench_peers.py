@@ -3,7 +3,7 @@
     python benchmarks/bench_peers.py [--repeats 2] [--batch 4] [--threads N] [--skip-encoders]
 
 Parts, all with random weights (speed does not depend on weight values), written to
-benchmarks/results/peers.json:
+benchmarks/results/peers/peers.json:
 
 1. Networks per tile: the denuc detector at each width, HoVer-Net (original 270 -> 80, fast 256 -> 164),
    CellViT-256 and a StarDist 2D_versatile_he U-Net (re-implementations: see peer_models.py). Every model
@@ -35,17 +35,16 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_result  # noqa: E402
 from peer_models import CellViT256, HoVerNet, StarDistUNet  # noqa: E402
 
 from denuc.config import DetectorConfig  # noqa: E402
 from denuc.inference.detect import make_detector  # noqa: E402
 from denuc.inference.nms import point_nms  # noqa: E402
 from denuc.metrics.matching import greedy_match  # noqa: E402
-from denuc.io.atomic import write_json  # noqa: E402
 from denuc.models.detector import PointDetector, count_parameters  # noqa: E402
 from denuc.models.encoders import create_encoder  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
 NUCLEI_PER_MM2 = 10_000  # order of the BRCAM2C ground truth's density (about 1 per 100 um^2)
 
 
@@ -99,7 +98,7 @@ def networks(batch: int, repeats: int) -> list[dict]:
         name = f"denuc {width}, onnxruntime"
         position = [m[0] for m in models].index(f"denuc {width}") + 1
         models.insert(position, (name, onnx.model, 256, 256, [0.5, 0.25], "denuc.inference.runtime (runtime='onnx')"))
-        runs[name] = lambda session=onnx.session: session.run(None, {"images": onnx_input})
+        runs[name] = lambda session=onnx.backend.session: session.run(None, {"images": onnx_input})
     print(f"networks, batch {batch}:", flush=True)
     seconds = interleaved(runs, repeats)
     rows = []
@@ -289,7 +288,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--match-points", type=int, default=10_000)
     parser.add_argument("--skip-encoders", action="store_true", help="skip the (slow to build) ViT encoders")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "peers" / "peers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -306,7 +305,8 @@ def main() -> None:
     print(f"\n{'model':34s} {'params':>7s} {'ms/tile':>9s} {'x denuc':>8s}  s/mm^2 (um/px)")
     for r in results["networks"]:
         per = ", ".join(f"{v:.2f} ({k})" for k, v in r["s_per_mm2"].items())
-        print(f"{r['model']:34s} {r['params_m']:6.2f}M {r['ms_per_tile']:9.1f} {r['x_denuc_0_5x_ms_per_tile']:8.1f}  {per}")
+        print(f"{r['model']:34s} {r['params_m']:6.2f}M {r['ms_per_tile']:9.1f} "
+              f"{r['x_denuc_0_5x_ms_per_tile']:8.1f}  {per}")
     for name, r in results["post_processing"].items():
         print(f"post-processing {name}: {r['s_per_mm2']:.3f} s/mm^2 at {r['mpp']} um/px")
     for r in results["encoders"] or []:
@@ -315,8 +315,7 @@ def main() -> None:
     m = results["matching"]
     print(f"matching: identical on {m['random_trials_identical']} random trials and at {m['points']} points: "
           f"{m['identical_at_size']}; {m['seconds']} -> {m['speedup']:.0f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
+    write_result(args.out, results)  # random weights: no model files
     print(f"saved {args.out}")
 
 

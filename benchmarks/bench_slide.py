@@ -1,7 +1,7 @@
 """Whole-slide prediction speed and memory on this CPU: `denuc predict` on a real SVS and a 4x larger slide.
 
     python benchmarks/bench_slide.py [--model default [--model fast ...]] [--repeats 3]
-        [--out benchmarks/results/slide.json]
+        [--out benchmarks/results/slide/slide.json]
 
 Inputs: ../shared/slides/CMU-1-Small-Region.svs (2220 x 2967 px at 0.499 um/px, about 1.6 mm^2, of which
 the tissue mask keeps about 0.64 mm^2), and a synthetic pyramidal TIFF of four times its area (its level 0
@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
+# common.RESULTS; common itself is imported late, so that the timed child processes load only what they use
+RESULTS = Path(__file__).resolve().parent / "results"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 
 
@@ -49,7 +51,8 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
         summary = predict_slide(slide, model, out, progress=False, model_name=model_name)
     seconds = time.perf_counter() - started
     area = summary["tissue"]["area_mm2"]
-    return {"model": model_name, "slide": Path(slide_path).name, "mode": "detection only" if model.classifier is None else "full",
+    return {"model": model_name, "slide": Path(slide_path).name,
+            "mode": "detection only" if model.classifier is None else "full",
             "runtime": runtime, "timing_s": summary["timing_s"],
             "classes": [c.name for c in model.classes], "wall_s": seconds, "tissue_mm2": area,
             "slide_mm2": summary["slide"]["dimensions"][0] * summary["slide"]["dimensions"][1]
@@ -83,7 +86,7 @@ def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="shipped name or file; repeat to compare (default: default)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slide.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "slide" / "slide.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting on the region (median kept)")
@@ -97,9 +100,10 @@ def main() -> None:
     if not CMU.is_file():
         sys.exit(f"benchmark slide not found: {CMU}")
 
+    from common import write_result
+
     from denuc.inference.pipeline import Pipeline
     from denuc.inference.slide import software_versions
-    from denuc.io.atomic import write_json
 
     with_classifier = [m for m in models if Pipeline.from_pretrained(m).classifier is not None]
     settings = [(m, d, r) for m in models for d in ([True, False] if m in with_classifier else [True])
@@ -128,8 +132,7 @@ def main() -> None:
     results = {"models": models, "full_pipeline_measured": with_classifier, "runs": runs,
                "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "load_average_at_start": os.getloadavg(), "versions": software_versions()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
+    write_result(args.out, results, models=models, kind="bundle")
     print(f"saved {args.out}")
 
 

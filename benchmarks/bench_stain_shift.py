@@ -1,7 +1,7 @@
 """Stain shift: detection F1 when each image is re-stained to another lab's colours, side by side with the originals.
 
     python benchmarks/bench_stain_shift.py [--model default] [--split val] [--runtime onnx]
-                                           [--out benchmarks/results/stain_shift.json]
+                                           [--out benchmarks/results/stain_shift/stain_shift.json]
 
 A proxy for slides from a lab the model never saw: every image of ``--split`` is re-stained by Reinhard's
 colour transfer (per-channel mean and standard deviation of its tissue pixels in CIELAB, L < 90, matched to a
@@ -27,14 +27,15 @@ import numpy as np
 import openslide
 import torch
 import torchstain
-
 from bench_detection import DATASETS
+from common import RESULTS, write_result
+
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
-from denuc.metrics.evaluate import evaluate
-from denuc.train.stain import lab_to_rgb, rgb_to_lab, tissue_statistics as lab_statistics
-from denuc.io.atomic import write_json
 from denuc.io.images import read_image
+from denuc.metrics.evaluate import evaluate
+from denuc.train.stain import lab_to_rgb, rgb_to_lab
+from denuc.train.stain import tissue_statistics as lab_statistics
 
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
 TRAIN_IMAGES_FOR_STATISTICS = 30
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--split", default="val")
     parser.add_argument("--runtime", default="onnx", choices=("torch", "onnx"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stain_shift.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "stain_shift" / "stain_shift.json")
     args = parser.parse_args()
 
     detector = Detector.from_pretrained(args.model, runtime=args.runtime)
@@ -90,7 +91,8 @@ def main() -> None:
                "runtime": args.runtime, "radius_um": 3.0, "protocol": "denuc", "torch": torch.__version__,
                "torchstain": importlib.metadata.version("torchstain"),  # its __version__ lags its releases
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-               "target_statistics": {k: {"mean_lab": m.tolist(), "std_lab": s.tolist()} for k, (m, s) in targets.items()},
+               "target_statistics": {k: {"mean_lab": m.tolist(), "std_lab": s.tolist()}
+                                     for k, (m, s) in targets.items()},
                "target_stains": {k: {"stain_vectors_rgb_od": n.HERef.tolist(), "max_concentrations": n.maxCRef.tolist()}
                                  for k, n in stain_matrices.items()},
                "datasets": {}}
@@ -103,7 +105,8 @@ def main() -> None:
         for target in (t for t in targets if not t.startswith(name)):
             conditions[target] = lambda image, t=target: restain(image, own, targets[t])
             # Macenko estimates each image's own stain vectors: another family of transfer than Reinhard's
-            conditions[f"macenko -> {target}"] = lambda image, t=target: stain_matrices[t].normalize(image, stains=False)[0]
+            conditions[f"macenko -> {target}"] = (
+                lambda image, t=target: stain_matrices[t].normalize(image, stains=False)[0])
         rows = {}
         for condition, transform in conditions.items():
             pairs = [(s.name, detector.detect(transform(image), mpp=s.nuclei.mpp), s.nuclei)
@@ -117,7 +120,7 @@ def main() -> None:
         results["datasets"][name] = rows
     results["mean_f1_restained"] = {k: float(np.mean(v)) for k, v in shifted.items()}
     print("mean F1 over the re-stained conditions:", {k: round(v, 4) for k, v in results["mean_f1_restained"].items()})
-    write_json(args.out, results)
+    write_result(args.out, results, models=[args.model])
     print(f"saved {args.out}")
 
 

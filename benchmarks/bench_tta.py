@@ -1,6 +1,7 @@
 """Detection test-time augmentation: F1 and time per number of views, side by side on one split.
 
-    python benchmarks/bench_tta.py [--model default] [--split val] [--runtime onnx] [--out benchmarks/results/tta.json]
+    python benchmarks/bench_tta.py [--model default] [--split val] [--runtime onnx]
+        [--out benchmarks/results/tta/tta.json]
 
 For 1, 2, 4 and 8 views (``DetectorConfig.test_time_views``) at the model's own threshold and NMS radius:
 detection precision / recall / F1 per dataset (`denuc` protocol, 3 um), their mean, and the seconds the whole
@@ -16,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_detection import DATASETS
+from common import RESULTS, write_result
+
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.metrics.evaluate import evaluate
-from denuc.io.atomic import write_json
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--split", default="val")
     parser.add_argument("--runtime", default="onnx", choices=("torch", "onnx"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tta.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tta" / "tta.json")
     args = parser.parse_args()
 
     detector = Detector.from_pretrained(args.model, runtime=args.runtime)
@@ -50,7 +51,7 @@ def main() -> None:
         print(f"{views} views: " + "  ".join(f"{name} F1 {row[name]['f1']:.4f}" for name in samples)
               + f"  mean {row['mean_f1']:.4f}  {row['seconds']:.1f} s "
               f"({row['seconds'] / results['views'][1]['seconds']:.1f}x)", flush=True)
-    write_json(args.out, results)
+    write_result(args.out, results, models=[args.model])
     print(f"saved {args.out}")
 
 

@@ -1,7 +1,8 @@
 """The one in-memory model of nucleus points that every reader, writer, model and scorer shares.
 
 Coordinate convention (used everywhere in denuc): ``x`` is the column and ``y`` the row, in pixels of the
-image *as stored*, with the centre of the top-left pixel at (0, 0). An image of width W therefore spans
+image as displayed (an EXIF orientation is applied on reading; see ``denuc.io.images.read_image``),
+with the centre of the top-left pixel at (0, 0). An image of width W therefore spans
 x in [-0.5, W - 0.5]. Resampling an image by a factor ``s`` maps x to ``(x + 0.5) * s - 0.5``.
 """
 
@@ -73,6 +74,19 @@ class Nuclei:
 
     def __len__(self) -> int:
         return len(self.xy)
+
+    def __repr__(self) -> str:
+        # a summary, not the arrays: a slide holds millions of nuclei
+        parts = [f"{len(self)} nuclei"]
+        if self.classes:
+            names, counts = np.unique(self.labels.astype(str), return_counts=True)
+            parts.append("classes {" + ", ".join(f"{n}: {c}" for n, c in zip(names.tolist(), counts.tolist())) + "}")
+        if self.scores is not None and len(self):
+            parts.append(f"scores {self.scores.min():.2f}-{self.scores.max():.2f}")
+        parts += [f"mpp={self.mpp}", f"image_size={self.image_size}"]
+        if self.embeddings is not None:
+            parts.append(f"embeddings {self.embeddings.shape[1]}-d")
+        return f"Nuclei({', '.join(parts)})"
 
     @property
     def class_names(self) -> list[str]:

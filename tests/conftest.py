@@ -1,4 +1,9 @@
-"""Shared test helpers."""
+"""Shared test helpers, and where the tests find data.
+
+Tests run on a clean clone: they use the files packaged with denuc (``SAMPLE_IMAGE`` and its ground-truth
+``SAMPLE_POINTS``) and data they build. The tests that need the read-only shared data (datasets, real slides)
+find it under ``SHARED`` and skip, saying what is missing, when it is absent.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +20,29 @@ from PIL import Image
 
 from denuc.io import write_points
 from denuc.nuclei import Nuclei
+
+SHARED = Path(os.environ.get("DENUC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+"""The shared data: ``../shared`` beside the checkout, or ``$DENUC_SHARED`` (``=/nonexistent`` runs the tests as
+a clone without it would)."""
+SAMPLE_IMAGE = Path(str(resources.files("denuc") / "data" / "sample_brcam2c.png"))
+SAMPLE_POINTS = SAMPLE_IMAGE.with_suffix(".csv")  # its annotated nuclei (BRCA-M2C), see denuc/data/README.md
+SAMPLE_MPP = 0.5
+
+
+def _absent(path: Path) -> str:
+    return f"{path} is absent: this test needs the shared data (../shared beside the checkout, or $DENUC_SHARED)"
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    """Mark a test to skip, with the reason, when a file or folder of the shared data is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=_absent(path))
+
+
+def shared_or_skip(path: Path) -> Path:
+    """``path`` when it exists, else skip the test (or fixture) calling this, with the reason."""
+    if not path.exists():
+        pytest.skip(_absent(path))
+    return path
 
 
 def write_points_folder(root: Path, splits: dict[str, list[tuple[str, np.ndarray | Path, Nuclei]]],

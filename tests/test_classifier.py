@@ -16,16 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec, DetectorConfig
+from denuc.errors import InputError
 from denuc.inference.classify import Classifier
 from denuc.inference.detect import Detector
 from denuc.inference.pipeline import Pipeline
-from denuc.train.classifier import (PointImage, add_lora, add_offsets, best_offsets, false_positives,
-                                           merge_lora, point_images, train_classifier, tune_offsets)
-from denuc.train.joint import JointModel, train_joint
-from denuc.errors import InputError
 from denuc.models.detector import PointDetector
 from denuc.models.heads import create_head
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei, NucleusClass
+from denuc.train.classifier import add_lora, merge_lora, train_classifier
+from denuc.train.joint import JointModel, train_joint
+from denuc.train.offsets import add_offsets, best_offsets, tune_offsets
+from denuc.train.points import PointImage, class_f1, false_positives, image_features, point_images
 
 torch.set_num_threads(1)  # the suite shares two cores; more threads only contend
 
@@ -195,6 +196,16 @@ def fake_run(tmp_path: Path) -> tuple[ClassifierTrainConfig, Path]:
     return cfg, tmp_path
 
 
+def rescored(bundle: Path, cfg: ClassifierTrainConfig) -> float:
+    """A bundle's validation mean class F1 (end to end, over ``cfg``'s datasets), computed afresh."""
+    model = Pipeline.from_pretrained(bundle)
+    val = point_images(cfg, model.detector, "val", None, progress=False)
+    features = image_features(model.classifier, val, progress=False)
+    with torch.inference_mode():
+        probs = [model.classifier.heads[item.dataset](f).softmax(-1).numpy() for item, f in zip(val, features)]
+    return class_f1(val, probs, model.classifier.taxonomies)["mean"]
+
+
 def test_training_points_exclude_unlabelled_and_add_negatives(fake_run) -> None:
     cfg, tmp_path = fake_run
     detector = Detector.from_pretrained(cfg.detector)
@@ -204,6 +215,27 @@ def test_training_points_exclude_unlabelled_and_add_negatives(fake_run) -> None:
     assert (item.targets[labelled:] == 4).all()  # the rest are "not a nucleus"
     unlabelled = (np.array([20.0, 80.0]) + 0.5) * (0.55 / 0.5) - 0.5
     assert np.linalg.norm(item.xy - unlabelled, axis=1).min() > cfg.match_radius_um / cfg.model.mpp
+
+
+def test_detections_are_those_inference_gives_with_point_nms_across_tiles(fake_run) -> None:
+    """Training negatives and validation points come from the detections users get: tile by tile, then point
+    NMS across tiles (tiles of 64 px here, so a 106 px image has seams where tiles disagree)."""
+    from scipy.spatial import cKDTree
+
+    cfg, tmp_path = fake_run
+    detector = tiny_detector(threshold=0.0)  # random weights: many points, some close pairs across tile seams
+    (val,) = point_images(cfg, detector, "val", tmp_path / "run")
+    radius = detector.config.nms_radius_um / detector.config.mpp
+    tiles_only = detector.detect_resampled(val.image)[0]
+    assert len(cKDTree(tiles_only).query_pairs(radius)) > 0  # what the NMS across tiles removes
+    assert len(cKDTree(val.xy).query_pairs(radius)) == 0
+    np.testing.assert_allclose(val.xy, detector.detect(val.image, mpp=detector.config.mpp).xy)
+    (train,) = point_images(cfg, detector, "train", tmp_path / "run")
+    negatives = train.xy[train.targets == 4]
+    assert len(negatives) and len(cKDTree(negatives).query_pairs(radius)) == 0
+    # the cached detections belong to their detector: another one's are computed afresh
+    (other,) = point_images(cfg, tiny_detector(threshold=0.5), "val", tmp_path / "run")
+    assert len(other.xy) < len(val.xy)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
@@ -223,13 +255,16 @@ def test_training_writes_a_loadable_bundle_and_resumes(fake_run, mode: str, caps
         assert (run / "features_train.safetensors").exists()
     with safe_open(str(run / "model.safetensors"), framework="pt") as f:  # tuned after the last epoch
         tuned = json.loads(f.metadata()["class_offsets"])["crchisto"]
-    assert len(tuned["offsets"]) == 5 and tuned["val_f1_after"] >= tuned["val_f1_before"]
+    assert len(tuned["offsets"]) == 5
+    # the scores reported are those of the bundles: before the offsets (best) and after (model)
+    assert rescored(run / "best.safetensors", cfg) == pytest.approx(tuned["val_f1_before"])
+    assert rescored(run / "model.safetensors", cfg) == pytest.approx(tuned["val_f1_after"])
 
 
 def test_randstainna_recolours_classifier_crops_and_trains(fake_run) -> None:
-    from denuc.train.stain import StainTemplates
-    from denuc.train.classifier import labelled_crop
     from denuc.errors import InputError
+    from denuc.train.augment import labelled_crop
+    from denuc.train.stain import StainTemplates
 
     cfg, tmp_path = fake_run
     cfg.mode, cfg.epochs, cfg.randstainna = "full", 1, 0.5
@@ -267,6 +302,45 @@ def test_joint_baseline_trains_and_classifies(fake_run, randstainna: float) -> N
     found = model.predict(tiles(1, 96)[0], mpp=0.5, taxonomy="crchisto")
     assert found.class_names == ["epithelial", "fibroblast", "inflammatory", "others"]
     assert set(found.labels) <= set(found.class_names) and found.probs.shape == (len(found), 4)
+
+
+def test_joint_baseline_without_validation_keeps_the_last_epoch(fake_run) -> None:
+    cfg, tmp_path = fake_run
+    cfg.mode = "joint"
+    (tmp_path / "crchisto" / "split_validation.txt").write_text("")
+    path = train_joint(cfg, tmp_path / "joint", progress=False)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["epoch"]) == cfg.epochs
+    log = json.loads((tmp_path / "joint" / "log.json").read_text())
+    assert [row["val_f1_mean"] for row in log] == [None] * cfg.epochs
+
+
+def test_joint_baseline_scores_the_datasets_with_validation_images(fake_run, points_folder) -> None:
+    """A dataset without validation images has no score, and no part in the mean the best epoch is chosen on."""
+    cfg, tmp_path = fake_run
+    rng = np.random.default_rng(0)
+    gt = Nuclei(xy=rng.uniform(8, 88, (12, 2)), labels=np.array(["tumour", "immune"] * 6, dtype=object), mpp=0.5)
+    root = points_folder(tmp_path / "mine", {"train": [("a", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), gt)]},
+                         {"mpp": 0.5, "classes": ["tumour", "immune"]})
+    cfg = replace(cfg, mode="joint", datasets=[*cfg.datasets, DatasetSpec("points", str(root))])
+    path = train_joint(cfg, tmp_path / "joint", progress=False)
+    log = json.loads((tmp_path / "joint" / "log.json").read_text())
+    assert all(set(row) >= {"val_f1_crchisto", "val_f1_mean"} and "val_f1_points" not in row for row in log)
+    assert all(row["val_f1_mean"] == row["val_f1_crchisto"] for row in log)
+    assert sorted(JointModel.load(path).taxonomies) == ["crchisto", "points"]
+
+
+def test_per_dataset_scores_score_each_dataset_apart() -> None:
+    from denuc.metrics.evaluate import per_dataset_scores
+
+    gt = Nuclei(xy=[[10.0, 10.0], [40.0, 40.0]], mpp=0.5)
+    pairs = [("a", "1", Nuclei(xy=[[10.0, 10.0], [40.0, 40.0]], mpp=0.5), gt),  # a: both found, F1 1
+             ("b", "1", Nuclei(xy=[[10.0, 10.0]], mpp=0.5), gt),  # b: pooled over its images, 1 + 0 of 2 + 2
+             ("b", "2", Nuclei(xy=np.zeros((0, 2)), mpp=0.5), gt)]
+    scores = per_dataset_scores(pairs, lambda report: report.detection.f1)
+    assert scores == {"a": 1.0, "b": pytest.approx(2 * 0.25 / 1.25), "mean": pytest.approx((1.0 + 0.4) / 2)}
+    with pytest.raises(InputError, match="no images"):
+        per_dataset_scores([], lambda report: report.detection.f1)
 
 
 def test_lora_adapters_merge_into_the_encoder() -> None:
@@ -339,7 +413,7 @@ def test_class_offsets_move_decisions_towards_the_better_validation_f1() -> None
     # two "y" nuclei on which the head leans to "x" (0.50 vs 0.41), one clear "x": an offset on "y" fixes both
     gt = Nuclei(xy=np.array([[10.0, 10.0], [40.0, 40.0], [70.0, 20.0]]), labels=np.array(["y", "y", "x"], dtype=object),
                 mpp=0.5, classes=CLASSES["a"])
-    val = [PointImage("a/1", "a", np.zeros((80, 80, 3), np.uint8), gt.xy.copy(), np.full(3, -1), gt)]
+    val = [PointImage("a", "1", np.zeros((80, 80, 3), np.uint8), gt.xy.copy(), np.full(3, -1), gt)]
     probs = [np.array([[0.50, 0.41, 0.09], [0.50, 0.41, 0.09], [0.80, 0.15, 0.05]])]  # x, y, not a nucleus
     offsets, before, after = best_offsets(val, probs, CLASSES["a"], "all")
     assert before == pytest.approx(0.25) and after == 1.0  # x: F1 0.5 (1 of 3 right), y: 0 -> both 1
@@ -348,6 +422,20 @@ def test_class_offsets_move_decisions_towards_the_better_validation_f1() -> None
     offsets, _, after = best_offsets(val, probs, CLASSES["a"], "nucleus")
     assert offsets[:2].tolist() == [0.0, 0.0] and np.log(0.50 / 0.09) < offsets[2] < np.log(0.80 / 0.05)
     assert after == pytest.approx(0.5)  # x: F1 1 (its one call is right), y: still 0
+
+
+def test_tuned_offsets_give_the_score_they_report(fake_run) -> None:
+    """The tuned bundle, scored afresh, has the F1 ``tune_offsets`` reports; the input bundle the one before."""
+    cfg, tmp_path = fake_run
+    torch.manual_seed(0)
+    classes = {"crchisto": [NucleusClass(n) for n in ("epithelial", "fibroblast", "inflammatory", "others")]}
+    bundle = tmp_path / "bundle.safetensors"
+    # every anchor a detection: the "not a nucleus" offset decides how many of them are kept
+    Pipeline(tiny_detector(threshold=0.0), Classifier.create(TINY, classes)).save(bundle)
+    tuned = tune_offsets(bundle, cfg.datasets, tmp_path / "tuned.safetensors")["crchisto"]
+    assert tuned["val_f1_after"] > tuned["val_f1_before"]
+    assert rescored(bundle, cfg) == pytest.approx(tuned["val_f1_before"])
+    assert rescored(tmp_path / "tuned.safetensors", cfg) == pytest.approx(tuned["val_f1_after"])
 
 
 def test_offsets_fold_into_the_head_bias() -> None:
@@ -408,22 +496,61 @@ def test_a_points_folder_without_validation_trains_and_keeps_the_last_epoch(tmp_
     assert json.loads(metadata["epoch"]) == 2 and json.loads(metadata["class_offsets"]) == {}
 
 
-def test_train_classifier_command_passes_the_jitters_and_refuses_bad_values(fake_run) -> None:
+def exit_code(argv: list[str]) -> int:
+    """``denuc.cli.main``'s exit status, whether it returns it or argparse exits (an option refused)."""
     from denuc.cli import main
 
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
+
+
+def test_train_classifier_command_passes_the_jitters_and_refuses_bad_values(fake_run, capsys) -> None:
     cfg, tmp_path = fake_run
     common = ["train-classifier", "--dataset", f"crchisto={tmp_path / 'crchisto'}", "--encoder", TINY.encoder,
               "--detector", cfg.detector, "--mode", "full", "--epochs", "1", "--iters-per-epoch", "1",
               "--batch-size", "2", "--crop-size", "64", "--threads", "1", "--offsets", "none", "--quiet"]
-    assert main([*common, "--run-dir", str(tmp_path / "run"), "--color-jitter", "0.3",
-                 "--stain-vector-jitter", "0.1", "--ema-decay", "0.99"]) == 0
+    run = ["--run-dir", str(tmp_path / "run")]
+    assert exit_code([*common, *run, "--color-jitter", "0.3", "--stain-vector-jitter", "0.1",
+                      "--ema-decay", "0.99"]) == 0
     recipe = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (recipe["color_jitter"], recipe["stain_vector_jitter"], recipe["ema_decay"]) == (0.3, 0.1, 0.99)
     assert "ema" in torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    for bad in (["--color-jitter", "1"], ["--color-jitter", "-0.1"], ["--randstainna", "2"],
-                ["--stain-vector-jitter", "1.5"], ["--ema-decay", "1"]):
-        assert main([*common, "--run-dir", str(tmp_path / "x"), *bad]) == 2
+    capsys.readouterr()
+    for bad, message in ((["--color-jitter", "1"], "--color-jitter: must be a number in [0, 1)"),
+                         (["--color-jitter", "-0.1"], "--color-jitter"), (["--randstainna", "2"], "--randstainna"),
+                         (["--stain-vector-jitter", "1.5"], "--stain-vector-jitter"),
+                         (["--ema-decay", "1"], "--ema-decay: must be a number in (0, 1)"),
+                         (["--batch-size", "0"], "--batch-size: must be a whole number >= 1, got 0"),
+                         (["--lr", "nan"], "--lr: must be a number > 0, got nan"),
+                         (["--epochs", "0"], "--epochs"), (["--lora-rank", "-2"], "--lora-rank"),
+                         (["--threads", "-1"], "--threads"), (["--encoder", "uni3"], "unknown encoder 'uni3'")):
+        assert exit_code([*common, "--run-dir", str(tmp_path / "x"), *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
+    # a folder that holds a trained run: refused, unless continued or started again
+    assert exit_code([*common, *run]) == 2
+    assert "holds a trained run" in capsys.readouterr().err
+    assert exit_code([*common, *run, "--resume"]) == 0
+    assert exit_code([*common, *run, "--overwrite", "--color-jitter", "0.2"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["color_jitter"] == 0.2
+    assert exit_code([*common, "--mode", "joint", *run]) == 2  # the joint trainer keeps the same rule
+
+
+def test_train_classifier_errors_print_no_traceback(fake_run) -> None:
+    """Through the installed entry point: an unknown encoder and a bad number are one line on stderr, exit 2."""
+    import subprocess
+    import sys
+
+    cfg, tmp_path = fake_run
+    common = ["train-classifier", "--dataset", f"crchisto={tmp_path / 'crchisto'}", "--detector", cfg.detector,
+              "--run-dir", str(tmp_path / "run")]
+    for bad, message in ((["--encoder", "uni3"], "unknown encoder 'uni3'"), (["--batch-size", "0"], "--batch-size")):
+        done = subprocess.run([sys.executable, "-m", "denuc.cli", *common, *bad], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_weight_average_is_what_is_kept_and_resumes_exactly(fake_run) -> None:

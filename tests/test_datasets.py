@@ -1,4 +1,4 @@
-"""Dataset readers: on the real BRCAM2C and CRCHisto copies in ../shared when present, and on small fakes."""
+"""Dataset readers: on the real BRCAM2C and CRCHisto copies in the shared data when present, and on small fakes."""
 
 from __future__ import annotations
 
@@ -9,22 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import SAMPLE_IMAGE, SAMPLE_POINTS, SHARED, shared_or_skip
 from PIL import Image
 
 from denuc.datasets import BRCAM2C, CRCHisto, get_dataset
 from denuc.datasets.brcam2c import read_label_file
 from denuc.datasets.crchisto import label_detections, pair_points
 from denuc.errors import InputError
+from denuc.io import read_points
 from denuc.nuclei import UNLABELLED, Nuclei
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def shared_root(name: str) -> Path:
-    root = SHARED / name
-    if not root.is_dir():
-        pytest.skip(f"the shared copy of {name} is absent ({root}): real-data tests need ../shared beside the checkout")
-    return root
+    return shared_or_skip(SHARED / "datasets" / name)
 
 
 def load_all(dataset) -> tuple[dict[str, list], list[str]]:
@@ -76,6 +73,16 @@ def test_brcam2c_rows_come_first_in_the_files(brcam2c):
     assert row != col
     assert tuple(sample.nuclei.xy[0]) == (col, row)
     assert sample.nuclei.labels[0] == ["lymphocyte", "tumour", "stromal"][class_id - 1]
+
+
+def test_packaged_sample_points_are_its_brcam2c_labels(brcam2c):
+    """denuc/data/sample_brcam2c.csv is the label file of the image packaged as the sample, as the reader reads it."""
+    _, samples = brcam2c
+    truth = next(s for s in samples["test"] if s.name == "TCGA-A8-A099-01Z-00-DX1_29501_22501_1000_1000_0.93")
+    assert truth.image_path.read_bytes() == SAMPLE_IMAGE.read_bytes()
+    packaged = read_points(SAMPLE_POINTS, classes=truth.nuclei.classes)
+    np.testing.assert_array_equal(packaged.xy, truth.nuclei.xy)
+    assert packaged.labels.tolist() == truth.nuclei.labels.tolist()
 
 
 def test_brcam2c_label_file_edge_cases(tmp_path):
@@ -200,8 +207,9 @@ def test_unpaired_class_centre_is_kept_with_a_warning():
 
 
 def test_get_dataset_unknown_name(tmp_path):
-    with pytest.raises(InputError, match="unknown dataset; expected one of \\['brcam2c', 'crchisto', 'points'\\]"):
-        get_dataset("pannuke", tmp_path)
+    with pytest.raises(InputError, match="unknown dataset; expected one of \\['brcam2c', 'consep', 'crchisto', "
+                                         "'lizard', 'monuseg', 'ocelot', 'pannuke', 'points', 'puma'\\]"):
+        get_dataset("kumar", tmp_path)
 
 
 # --- your own points (`points`) ------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +21,11 @@ from denuc.inference.nms import point_nms
 from denuc.inference.tiling import tile_origins
 from denuc.inference.tta import fuse_views, unview_points, view_tiles
 from denuc.metrics.evaluate import evaluate
-from denuc.train.detector import TrainImage, detection_loss, match_anchors, random_crop, train_detector
 from denuc.models.detector import BACKBONES, PointDetector, count_parameters
 from denuc.nuclei import Nuclei
+from denuc.train.augment import random_crop
+from denuc.train.data import SplitImage
+from denuc.train.detector import detection_loss, match_anchors, train_detector
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BRCAM2C = SHARED / "datasets" / "brcam2c"
@@ -174,7 +180,7 @@ def test_eight_view_detection_is_symmetric() -> None:
 
 
 @pytest.fixture(scope="module")
-def overfit_detector() -> tuple[Detector, np.ndarray, np.ndarray]:
+def overfit_trained() -> tuple[Detector, np.ndarray, np.ndarray]:
     """A 0.5x detector trained briefly on one real BRCAM2C image (0.5 um/px, the working resolution)."""
     image, xy = _brcam2c_image()
     iterations = 600
@@ -185,7 +191,7 @@ def overfit_detector() -> tuple[Detector, np.ndarray, np.ndarray]:
     model = PointDetector(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=iterations, pct_start=0.1)
-    item = TrainImage("one", image, xy)
+    item = SplitImage("brcam2c", "one", image, Nuclei(xy=xy, mpp=0.5))
     losses = []
     for _ in range(iterations):
         crops, targets = zip(*(random_crop(item, 128, cfg, rng) for _ in range(cfg.batch_size)))
@@ -202,16 +208,22 @@ def overfit_detector() -> tuple[Detector, np.ndarray, np.ndarray]:
     return detector, image, xy
 
 
+@pytest.fixture
+def overfit_detector(overfit_trained) -> tuple[Detector, np.ndarray, np.ndarray]:
+    """Each test's own copy of the overfit detector: ``with_settings`` changes a detector in place, and a change
+    must not reach the next test."""
+    detector, image, xy = overfit_trained
+    return copy.deepcopy(detector), image, xy
+
+
 @needs_brcam2c
 def test_loss_falls_and_detector_overfits_one_image(overfit_detector) -> None:
     detector, image, xy = overfit_detector
     assert np.mean(detector.losses[-10:]) < 0.5 * np.mean(detector.losses[:10])
     gt = Nuclei(xy=xy, mpp=0.5)
-    # at the best of a few thresholds, as a trained model's threshold is tuned; the model is the fixture's
-    original = detector.config.score_threshold
+    # at the best of a few thresholds, as a trained model's threshold is tuned
     f1 = max(evaluate([("one", detector.with_settings(score_threshold=t).detect(image, mpp=0.5), gt)],
                       radius_um=3.0).detection.f1 for t in (0.3, 0.4, 0.5, 0.6))
-    detector.with_settings(score_threshold=original)
     # measured 0.914-0.927 after 600 iterations (seeds 0 and 1, thread counts; 0.906-0.908 after 400; untrained 0.0)
     assert f1 >= 0.9, f"detection F1 after overfitting one image: {f1:.3f}"
 
@@ -314,8 +326,8 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
 
     assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path), "--epochs", "1",
                  "--iters-per-epoch", "2", "--batch-size", "2", "--crop-size", "128", "--quiet",
-                 "--color-jitter", "0.2", "--scale-jitter", "0.05", "--ema-decay", "0.9", "--randstainna", "0.5",
-                 "--stain-vector-jitter", "0.1"]) == 0
+                 "--backbone", "shufflenet_v2_x0_5", "--color-jitter", "0.2", "--scale-jitter", "0.05",
+                 "--ema-decay", "0.9", "--randstainna", "0.5", "--stain-vector-jitter", "0.1"]) == 0
     recipe = json.loads((tmp_path / "config.json").read_text())
     assert (recipe["color_jitter"], recipe["scale_jitter"], recipe["ema_decay"], recipe["randstainna"],
             recipe["stain_vector_jitter"]) == (0.2, 0.05, 0.9, 0.5, 0.1)
@@ -324,20 +336,107 @@ def test_train_detector_command_writes_a_tuned_model(tmp_path: Path) -> None:
     detector = Detector.from_pretrained(tmp_path / "model.safetensors")
     assert detector.config.score_threshold in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # from the validation sweep
     assert detector.config.nms_radius_um in (2.0, 3.0, 4.0, 5.0, 6.0)
-    assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path)]) == 2  # not NAME=ROOT
-    for bad in (["--ema-decay", "1.5"], ["--color-jitter", "-0.1"], ["--scale-jitter", "1"], ["--randstainna", "2"],
-                ["--stain-vector-jitter", "-1"]):
-        assert main(["train-detector", "--dataset", f"brcam2c={BRCAM2C}", "--run-dir", str(tmp_path / "x"), *bad]) == 2
-    assert not (tmp_path / "x").exists()  # refused before the run folder is made
+    assert main(["train-detector", "--dataset", "brcam2c", "--run-dir", str(tmp_path / "x")]) == 2  # not NAME=ROOT
     twice = ["--dataset", f"brcam2c={BRCAM2C}"] * 2
-    assert main(["train-detector", *twice, "--run-dir", str(tmp_path / "twice")]) == 2
+    assert main(["train-detector", *twice, "--run-dir", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made
+
+
+def exit_code(argv: list[str]) -> int:
+    """``denuc.cli.main``'s exit status, whether it returns it or argparse exits (an option refused)."""
+    from denuc.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be a whole number >= 1, got 0"),
+    (["--iters-per-epoch", "2.5"], "argument --iters-per-epoch: expected a whole number >= 1, got '2.5'"),
+    (["--lr", "nan"], "argument --lr: must be a number > 0, got nan"),
+    (["--lr", "-0.001"], "argument --lr: must be a number > 0"),
+    (["--weight-decay", "-1"], "argument --weight-decay: must be a number >= 0"),
+    (["--seed", "-1"], "argument --seed: must be a whole number >= 0"),
+    (["--crop-size", "16"], "argument --crop-size: must be a whole number >= 64"),
+    (["--mpp", "0"], "argument --mpp: must be a number > 0"),
+    (["--ema-decay", "1.5"], "argument --ema-decay: must be a number in (0, 1)"),
+    (["--color-jitter", "-0.1"], "argument --color-jitter: must be a number in [0, 1)"),
+    (["--scale-jitter", "1"], "argument --scale-jitter: must be a number in [0, 1)"),
+    (["--randstainna", "2"], "argument --randstainna: must be a number in [0, 1]"),
+    (["--stain-vector-jitter", "-1"], "argument --stain-vector-jitter: must be a number in [0, 1)"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+])
+def test_train_detector_refuses_bad_numbers_when_reading_the_command_line(bad: list[str], message: str,
+                                                                         tmp_path: Path, capsys) -> None:
+    code = exit_code(["train-detector", "--dataset", "brcam2c=/nowhere", "--run-dir", str(tmp_path / "run"), *bad])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_detector_errors_print_no_traceback(tmp_path: Path) -> None:
+    """Through the installed entry point: each user error is one line on stderr and exit status 2."""
+    run = ["--dataset", "brcam2c=/nowhere", "--run-dir", str(tmp_path / "run")]
+    for bad, message in ((["--batch-size", "0"], "--batch-size"), (["--lr", "nan"], "--lr"),
+                         (["--epochs", "0"], "--epochs"), (["--backbone", "shufflenet_v3"], "unknown backbone")):
+        done = subprocess.run([sys.executable, "-m", "denuc.cli", "train-detector", *run, *bad], capture_output=True,
+                              text=True)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_train_detector_into_a_trained_run_needs_resume_or_overwrite(tmp_path: Path, capsys, points_folder) -> None:
+    """Without a validation split: the shipped default's width, a strictly valid log (null, not NaN), no
+    "validation" settings claimed, model files readable by others (as umask allows); then a second run into the
+    same folder is refused unless it continues it (--resume) or starts again (--overwrite)."""
+    from importlib import resources
+
+    from denuc.cli.train_detector import DEFAULT_BACKBONE
+    from denuc.io.images import read_image
+
+    image = read_image(resources.files("denuc") / "data" / "sample_brcam2c.png")
+    rng = np.random.default_rng(0)
+    nuclei = Nuclei(xy=rng.uniform(4, 92, (20, 2)), mpp=0.5)
+    root = points_folder(tmp_path / "mine", {"train": [("a", image[:96, :96].copy(), nuclei),
+                                                       ("b", image[96:192, :96].copy(), nuclei)]})
+    run = tmp_path / "run"
+    command = ["train-detector", "--dataset", f"points={root}", "--run-dir", str(run), "--epochs", "1",
+               "--iters-per-epoch", "1", "--batch-size", "2", "--crop-size", "64", "--quiet"]
+    assert exit_code(command) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model: ") and "validation" not in out  # nothing was chosen on validation
+    recipe = json.loads((run / "config.json").read_text())
+    assert recipe["model"]["backbone"] == DEFAULT_BACKBONE == Detector.from_pretrained("default").config.backbone
+    log = json.loads((run / "log.json").read_text(), parse_constant=_no_constants)
+    assert log[0]["val_f1_mean"] is None
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("best.safetensors", "model.safetensors", "last.pt", "log.json"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    model = (run / "model.safetensors").read_bytes()
+    assert exit_code(command) == 2
+    err = capsys.readouterr().err
+    assert "holds a trained run" in err and "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert (run / "model.safetensors").read_bytes() == model  # untouched
+    assert exit_code(command + ["--resume"]) == 0  # complete already: nothing more to train
+    assert len(json.loads((run / "log.json").read_text())) == 1
+    assert exit_code(command + ["--overwrite", "--seed", "1"]) == 0
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    assert (run / "model.safetensors").read_bytes() != model
 
 
 def test_initial_model_from_a_detector_or_an_imagenet_checkpoint(tmp_path: Path) -> None:
     import torchvision
 
-    from denuc.train.detector import initial_model
     from denuc.errors import InputError
+    from denuc.train.detector import initial_model
 
     cfg = DetectorTrainConfig()
     trained = Detector(PointDetector(cfg.model))  # random weights stand in for a trained detector
@@ -449,7 +548,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path:
     older = {k: v for k, v in cfg.to_dict().items() if k != "stain_vector_jitter"}  # written before it existed
     runs.save_epoch(tmp_path, older, {"model": model}, optimizer, scheduler, rng, epoch=0, best=0.5,
                     history=[{"epoch": 1}], progress=False)
-    assert runs.resume(tmp_path, cfg, {"model": model}, optimizer, scheduler, rng)[:2] == (1, 0.5)
+    assert runs.restore(tmp_path, cfg, {"model": model}, optimizer, scheduler, rng)[:2] == (1, 0.5)
     for changed in (replace(cfg, stain_vector_jitter=0.1), replace(cfg, color_jitter=0.2)):
         with pytest.raises(ValueError, match="another config"):
-            runs.resume(tmp_path, changed, {"model": model}, optimizer, scheduler, rng)
+            runs.restore(tmp_path, changed, {"model": model}, optimizer, scheduler, rng)

@@ -1,20 +1,24 @@
-"""Point file readers and writers: CSV and QuPath GeoJSON."""
+"""Point file readers and writers (CSV and QuPath GeoJSON), the packaged sample's points, overlay pictures."""
 
 from __future__ import annotations
 
 import json
 import math
 import uuid
+from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SAMPLE_POINTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from denuc.errors import InputError
 from denuc.io import read_csv, read_geojson, read_points, write_csv, write_geojson, write_points
 from denuc.io.geojson import polygon_centroid
-from denuc.nuclei import UNLABELLED, NucleusClass, Nuclei
+from denuc.io.overlay import UNLABELLED_COLOR, Overview, write_overlay
+from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass
 
 CLASSES = [NucleusClass("tumour", (255, 0, 0)), NucleusClass("lymphocyte", (0, 0, 255))]
 
@@ -319,3 +323,51 @@ def test_pixel_sizes_within_one_percent_are_not_resampled() -> None:
 
     assert scale_to(0.499, 0.5) == 1.0 and scale_to(0.504, 0.5) == 1.0  # what 20x scanners report
     assert scale_to(0.55, 0.5) == pytest.approx(1.1) and scale_to(0.25, 0.5) == pytest.approx(0.5)
+
+
+# --- the packaged sample's ground truth ----------------------------------------------------------------------
+
+
+def test_packaged_sample_ground_truth_reads_inside_its_image():
+    """denuc/data/sample_brcam2c.csv: the sample image's annotated nuclei (BRCA-M2C), a plain point file."""
+    truth = read_points(SAMPLE_POINTS, mpp=SAMPLE_MPP, image_size=Image.open(SAMPLE_IMAGE).size)  # checks bounds
+    assert truth.class_names == ["lymphocyte", "tumour", "stromal"]
+    assert Counter(truth.labels.tolist()) == {"tumour": 144, "stromal": 91, "lymphocyte": 89}
+    assert truth.scores is None and len(np.unique(truth.xy, axis=0)) == len(truth) == 324
+
+
+# --- overlay pictures --------------------------------------------------------------------------------------
+
+
+def has_color(pixels: np.ndarray, color: tuple[int, int, int]) -> bool:
+    return bool((pixels == color).all(axis=-1).any())
+
+
+@pytest.mark.parametrize("width", [200, 60])  # 60 px: too narrow for one line, the legend wraps
+def test_overlay_keeps_the_image_and_adds_a_legend_of_class_colours(tmp_path, width):
+    image = np.full((120, width, 3), 200, np.uint8)
+    xy = np.array([[10.0, 10.0], [30.0, 60.0], [50.0, 100.0]])
+    nuclei = Nuclei(xy=xy, labels=["tumour", "lymphocyte", UNLABELLED], classes=CLASSES, mpp=0.5)
+    write_overlay(tmp_path / "overlay.png", image, nuclei)
+    drawn = np.asarray(Image.open(tmp_path / "overlay.png"))
+    picture, legend = drawn[:120], drawn[120:]
+    assert drawn.shape[1] == width and len(legend) >= 12
+    for color in ((255, 0, 0), (0, 0, 255), UNLABELLED_COLOR):
+        assert has_color(picture, color) and has_color(legend, color)  # a ring on the nucleus, a swatch below
+    assert (legend.max(axis=-1) < 80).any()  # the text
+    # the image is untouched away from the rings (2.4 um: 4.8 px at 0.5 um/px)
+    rows, cols = np.mgrid[:120, :width]
+    away = np.min([np.hypot(cols - x, rows - y) for x, y in xy], axis=0) > 8
+    assert (picture[away] == 200).all()
+
+
+def test_density_map_legend_shows_its_scale_and_no_class_swatches(tmp_path):
+    overview = Overview(np.full((100, 300, 3), 200, np.uint8), CLASSES, mpp=2.0, dots=False)
+    xy = np.random.default_rng(0).uniform(0, 99, (500, 2))
+    overview.add(Nuclei(xy=xy, labels=["lymphocyte"] * 500, classes=CLASSES))
+    overview.save(tmp_path / "overview.png")
+    drawn = np.asarray(Image.open(tmp_path / "overview.png"))
+    legend = drawn[100:]
+    assert has_color(legend, (255, 255, 0)) and has_color(legend, (255, 0, 0))  # the scale: yellow to red
+    assert not has_color(drawn, (0, 0, 255))  # no lymphocyte dots, no lymphocyte swatch: colours are not drawn
+    assert not (drawn[:100] == 200).all()  # the veil

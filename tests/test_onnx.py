@@ -76,16 +76,30 @@ def test_onnx_detections_match_torch(onnx: Detector) -> None:
 def test_onnx_detector_runs_the_graph_it_is_given() -> None:
     import io
 
-    from denuc.inference.runtime import OnnxDetector, export_onnx
+    from denuc.inference.runtime import OnnxBackend, export_onnx
 
     other = random_detector(8, seed=1)
     buffer = io.BytesIO()
     export_onnx(other, buffer)
-    detector = OnnxDetector(random_detector(8, seed=0), graph=buffer.getvalue())
+    model = random_detector(8, seed=0)
+    detector = Detector(model, backend=OnnxBackend(model, graph=buffer.getvalue()))
+    assert detector.runtime == "onnx"
     tiles = np.random.default_rng(2).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
     scores = detector.forward(tiles)[0].numpy()
     np.testing.assert_allclose(scores, Detector(other).forward(tiles)[0].numpy(), atol=SCORE_ATOL, rtol=0)
     assert np.abs(scores - Detector(random_detector(8, seed=0)).forward(tiles)[0].numpy()).max() > 0.01
+
+
+def test_runtime_module_does_not_import_the_detector() -> None:
+    """The detector holds its backend (composition): ``runtime`` needs nothing from ``detect``, so no cycle."""
+    import ast
+    import inspect
+
+    import denuc.inference.runtime as onnx_runtime
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(onnx_runtime)))
+                if isinstance(node, ast.ImportFrom)}
+    assert "denuc.inference.detect" not in imported and "denuc.inference.pipeline" not in imported
 
 
 def test_unknown_runtime_is_refused() -> None:
@@ -103,8 +117,8 @@ def test_auto_runtime_is_onnx_on_a_cpu_and_torch_elsewhere() -> None:
 def test_predict_cli_with_onnx_runtime_gives_the_torch_nuclei(tmp_path) -> None:
     """`denuc predict` (ONNX Runtime on a CPU by default) with the shipped bundle: PyTorch's classified nuclei."""
     from denuc.cli import main
-    from denuc.metrics.evaluate import evaluate
     from denuc.io import read_points
+    from denuc.metrics.evaluate import evaluate
 
     found = {}
     for runtime, option in (("torch", ["--runtime", "torch"]), ("onnx", [])):

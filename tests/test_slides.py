@@ -15,29 +15,31 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SHARED, needs_shared
 from PIL import Image
 
 from denuc.cli import main
 from denuc.config import ClassifierConfig, DetectorConfig
+from denuc.errors import InputError
 from denuc.inference.classify import Classifier
 from denuc.inference.detect import Detector
 from denuc.inference.pipeline import Pipeline
 from denuc.inference.slide import predict_slide
 from denuc.inference.tissue import detect_tissue
-from denuc.errors import InputError
 from denuc.io import read_points
+from denuc.io.overlay import UNLABELLED_COLOR
 from denuc.io.slides import open_slide, write_pyramidal_tiff
 from denuc.io.tables import NucleusTableWriter
 from denuc.models.detector import PointDetector
-from denuc.nuclei import UNLABELLED, NucleusClass, Nuclei
+from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass
 
-SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
+SLIDES = SHARED / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 TCGA = SLIDES / "TCGA-CR-7395-01A-01-TS1.svs"
 BROKEN = SLIDES / "broken.svs"
 DEFAULT_DETECTOR = Path(__file__).resolve().parents[1] / "denuc" / "weights" / "detector_default.safetensors"
 TINY_CLASSIFIER = ClassifierConfig(encoder="timm:test_efficientnet")  # 99k parameters: fast, untrained
-needs_slides = pytest.mark.skipif(not CMU.is_file(), reason=f"test slides not found in {SLIDES}")
+needs_cmu = needs_shared(CMU)
 
 
 torch.set_num_threads(1)  # the suite shares two cores; more threads only contend
@@ -62,21 +64,29 @@ def test_model_fingerprint_changes_with_test_time_views() -> None:
     assert len({plain, only_detector, model_fingerprint(model)}) == 3
 
 
+def overview_legend(path: str | Path, side: int = 930) -> set[tuple[int, int, int]]:
+    """The class colours in the legend strip below an overview of ``side`` px (the small slide's own pixels)."""
+    drawn = np.asarray(Image.open(path).convert("RGB"))
+    assert drawn.shape[1] == side and drawn.shape[0] > side
+    colors = {tuple(c) for c in np.unique(drawn[side:].reshape(-1, 3), axis=0).tolist()}
+    return colors & {UNLABELLED_COLOR, (255, 0, 0), (0, 0, 255)}
+
+
 @pytest.fixture(scope="module")
 def small_slide(tmp_path_factory) -> Path:
-    """A 1024 x 1024 pyramidal TIFF cut from the CMU slide (0.499 um/px): a small real slide."""
-    if not CMU.is_file():
-        pytest.skip(f"test slides not found in {SLIDES}")
-    path = tmp_path_factory.mktemp("slide") / "cmu_crop.tif"
-    with open_slide(CMU) as slide:
-        write_pyramidal_tiff(path, slide.read_region(600, 800, 0, 1024, 1024), slide.mpp)
+    """A 930 x 930 pyramidal TIFF at 0.5 um/px: the bundled sample and its mirror images, 2 x 2 (seamless), so
+    that the detector's tiles make more than two chunks of four."""
+    sample = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
+    top = np.concatenate([sample, sample[:, ::-1]], axis=1)
+    path = tmp_path_factory.mktemp("slide") / "sample_2x2.tif"
+    write_pyramidal_tiff(path, np.concatenate([top, top[::-1]], axis=0), SAMPLE_MPP)
     return path
 
 
 # --- reading slides -----------------------------------------------------------------------------------------
 
 
-@needs_slides
+@needs_cmu
 def test_real_svs_opens_with_its_pixel_size() -> None:
     with open_slide(CMU) as slide:
         assert slide.backend == "openslide"
@@ -88,7 +98,7 @@ def test_real_svs_opens_with_its_pixel_size() -> None:
         assert region.shape == (20, 20, 3) and (region[7:] == 255).all() and (region[:, :10] == 255).all()
 
 
-@needs_slides
+@needs_shared(TCGA)
 def test_slide_without_pixel_size_needs_mpp() -> None:
     with pytest.raises(InputError, match="pixel size unknown.*--mpp") as error:
         open_slide(TCGA)
@@ -98,7 +108,7 @@ def test_slide_without_pixel_size_needs_mpp() -> None:
         assert slide.best_level(0.5) == 1  # the 2x level is at 0.5 um/px: read it, not level 0
 
 
-@needs_slides
+@needs_shared(BROKEN)
 def test_broken_slide_is_a_clear_error() -> None:
     with pytest.raises(InputError, match="unsupported or unreadable slide format") as error:
         open_slide(BROKEN)
@@ -163,17 +173,17 @@ def test_interrupted_run_resumes_to_identical_nuclei(small_slide: Path, tmp_path
 
         with pytest.raises(KeyboardInterrupt):
             predict_slide(slide, model, tmp_path / "cut", chunk_tiles=4, progress=False, on_chunk=stop_after_two)
-        assert not list((tmp_path / "cut").glob("cmu_crop*")), "no output may appear before the run completes"
+        assert not list((tmp_path / "cut").glob("sample_2x2*")), "no output may appear before the run completes"
         resumed = predict_slide(slide, model, tmp_path / "cut", chunk_tiles=4, progress=False, resume=True)
         again = predict_slide(slide, model, tmp_path / "cut", chunk_tiles=4, progress=False)
     assert reference["tiles"]["chunks"] > 2 and resumed["tiles"]["chunks_reused"] == 2
     assert again.get("skipped") is True  # complete with the same settings: kept, not recomputed
-    a, b = pq.read_table(tmp_path / "whole" / "cmu_crop.parquet"), pq.read_table(tmp_path / "cut" / "cmu_crop.parquet")
+    a, b = (pq.read_table(tmp_path / run / "sample_2x2.parquet") for run in ("whole", "cut"))
     assert a.num_rows == reference["nuclei"] > 50 and a.equals(b)
-    assert not (tmp_path / "cut" / ".cmu_crop.partial").exists()
+    assert not (tmp_path / "cut" / ".sample_2x2.partial").exists()
 
 
-@needs_slides
+@needs_cmu
 def test_killed_cli_run_resumes_to_identical_nuclei(tmp_path: Path) -> None:
     """SIGKILL a real `denuc predict` once its first chunk is saved; `--resume` must end with the same table."""
     model = tmp_path / "tiny.safetensors"
@@ -202,7 +212,7 @@ def test_killed_cli_run_resumes_to_identical_nuclei(tmp_path: Path) -> None:
 def test_outputs_agree_and_geojson_has_what_qupath_reads(small_slide: Path, tmp_path: Path) -> None:
     with open_slide(small_slide) as slide:
         summary = predict_slide(slide, tiny_model(), tmp_path, progress=False, model_name="tiny")
-    stem = tmp_path / "cmu_crop"
+    stem = tmp_path / "sample_2x2"
     data = json.loads(stem.with_suffix(".geojson").read_text())
     assert data["type"] == "FeatureCollection" and len(data["features"]) == summary["nuclei"]
     for feature in data["features"][:50]:
@@ -215,11 +225,12 @@ def test_outputs_agree_and_geojson_has_what_qupath_reads(small_slide: Path, tmp_
     from_csv, from_geojson = read_points(stem.with_suffix(".csv")), read_points(stem.with_suffix(".geojson"))
     np.testing.assert_array_equal(from_csv.xy[:, 0], parquet["x"].to_numpy())
     np.testing.assert_allclose(from_geojson.xy, from_csv.xy, atol=1e-9)
-    np.testing.assert_allclose(parquet["x_um"].to_numpy(), (from_csv.xy[:, 0] + 0.5) * 0.499)
+    np.testing.assert_allclose(parquet["x_um"].to_numpy(), (from_csv.xy[:, 0] + 0.5) * SAMPLE_MPP)
     assert summary["mpp_source"] == "metadata: openslide.mpp-x, openslide.mpp-y"
     assert summary["density_per_mm2"]["all"] == pytest.approx(summary["nuclei"] / summary["tissue"]["area_mm2"])
     for suffix in ("_overview.png", "_tissue.png"):
         Image.open(f"{stem}{suffix}").verify()
+    assert overview_legend(f"{stem}_overview.png") == {UNLABELLED_COLOR}  # a detector alone: one colour
 
 
 def test_classified_tables_round_trip(tmp_path: Path) -> None:
@@ -246,14 +257,15 @@ def test_classifier_labels_probabilities_and_embeddings(small_slide: Path, tmp_p
     model = Pipeline(tiny_model().detector, Classifier.create(TINY_CLASSIFIER, {"t": classes}))
     with open_slide(small_slide) as slide:
         summary = predict_slide(slide, model, tmp_path, embeddings=True, progress=False)
-    parquet = pq.read_table(tmp_path / "cmu_crop.parquet")
+    parquet = pq.read_table(tmp_path / "sample_2x2.parquet")
     assert parquet.column_names[-2:] == ["prob_tumour", "prob_other"] and parquet.num_rows == summary["nuclei"] > 0
     assert set(parquet["label"].to_pylist()) <= {"tumour", "other"}
     assert sum(summary["counts"].values()) == summary["nuclei"]
-    vectors = np.load(tmp_path / "cmu_crop_embeddings.npy")
+    vectors = np.load(tmp_path / "sample_2x2_embeddings.npy")
     assert vectors.dtype == np.float16 and len(vectors) == summary["nuclei"] and vectors.shape[1] > 0
-    feature = json.loads((tmp_path / "cmu_crop.geojson").read_text())["features"][0]
+    feature = json.loads((tmp_path / "sample_2x2.geojson").read_text())["features"][0]
     assert feature["properties"]["classification"]["name"] in ("tumour", "other")
+    assert overview_legend(tmp_path / "sample_2x2_overview.png") == {(255, 0, 0), (0, 0, 255)}
 
 
 def test_blank_slide_gives_valid_empty_outputs_and_a_warning(tmp_path: Path) -> None:
@@ -269,7 +281,8 @@ def test_blank_slide_gives_valid_empty_outputs_and_a_warning(tmp_path: Path) -> 
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-@needs_slides
+@needs_shared(BROKEN)
+@needs_shared(TCGA)
 def test_cli_reports_broken_slides_and_goes_on(tmp_path: Path, capsys) -> None:
     model = tmp_path / "tiny.safetensors"
     tiny_model().detector.save(model)
@@ -284,7 +297,7 @@ def test_cli_reports_broken_slides_and_goes_on(tmp_path: Path, capsys) -> None:
     assert summary["model"]["detector"]["test_time_views"] == 2  # --tta reaches the model
 
 
-@needs_slides
+@needs_cmu
 @pytest.mark.skipif(not DEFAULT_DETECTOR.is_file(), reason="default detector weights not built yet")
 def test_default_model_finds_a_plausible_number_of_nuclei_on_cmu(tmp_path: Path) -> None:
     with open_slide(CMU) as slide:
@@ -295,7 +308,7 @@ def test_default_model_finds_a_plausible_number_of_nuclei_on_cmu(tmp_path: Path)
     assert summary["overview"] == "dots"
 
 
-@needs_slides
+@needs_cmu
 def test_level_in_memory_reads_the_same_pixels() -> None:
     with open_slide(CMU) as slide:
         w, h = slide.dimensions
@@ -310,7 +323,7 @@ def test_level_in_memory_reads_the_same_pixels() -> None:
         assert not slide._in_memory  # released after the block
 
 
-@needs_slides
+@needs_cmu
 def test_thumbnail_of_a_level_too_large_to_hold_is_read_in_bands(monkeypatch) -> None:
     import tracemalloc
 
@@ -332,7 +345,7 @@ def test_thumbnail_of_a_level_too_large_to_hold_is_read_in_bands(monkeypatch) ->
     assert rows_differing.mean() < 0.01 and np.abs(banded.astype(int) - whole).mean() < 0.1
 
 
-@needs_slides
+@needs_cmu
 def test_single_level_slide_is_decoded_once_with_the_same_outputs(tmp_path: Path, monkeypatch) -> None:
     import denuc.io.slides
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from denuc.config import DetectorTrainConfig
-from denuc.train.stain import StainTemplates, color_jitter, lab_to_rgb, restain, rgb_to_lab
-from denuc.train.detector import TrainImage, random_crop
 from denuc.io.images import read_image
+from denuc.nuclei import Nuclei
+from denuc.train.augment import random_crop
+from denuc.train.data import SplitImage
+from denuc.train.stain import StainTemplates, color_jitter, lab_to_rgb, restain, rgb_to_lab
 
 SAMPLE = Path(__file__).resolve().parents[1] / "denuc" / "data" / "sample_brcam2c.png"
 
@@ -53,7 +55,7 @@ def test_templates_fit_sample_and_apply() -> None:
 
 def test_randstainna_recolours_crops_and_keeps_their_points() -> None:
     image = read_image(SAMPLE)
-    item = TrainImage("sample", image, np.array([[10.0, 20.0], [100.0, 50.0], [60.0, 90.0]]))
+    item = SplitImage("sample", "sample", image, Nuclei(xy=[[10.0, 20.0], [100.0, 50.0], [60.0, 90.0]], mpp=0.5))
     templates = StainTemplates.fit([image[:200, :200], image[200:, 200:]])
     on = DetectorTrainConfig(color_jitter=0.0, scale_jitter=0.0, randstainna=1.0)
     off = DetectorTrainConfig(color_jitter=0.0, scale_jitter=0.0)

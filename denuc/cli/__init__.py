@@ -13,7 +13,8 @@ import sys
 from denuc import __version__
 from denuc.errors import InputError
 
-SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier", "tune-offsets", "export-backbone"]
+SUBCOMMANDS = ["evaluate", "detect", "predict", "train-detector", "train-classifier", "tune-offsets", "export-backbone",
+               "models"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_parser(subparsers)
         modules[name] = module
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv) if argv is None else ["denuc", *argv]  # recorded in outputs' summaries
     try:
         return modules[args.command].run(args)
     except InputError as error:

@@ -17,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", action="store_true", help="also run on the bundled sample H&E image (0.5 um/px)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--mpp", type=float, help="pixel size of the images in um/px (required for plain images)")
-    p.add_argument("--model", default="default", help="detector: a shipped name or a .safetensors file")
+    p.add_argument("--model", default="default",
+                   help="detector: a shipped name (denuc models; default: %(default)s) or a .safetensors file; a "
+                        "bundle runs its own detector")
     p.add_argument("--threshold", type=float, help="score threshold (default: the model's, chosen on validation)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="where the detector runs: torch, onnx (ONNX Runtime, CPU), or auto: onnx on a CPU, torch "
@@ -30,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.inference.detect import Detector
     from denuc.errors import InputError
+    from denuc.inference.detect import Detector
     from denuc.io import write_points
     from denuc.io.images import read_image
     from denuc.io.overlay import write_overlay
@@ -41,18 +43,25 @@ def run(args: argparse.Namespace) -> int:
         jobs.append((Path(str(resources.files("denuc") / "data" / SAMPLE[0])), SAMPLE[1]))
     if not jobs:
         raise InputError("denuc detect", "no images given (pass image files, or --sample)")
+    stems = {}
+    for path, mpp in jobs:  # checked before any work; outputs are named by stem
+        if mpp is None:
+            raise InputError(path, "pixel size unknown: pass --mpp (um/px), e.g. --mpp 0.5 for a 20x scan")
+        if path.stem in stems:
+            raise InputError(path, f"same file name as {stems[path.stem]}: its outputs in {args.out} would "
+                                   "overwrite each other; process it into another --out folder")
+        stems[path.stem] = path
     detector = Detector.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     detector.with_settings(test_time_views=args.tta)
     if args.threshold is not None:
         detector.with_settings(score_threshold=args.threshold)
     for path, mpp in jobs:
-        if mpp is None:
-            raise InputError(path, "pixel size unknown: pass --mpp (um/px), e.g. --mpp 0.5 for a 20x scan")
         image = read_image(path)
         nuclei = detector.detect(image, mpp=mpp, batch_size=args.batch_size)
-        stem = args.out / path.stem
-        write_points(stem.with_suffix(".csv"), nuclei)
-        write_points(stem.with_suffix(".geojson"), nuclei)
-        write_overlay(stem.parent / f"{path.stem}_overlay.png", image, nuclei)
-        print(f"{path}: {len(nuclei)} nuclei -> {stem}.csv, {stem}.geojson, {stem}_overlay.png")
+        # names by concatenation: Path.with_suffix would cut a dotted stem such as BRCAM2C's "..._1000_0.9824"
+        csv, geojson, overlay = (args.out / f"{path.stem}{suffix}" for suffix in (".csv", ".geojson", "_overlay.png"))
+        write_points(csv, nuclei)
+        write_points(geojson, nuclei)
+        write_overlay(overlay, image, nuclei)
+        print(f"{path}: {len(nuclei)} nuclei -> {csv}, {geojson}, {overlay}")
     return 0

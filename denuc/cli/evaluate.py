@@ -1,7 +1,9 @@
 """`denuc evaluate`: score predicted nucleus points against ground truth (per-class and detection F1).
 
 Predictions and ground truth are point files (CSV or GeoJSON, see docs/formats.md), one per image, paired by
-file stem; or the ground truth is a dataset split. The protocols are described in docs/evaluation.md.
+file stem; or the ground truth is a dataset split (--gt-dataset NAME --dataset-root ROOT, each prediction file
+named after its image). Beside detection recall, the recall on crowded nuclei (ground-truth nuclei with >= 3 others
+within 8 um). The protocols are described in docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from denuc.metrics.evaluate import PROTOCOLS
 from denuc.errors import InputError
+from denuc.metrics.evaluate import PROTOCOLS
 
 POINT_SUFFIXES = (".csv", ".geojson", ".json")
 
@@ -24,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="predictions: a point file, or a folder of point files named by image stem")
     gt = p.add_mutually_exclusive_group(required=True)
     gt.add_argument("--gt", type=Path, help="ground truth: a point file, or a folder of point files")
-    gt.add_argument("--gt-dataset", metavar="NAME", help="ground truth from a dataset, e.g. brcam2c or crchisto")
+    gt.add_argument("--gt-dataset", metavar="NAME",
+                    help="ground truth from a dataset: brcam2c, crchisto, consep, monuseg, puma, ocelot, pannuke, "
+                         "lizard, or points for your own (docs/formats.md)")
     p.add_argument("--dataset-root", type=Path, help="folder of the dataset given by --gt-dataset")
     p.add_argument("--split", default="test", help="dataset split to score (default: test)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="denuc", help="scoring protocol (default: denuc)")
@@ -39,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.metrics.evaluate import evaluate
     from denuc.io.atomic import write_json
+    from denuc.metrics.evaluate import evaluate
 
     if args.mpp is not None and not args.mpp > 0:
         raise InputError("--mpp", f"pixel size must be a positive number of um/px, got {args.mpp}")

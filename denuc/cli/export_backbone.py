@@ -21,15 +21,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-backbone", help=__doc__.split(": ", 1)[1].splitlines()[0],
                               description=__doc__.split(": ", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="the detector: a shipped name (default, fast, stain-robust) or a .safetensors file")
+    p.add_argument("model", help="the detector: a shipped name (default, fast, stain-robust, or a tag: denuc models) "
+                                 "or a .safetensors file (a bundle gives its detector's)")
     p.add_argument("--out", type=Path, required=True, help="the weights file to write (.safetensors)")
 
 
 def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from denuc.inference.detect import Detector
     from denuc.errors import InputError
+    from denuc.hub import describe
+    from denuc.inference.detect import Detector
     from denuc.io.atomic import atomic_path
 
     if args.out.suffix != ".safetensors":
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     state = {k: v.contiguous() for k, v in backbone.torchvision_state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
-        save_file(state, str(tmp), metadata={"torchvision_model": backbone.name, "source": str(args.model)})
+        save_file(state, str(tmp), metadata={"torchvision_model": backbone.name, "source": str(args.model),
+                                             "source_sha256": describe(args.model)["sha256"]})
     print(f"torchvision:{backbone.name} weights ({len(state)} tensors): {args.out}")
     return 0

@@ -1,26 +1,71 @@
-"""Options the training sub-commands share: sources, run folder, and the numbers of a training recipe."""
+"""Options the training sub-commands share: sources, run folder, the numbers of a training recipe, and the
+checked number types (a bad value is refused when the command line is read, naming the option)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 from denuc.config import DatasetSpec
 from denuc.errors import InputError
 
 
-def add_training_options(p: argparse.ArgumentParser, train: object, int_names: tuple[str, ...], *,
-                         dataset_help: str, run_dir_help: str) -> None:
-    """--dataset, --run-dir, --resume, --quiet, and one option per named integer field of ``train`` plus
-    --lr and --weight-decay, with the dataclass's values as defaults."""
+def number(kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+           open_high: bool = False) -> Callable[[str], int | float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) between ``low`` and ``high`` (None: unbounded),
+    each bound included unless ``open_low`` / ``open_high``; argparse names the option when it is refused."""
+    if low is not None and high is not None:
+        wanted = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    elif low is not None:
+        wanted = f"{'>' if open_low else '>='} {low:g}"
+    else:
+        wanted = f"{'<' if open_high else '<='} {high:g}"
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {wanted}, got {text!r}") from None
+        if (not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low))
+                or (high is not None and (value >= high if open_high else value > high))):
+            raise argparse.ArgumentTypeError(f"must be {what} {wanted}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = number(int, 1)
+FRACTION = number(float, 0, 1, open_high=True)  # a jitter strength: 0 (off) up to, not including, 1
+PROBABILITY = number(float, 0, 1)
+DECAY = number(float, 0, 1, open_low=True, open_high=True)
+POSITIVE = number(float, 0, open_low=True)
+
+RECIPE_NUMBERS = {"epochs": COUNT, "iters_per_epoch": COUNT, "batch_size": COUNT, "crop_size": number(int, 64),
+                  "lora_rank": COUNT, "seed": number(int, 0), "threads": number(int, 0), "lr": POSITIVE,
+                  "weight_decay": number(float, 0)}
+"""The checked type of each recipe number the training commands take."""
+
+
+def add_training_options(p: argparse.ArgumentParser, train: object, helps: dict[str, str], *, dataset_help: str,
+                         run_dir_help: str) -> None:
+    """--dataset, --run-dir, --resume / --overwrite, --quiet, and one option per field of ``train`` named in
+    ``helps`` (a key of ``RECIPE_NUMBERS``; its help text may show the default, the dataclass's value, with
+    ``%(default)s``)."""
     p.add_argument("--dataset", action="append", required=True, metavar="NAME=ROOT", help=dataset_help)
     p.add_argument("--run-dir", type=Path, required=True, help=run_dir_help)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir exactly")
-    for name in int_names:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(train, name))
-    for name in ("lr", "weight_decay"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(train, name))
-    p.add_argument("--quiet", action="store_true")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run in --run-dir exactly (same options)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again in a --run-dir that holds a trained run (its model, checkpoint and logs "
+                            "are deleted); without --resume or --overwrite such a folder is refused")
+    for name, text in helps.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=RECIPE_NUMBERS[name], default=getattr(train, name),
+                       help=text)
+    p.add_argument("--quiet", action="store_true", help="no progress bars nor per-epoch rows")
 
 
 def dataset_specs(values: list[str]) -> list[DatasetSpec]:

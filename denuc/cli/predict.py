@@ -24,8 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="slides (SVS, NDPI, MRXS, tiled TIFF, DICOM, ...), plain images, or folders of them")
     p.add_argument("--out", type=Path, required=True, help="output folder (one set of files per slide)")
     p.add_argument("--sample", action="store_true", help="also run on the bundled sample H&E image (0.5 um/px)")
-    p.add_argument("--model", default="default", help="a shipped model name or a model file (default: %(default)s)")
-    p.add_argument("--detector-only", action="store_true", help="detect only: no classifier, every nucleus unlabelled")
+    p.add_argument("--model", help="a shipped model name (denuc models) or a model file (default: default-bundle, the "
+                                   "detector + classifier; with --detector-only: default, the detector `denuc detect` "
+                                   "runs)")
+    p.add_argument("--detector-only", action="store_true",
+                   help="detect only, as `denuc detect` does with the same --model (a bundle's own detector for a "
+                        "bundle): no classifier, every nucleus unlabelled")
     p.add_argument("--mpp", type=float, help="pixel size of the inputs in um/px: overrides the slide metadata")
     p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide, not just the tissue")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
@@ -35,8 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="where the networks run: torch, onnx (ONNX Runtime, CPU: the detector and a convolutional "
                         "classifier encoder), or auto: onnx on a CPU, torch on a GPU (default)")
     p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
-                   help="test-time augmentation: detect and classify in this many flipped/transposed views of each tile "
-                        "and fuse the results (8: +2 validation F1 points for about 8x the time; default: "
+                   help="test-time augmentation: detect and classify in this many flipped/transposed views of each "
+                        "tile and fuse the results (8: +2 validation F1 points for about 8x the time; default: "
                         "%(default)s, off)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="tile-reading threads; 0 reads in the main thread")
@@ -68,9 +72,11 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from denuc.errors import InputError
+    from denuc.hub import describe
+    from denuc.inference.detect import Detector
     from denuc.inference.pipeline import Pipeline
     from denuc.inference.slide import model_fingerprint, predict_slide
-    from denuc.errors import InputError
     from denuc.io.slides import open_slide
 
     if args.batch_size < 1 or args.workers < 0:
@@ -81,13 +87,19 @@ def run(args: argparse.Namespace) -> int:
         jobs.append((sample, SAMPLE[1], f"bundled sample image ({SAMPLE[1]} um/px)"))
     if not jobs:
         raise InputError("denuc predict", "no slides given (pass slide files or folders, or --sample)")
-    model = Pipeline.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     if args.detector_only:
-        model = Pipeline(model.detector)
+        name = args.model or "default"
+        model = Pipeline(Detector.from_pretrained(name, device=args.device, runtime=args.runtime))
+    else:
+        name = args.model or "default-bundle"
+        model = Pipeline.from_pretrained(name, device=args.device, runtime=args.runtime)
     model.with_test_time_views(args.tta)
     if args.embeddings and model.classifier is None:
-        raise InputError(args.model, "--embeddings saves the classifier's features, and this model has no classifier")
+        raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
     model_id = model_fingerprint(model)
+    described = describe(name)
+    provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},
+                  "detector_only": args.detector_only, "command": args.command_line}
     say = (lambda *a: None) if args.quiet else print
     failed, stems = [], {}
     for path, mpp, mpp_source in jobs:
@@ -103,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 summary = predict_slide(
                     slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
                     batch_size=args.batch_size, workers=args.workers, embeddings=args.embeddings,
-                    progress=not args.quiet, model_name=str(args.model), model_id=model_id)
+                    progress=not args.quiet, model_name=name, model_id=model_id, provenance=provenance)
             for warning in caught:
                 print(f"denuc predict: warning: {warning.message}", file=sys.stderr)
         except InputError as error:

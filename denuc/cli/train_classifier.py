@@ -1,4 +1,10 @@
-"""`denuc train-classifier`: train a nucleus classifier on detector outputs and save a model bundle."""
+"""`denuc train-classifier`: train a nucleus classifier on detector outputs and save a model bundle.
+
+Modes: frozen (the encoder's features are computed once and cached; only the head trains, and an epoch is one
+pass over the cached points), lora or full (an epoch is --iters-per-epoch batches of random crops), or joint
+(the end-to-end baseline: one network detects and classifies). After each epoch the classifier is scored end
+to end on the datasets' validation splits and the best epoch is kept (without one, the last epoch).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from denuc.cli.options import add_training_options, dataset_specs
+from denuc.cli.options import DECAY, FRACTION, PROBABILITY, add_training_options, dataset_specs
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -14,33 +20,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from denuc.models.heads import HEADS
 
     model, train = ClassifierConfig(), ClassifierTrainConfig()
-    p = subparsers.add_parser("train-classifier", help=__doc__.split(": ", 1)[1])
-    add_training_options(
-        p, train, ("epochs", "iters_per_epoch", "batch_size", "crop_size", "lora_rank", "seed", "threads"),
-        dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)",
-        run_dir_help="checkpoints, logs, caches and the bundle go here")
+    p = subparsers.add_parser("train-classifier", help=__doc__.split(": ", 1)[1].splitlines()[0],
+                              description=__doc__.split(": ", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_options(p, train, {
+        "epochs": "epochs to train (default: %(default)s)",
+        "iters_per_epoch": "lora / full / joint: batches of random crops per epoch (frozen: an epoch is one pass "
+                           "over the cached points; default: %(default)s)",
+        "batch_size": "lora / full / joint: crops per batch; frozen: 128 x this many points per batch "
+                      "(default: %(default)s)",
+        "crop_size": "lora / full / joint: side of the square training crops, in pixels at the working "
+                     "resolution (default: %(default)s)",
+        "lora_rank": "lora: rank of the adapters (default: %(default)s)",
+        "lr": "peak learning rate of AdamW, reached after a linear warm-up, then a cosine decay "
+              "(default: %(default)s)",
+        "weight_decay": "AdamW weight decay (default: %(default)s)",
+        "seed": "seed of the crops, batches and the heads' initialisation (default: %(default)s)",
+        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
+    }, dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)",
+        run_dir_help="checkpoints, logs, caches and the bundle (model.safetensors) go here")
     p.add_argument("--encoder", default=model.encoder,
-                   help="uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model>")
-    p.add_argument("--weights", default=None, help="the encoder's weights file (none: random initialisation)")
+                   help="uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model> "
+                        "(default: %(default)s)")
+    p.add_argument("--weights", default=None, help="the encoder's weights file (default: random initialisation)")
     p.add_argument("--encoder-kwargs", default=None, metavar="JSON",
                    help=f"architecture overrides (default {json.dumps(model.encoder_kwargs)} for timm models, "
                         "none otherwise)")
     p.add_argument("--layers", default=None, help="comma-separated feature levels (default: the encoder's)")
-    p.add_argument("--head", default=model.head, choices=HEADS)
+    p.add_argument("--head", default=model.head, choices=HEADS, help="(default: %(default)s)")
     p.add_argument("--mode", default=train.mode, choices=CLASSIFIER_MODES,
-                   help="frozen encoder + head, LoRA, full fine-tuning, or the joint end-to-end baseline")
-    p.add_argument("--detector", default=train.detector, help="detector for the negatives and the bundle")
+                   help="frozen encoder + head, LoRA, full fine-tuning, or the joint end-to-end baseline "
+                        "(default: %(default)s)")
+    p.add_argument("--detector", default=train.detector,
+                   help="detector for the negatives and the bundle (default: %(default)s)")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
-    p.add_argument("--color-jitter", type=float, default=train.color_jitter,
-                   help="lora / full / joint: strength of the crops' stain (HED), brightness and contrast jitter")
-    p.add_argument("--stain-vector-jitter", type=float, default=train.stain_vector_jitter, metavar="S",
+    p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
+                   help="lora / full / joint: strength of the crops' stain (HED), brightness and contrast jitter, "
+                        "in [0, 1) (default: %(default)s)")
+    p.add_argument("--stain-vector-jitter", type=FRACTION, default=train.stain_vector_jitter, metavar="S",
                    help="lora / full / joint: noise on the haematoxylin and eosin colour vectors the crops are "
-                        "rebuilt with (0.1 turns them by 6-7 degrees on average; default: 0, off)")
-    p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
+                        "rebuilt with (0.1 turns them by 6-7 degrees on average; default: %(default)s, off)")
+    p.add_argument("--randstainna", type=PROBABILITY, default=train.randstainna, metavar="P",
                    help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
-                        "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
-    p.add_argument("--ema-decay", type=float, default=train.ema_decay, metavar="D",
+                        "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: "
+                        "%(default)s, off)")
+    p.add_argument("--ema-decay", type=DECAY, default=train.ema_decay, metavar="D",
                    help="full: validate and keep an exponential moving average of the weights with this decay "
                         "(0.999: about the last 1,000 iterations; default: off)")
     p.add_argument("--offsets", default=train.offsets, choices=("none", "nucleus", "all"),
@@ -50,9 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from denuc.config import ClassifierConfig, ClassifierTrainConfig
+    from denuc.errors import InputError
     from denuc.train.classifier import train_classifier
     from denuc.train.joint import train_joint
-    from denuc.errors import InputError
 
     specs = dataset_specs(args.dataset)
     if args.encoder_kwargs is not None:
@@ -81,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None
-    if args.mode == "joint":
-        print(f"joint model: {train_joint(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)}")
-    else:
-        print(f"model: {train_classifier(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)}")
+    train = train_joint if args.mode == "joint" else train_classifier
+    path = train(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"{'joint model' if args.mode == 'joint' else 'model'}: {path}")
     return 0

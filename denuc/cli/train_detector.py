@@ -1,50 +1,78 @@
-"""`denuc train-detector`: train a point detector on one or more datasets, then tune its thresholds."""
+"""`denuc train-detector`: train a point detector on one or more datasets, then tune its thresholds.
+
+Each epoch is --iters-per-epoch batches of random crops (not a pass over the images); after each, the model is
+scored on the datasets' validation splits and the best epoch is kept. The score threshold and NMS radius are
+then chosen on the validation splits (without one, the last epoch is kept with its settings).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from denuc.cli.options import add_training_options, dataset_specs
+from denuc.cli.options import DECAY, FRACTION, POSITIVE, PROBABILITY, add_training_options, dataset_specs
+
+DEFAULT_BACKBONE = "shufflenet_v2_x1_0"
+"""The width of the shipped default detector: what a run trains unless told otherwise."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from denuc.config import DetectorConfig, DetectorTrainConfig
 
     model, train = DetectorConfig(), DetectorTrainConfig()
-    p = subparsers.add_parser("train-detector", help=__doc__.split(": ", 1)[1])
-    add_training_options(p, train, ("epochs", "iters_per_epoch", "batch_size", "crop_size", "seed", "threads"),
-                         dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)",
-                         run_dir_help="checkpoints, logs and the trained model go here")
-    p.add_argument("--backbone", help=f"shufflenet_v2_x{{0_5,1_0,1_5,2_0}} or resnet50 (default: {model.backbone})")
+    p = subparsers.add_parser("train-detector", help=__doc__.split(": ", 1)[1].splitlines()[0],
+                              description=__doc__.split(": ", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_options(p, train, {
+        "epochs": "epochs to train; one epoch is --iters-per-epoch batches of random crops, then a validation "
+                  "(default: %(default)s)",
+        "iters_per_epoch": "batches (iterations) per epoch (default: %(default)s)",
+        "batch_size": "crops per batch (default: %(default)s)",
+        "crop_size": "side of the square training crops, in pixels at the working resolution (default: %(default)s)",
+        "lr": "peak learning rate of AdamW, reached after a linear warm-up, then a cosine decay (default: "
+              "%(default)s)",
+        "weight_decay": "AdamW weight decay (default: %(default)s)",
+        "seed": "seed of the crops and of the weights' initialisation (default: %(default)s)",
+        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
+    }, dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)",
+        run_dir_help="checkpoints (last.pt), logs (log.json, log.csv), the best epoch (best.safetensors) and the "
+                     "tuned model (model.safetensors) go here")
+    p.add_argument("--backbone", help="shufflenet_v2_x{0_5,1_0,1_5,2_0} or resnet50 (default: "
+                                      f"{DEFAULT_BACKBONE}, the shipped default detector's width; "
+                                      "shufflenet_v2_x0_5 is the faster 'fast' one's)")
     p.add_argument("--head-stride", type=int, choices=(4, 8), help=f"(default: {model.head_stride})")
     p.add_argument("--head-separable", action="store_const", const=True,
                    help="depthwise-separable 3x3 convs in the head: a faster network (DETECTOR_CARD.md)")
-    p.add_argument("--mpp", type=float, help=f"working resolution of the model in um/px (default: {model.mpp})")
+    p.add_argument("--mpp", type=POSITIVE, help=f"working resolution of the model in um/px (default: {model.mpp})")
     p.add_argument("--init", help="fine-tune: start from this detector (a shipped name such as 'default', or a "
                                   ".safetensors file); the model's architecture and pixel size are its own")
-    p.add_argument("--color-jitter", type=float, default=train.color_jitter,
-                   help="strength of the stain (HED), brightness and contrast jitter")
-    p.add_argument("--stain-vector-jitter", type=float, default=train.stain_vector_jitter, metavar="S",
+    p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
+                   help="strength of the stain (HED), brightness and contrast jitter, in [0, 1) "
+                        "(default: %(default)s)")
+    p.add_argument("--stain-vector-jitter", type=FRACTION, default=train.stain_vector_jitter, metavar="S",
                    help="noise (standard deviation per component) on the haematoxylin and eosin colour vectors the "
                         "crops are rebuilt with: other labs' stain hues (0.1 turns them by 6-7 degrees on average; "
-                        "default: 0, off)")
-    p.add_argument("--randstainna", type=float, default=train.randstainna, metavar="P",
+                        "default: %(default)s, off)")
+    p.add_argument("--randstainna", type=PROBABILITY, default=train.randstainna, metavar="P",
                    help="probability that a crop is re-stained to a template drawn from the training images' "
-                        "CIELAB colour statistics (RandStainNA) before the jitter (default: 0, off)")
-    p.add_argument("--scale-jitter", type=float, default=train.scale_jitter,
-                   help="crops are rescaled by a random factor in [1 - j, 1 + j]")
-    p.add_argument("--ema-decay", type=float, help="validate and save an exponential moving average of the "
-                                                    "weights with this decay per iteration, e.g. 0.998 (default: off)")
+                        "CIELAB colour statistics (RandStainNA) before the jitter (default: %(default)s, off)")
+    p.add_argument("--scale-jitter", type=FRACTION, default=train.scale_jitter, metavar="J",
+                   help="crops are rescaled by a random factor in [1 - J, 1 + J] (default: %(default)s)")
+    p.add_argument("--ema-decay", type=DECAY, metavar="D",
+                   help="validate and save an exponential moving average of the weights with this decay per "
+                        "iteration, e.g. 0.998 (default: off)")
     p.add_argument("--backbone-weights", help="an ImageNet checkpoint (state dict) of the torchvision backbone, "
-                                              "loaded with strict key checking")
+                                              "loaded with strict key checking (default: random initialisation)")
 
 
 def run(args: argparse.Namespace) -> int:
     from denuc.config import DetectorConfig, DetectorTrainConfig
-    from denuc.inference.detect import Detector
-    from denuc.train.detector import train_detector, tune_thresholds
     from denuc.errors import InputError
+    from denuc.inference.detect import Detector
+    from denuc.models.detector import BACKBONES
+    from denuc.train.detector import train_detector, tune_thresholds
 
+    if args.backbone is not None and args.backbone not in BACKBONES:
+        raise InputError("--backbone", f"unknown backbone {args.backbone!r}; choose from {sorted(BACKBONES)}")
     architecture = {k: v for k, v in (("backbone", args.backbone), ("head_stride", args.head_stride),
                                       ("head_separable", args.head_separable), ("mpp", args.mpp)) if v is not None}
     if args.init is not None:
@@ -53,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                                        f"drop {', '.join('--' + k.replace('_', '-') for k in architecture)}")
         model = Detector.from_pretrained(args.init).config
     else:
-        model = DetectorConfig(**architecture)
+        model = DetectorConfig(**{"backbone": DEFAULT_BACKBONE, **architecture})
     specs = dataset_specs(args.dataset)
     try:
         cfg = DetectorTrainConfig(
@@ -67,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None
-    best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
+    best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors")
-    print(f"model: {args.run_dir / 'model.safetensors'} (validation: {chosen})")
+    settings = "" if chosen is None else (f" (chosen on validation: score threshold {chosen['score_threshold']}, "
+                                          f"NMS radius {chosen['nms_radius_um']} um, mean F1 {chosen['mean']:.4f})")
+    print(f"model: {args.run_dir / 'model.safetensors'}{settings}")
     return 0

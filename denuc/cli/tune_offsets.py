@@ -18,7 +18,7 @@ from denuc.cli.options import dataset_specs
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tune-offsets", help=__doc__.split(": ", 1)[1].splitlines()[0],
                               description=__doc__.split(": ", 1)[1])
-    p.add_argument("model", help="the bundle to tune (a file, or a shipped name such as default)")
+    p.add_argument("model", help="the bundle to tune (a file, or a shipped name such as default-bundle)")
     p.add_argument("--dataset", action="append", required=True, metavar="NAME=ROOT",
                    help="a dataset whose validation split tunes the head of the same name (repeatable)")
     p.add_argument("--outputs", choices=("nucleus", "all"), default="nucleus",
@@ -27,11 +27,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.inference.pipeline import model_file
-    from denuc.train.classifier import tune_offsets
     from denuc.errors import InputError
+    from denuc.hub import resolve
+    from denuc.train.offsets import tune_offsets
 
-    if args.out.exists() and args.out.samefile(model_file(args.model)):
+    if args.out.exists() and args.out.samefile(resolve(args.model, kind="bundle")):
         raise InputError(args.out, "is the input bundle; write the tuned bundle to another file")
     chosen = tune_offsets(args.model, dataset_specs(args.dataset), args.out, args.outputs)
     for name, c in chosen.items():

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+import scipy.io
 from PIL import Image, UnidentifiedImageError
 
 from denuc.errors import InputError
-from denuc.nuclei import NucleusClass, Nuclei
+from denuc.io.images import read_image, to_rgb_uint8
+from denuc.nuclei import Nuclei, NucleusClass
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val"}
@@ -22,12 +25,23 @@ _SPLIT_ALIASES = {"validation": "val"}
 
 @dataclass(frozen=True)
 class Sample:
-    """One annotated image: ``name`` is the image file's stem, ``nuclei`` its ground truth."""
+    """One annotated image: ``name`` is the image file's stem, ``nuclei`` its ground truth.
+
+    ``image_index`` is None when ``image_path`` is an image file. Datasets published as arrays (PanNuke's
+    ``images.npy``) give the array file and the image's index in it; ``read_image`` reads either.
+    """
 
     name: str
     image_path: Path
     nuclei: Nuclei
     dataset: str
+    image_index: int | None = None
+
+    def read_image(self) -> np.ndarray:
+        """The pixels, (H, W, 3) uint8 RGB."""
+        if self.image_index is None:
+            return read_image(self.image_path)
+        return read_array_image(self.image_path, self.image_index)
 
 
 class Dataset(ABC):
@@ -87,3 +101,38 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise InputError(path, "image not found") from None
     except (UnidentifiedImageError, OSError) as error:
         raise InputError(path, f"cannot read the image: {error}") from None
+
+
+def read_array_image(path: Path, index: int) -> np.ndarray:
+    """Image ``index`` of an (N, H, W, 3) ``.npy`` array as uint8 RGB. Floats are taken as 0-255 values (PanNuke
+    stores them as float64), never rescaled from 0-1: an all-dark image must not turn white."""
+    images = load_array(path)
+    if images.ndim != 4 or images.shape[-1] != 3 or not 0 <= index < len(images):
+        raise InputError(path, f"no RGB image {index} in an array of shape {images.shape}")
+    image = np.asarray(images[index])
+    if np.issubdtype(image.dtype, np.floating):
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return to_rgb_uint8(image, f"{path}[{index}]")
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A ``.npy`` array, memory-mapped (PanNuke's mask files are gigabytes: only what is indexed is read)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"cannot read the array file: {error}") from None
+
+
+def read_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a MATLAB file (only those are read), each required."""
+    try:
+        contents = scipy.io.loadmat(path, variable_names=list(keys))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError) as error:  # loadmat on a non-.mat file
+        raise InputError(path, f"cannot read the MATLAB file: {error}") from None
+    missing = [key for key in keys if key not in contents]
+    if missing:
+        present = sorted(name for name, _, _ in scipy.io.whosmat(path))
+        raise InputError(path, f"no {missing} array(s); the file holds {present}")
+    return {key: contents[key] for key in keys}

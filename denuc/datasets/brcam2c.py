@@ -15,7 +15,7 @@ import numpy as np
 from denuc.datasets.base import Dataset, Sample, read_image_size, read_name_list
 from denuc.errors import InputError
 from denuc.io.csv import nuclei_from_columns
-from denuc.nuclei import NucleusClass, Nuclei
+from denuc.nuclei import Nuclei, NucleusClass
 
 # Colours of the dataset's own visualisations: lymphocytes blue, tumour red, stromal yellow.
 CLASS_IDS = {

@@ -30,7 +30,7 @@ from scipy.spatial.distance import cdist
 
 from denuc.datasets.base import Dataset, Sample, read_image_size, read_name_list
 from denuc.errors import InputError
-from denuc.nuclei import UNLABELLED, NucleusClass, Nuclei
+from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass
 
 CLASSES = (
     NucleusClass("epithelial", (255, 0, 0)),

@@ -1,6 +1,9 @@
 """The point detector users run: ``Detector.from_pretrained("default").detect(image, mpp=0.5)``.
 
-Tiling and ownership live in ``denuc.inference.tiling``, point NMS in ``nms``, test-time views in ``tta``.
+A ``Detector`` holds the network's weights and settings and a *backend* that runs its forward pass:
+``TorchBackend`` (PyTorch, any device) or ``denuc.inference.runtime.OnnxBackend`` (ONNX Runtime, CPU), chosen by
+``make_detector``. Tiling and ownership live in ``denuc.inference.tiling``, point NMS in ``nms``, test-time views
+in ``tta``; model names in ``denuc.hub``.
 """
 
 from __future__ import annotations
@@ -8,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from importlib import resources
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from denuc import hub
 from denuc.config import RUNTIMES, DetectorConfig
 from denuc.errors import InputError
 from denuc.inference.nms import point_nms
@@ -24,24 +27,52 @@ from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei, concat
 
-PRETRAINED = {"default": "detector_default.safetensors", "fast": "detector_fast.safetensors",
-              "stain-robust": "detector_stain_robust.safetensors"}
-"""Detectors shipped inside the package (denuc/weights): "default" (ShuffleNetV2 1.0x), "fast" (0.5x, about
-three quarters of the time for 1-2 points less F1), both fine-tuned with RandStainNA colour augmentation, and
-"stain-robust" (1.0x trained with RandStainNA from the start: 1-4 points less F1 on our test splits, 2 points more
-on images in another lab's colours); see DETECTOR_CARD.md."""
+BUNDLE_DETECTOR = "detector."
+"""The prefix of the detector's tensors in a bundle (``denuc.inference.pipeline``)."""
+
+
+class Backend(Protocol):
+    """Runs a detector network: nucleus probability (B, A) and position (B, A, 2) of every anchor, for RGB uint8
+    tiles (B, H, W, 3)."""
+
+    runtime: str  # "torch" or "onnx"
+
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TorchBackend:
+    """The network in PyTorch on ``device``."""
+
+    runtime = "torch"
+
+    def __init__(self, model: PointDetector, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.as_tensor(tiles, device=self.device).permute(0, 3, 1, 2).float()
+        logits, points = self.model(batch.contiguous(memory_format=torch.channels_last))
+        return logits.softmax(-1)[..., 1], points
 
 
 class Detector:
-    """A trained point detector with its working resolution and thresholds."""
+    """A trained point detector with its working resolution and thresholds.
 
-    runtime = "torch"  # where the network runs (subclasses: "onnx")
+    ``backend`` runs the network (default: ``TorchBackend`` on ``device``); ``make_detector`` picks one for a
+    runtime name.
+    """
 
-    def __init__(self, model: PointDetector, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: PointDetector, device: str | torch.device = "cpu", backend: Backend | None = None
+                 ) -> None:
         # channels-last weights, as the tiles are fed: measured several times faster on CPU than contiguous
         # ones (docs/benchmarks.md); the model is taken over, as eval() already does
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.device = torch.device(device)
+        self.backend = TorchBackend(self.model, self.device) if backend is None else backend
+
+    @property
+    def runtime(self) -> str:
+        """Where the network runs: "torch" or "onnx"."""
+        return self.backend.runtime
 
     @property
     def config(self) -> DetectorConfig:
@@ -50,27 +81,18 @@ class Detector:
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu",
                         runtime: str = "torch") -> "Detector":
-        """Load a detector from a ``.safetensors`` file written by ``save`` or a shipped name ("default").
+        """Load a detector: a shipped name (``denuc.hub``: "default", "fast", a tag, ...) or a ``.safetensors``
+        file written by ``save``. A bundle (``Pipeline.save``) gives its own detector, with the bundle's tiles.
 
         ``runtime``: "torch", "onnx" to run the network in ONNX Runtime (CPU only), or "auto" (ONNX Runtime on a
         CPU, PyTorch on a GPU; see ``make_detector``).
         """
-        if str(path_or_name) in PRETRAINED:
-            path = resources.files("denuc") / "weights" / PRETRAINED[str(path_or_name)]
-        else:
-            path = Path(path_or_name)
-        if not Path(str(path)).is_file():
-            raise InputError(path_or_name, f"no such detector file (shipped names: {sorted(PRETRAINED)})")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            state = load_file(str(path))
-        except Exception as error:  # safetensors raises its own error types
-            raise InputError(path, f"not a readable safetensors file: {error}") from None
-        if "denuc_detector" not in metadata:
-            raise InputError(path, "safetensors file has no 'denuc_detector' config: not a denuc detector")
+        path = hub.resolve(path_or_name, kind="detector")
+        metadata = hub.read_metadata(path)
+        kind = hub.kind_of(metadata, path)
+        state = read_tensors(path)
+        if kind == "bundle":
+            state = {k[len(BUNDLE_DETECTOR):]: v for k, v in state.items() if k.startswith(BUNDLE_DETECTOR)}
         return cls.from_state(state, metadata, path, device, runtime)
 
     @classmethod
@@ -83,18 +105,21 @@ class Detector:
         except (KeyError, ValueError, TypeError) as error:
             raise InputError(source, f"bad detector metadata: {error!r}") from None
         model = PointDetector(config)
+        # a bundle's float16 tensors are cast to the model's float32 by load_state_dict
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise InputError(source, f"weights do not fit a {config.backbone} detector: missing {missing[:5]}, "
                                      f"unexpected {unexpected[:5]}")
         return make_detector(model, device, runtime)
 
-    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> None:
-        metadata = {"denuc_detector": self.config.to_json(), "format": "denuc-detector-1"}
+    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None, tag: str | None = None) -> None:
+        """Write the detector: its tensors, and in the metadata its config, ``extra_metadata`` (as JSON), this
+        denuc's version and ``tag``."""
+        metadata = {"denuc_detector": self.config.to_json(), "format": hub.DETECTOR_FORMAT}
         metadata.update({k: json.dumps(v) for k, v in (extra_metadata or {}).items()})
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=metadata)
+            save_file(state, str(tmp), metadata=hub.stamp(metadata, tag))
 
     def with_settings(self, **changes) -> "Detector":
         """Change inference settings (score_threshold, nms_radius_um, tile_size, ...) in place; returns self."""
@@ -104,9 +129,7 @@ class Detector:
     @torch.inference_mode()
     def forward(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nucleus probability (B, A) and position (B, A, 2) of every anchor, for RGB uint8 tiles (B, H, W, 3)."""
-        batch = torch.as_tensor(tiles, device=self.device).permute(0, 3, 1, 2).float()
-        logits, points = self.model(batch.contiguous(memory_format=torch.channels_last))
-        return logits.softmax(-1)[..., 1], points
+        return self.backend(tiles)
 
     @torch.inference_mode()
     def detect_tiles(self, tiles: np.ndarray | torch.Tensor) -> list[Nuclei]:
@@ -187,7 +210,15 @@ def make_detector(model: PointDetector, device: str | torch.device = "cpu", runt
     if runtime == "onnx":
         if torch.device(device).type != "cpu":
             raise ValueError(f'runtime="onnx" runs on the CPU; use runtime="torch" for device {device!r}')
-        from denuc.inference.runtime import OnnxDetector  # imported only when asked for: onnx loads slowly
+        from denuc.inference.runtime import OnnxBackend  # imported only when asked for: onnx loads slowly
 
-        return OnnxDetector(model)
+        return Detector(model, "cpu", OnnxBackend(model))
     return Detector(model, device)
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (on the CPU); InputError naming the file if it cannot be read."""
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise InputError(path, f"not a readable safetensors file: {error}") from None

@@ -6,32 +6,27 @@ any pixel size (``predict``). With no classifier every nucleus is "unlabelled" (
 
 A model *bundle* is one safetensors file: the detector's tensors under ``detector.``, the classifier's under
 ``classifier.`` (see ``denuc.inference.classify``), and both configs plus the taxonomies in its metadata. A bare
-detector file (``Detector.save``) loads as a detection-only model.
+detector file (``Detector.save``) loads as a detection-only model. Shipped models are named in ``denuc.hub``; a
+``Pipeline``'s "default" is the default bundle ("default-bundle").
 """
 
 from __future__ import annotations
 
 import json
 import os
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from denuc.inference.classify import Classifier
-from denuc.inference.detect import PRETRAINED, Detector, choose_runtime
-from denuc.inference.tiling import predict_image
+from denuc import hub
 from denuc.errors import InputError
+from denuc.inference.classify import Classifier
+from denuc.inference.detect import BUNDLE_DETECTOR, Detector, choose_runtime, read_tensors
+from denuc.inference.tiling import predict_image
 from denuc.io.atomic import atomic_path
 from denuc.nuclei import Nuclei, NucleusClass
 
-BUNDLES = {"default": "bundle_default.safetensors"}
-"""Bundles shipped inside the package (denuc/weights); other names fall back to the shipped detectors."""
-
-BUNDLE_FORMAT = "denuc-bundle-1"
-_DETECTOR, _CLASSIFIER = "detector.", "classifier."
+_CLASSIFIER = "classifier."
 
 
 class Pipeline:
@@ -53,28 +48,27 @@ class Pipeline:
         return [] if self.classifier is None else list(self.classifier.classes)
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike = "default", device: str = "cpu",
+    def from_pretrained(cls, path_or_name: str | os.PathLike = "default-bundle", device: str = "cpu",
                         taxonomy: str | None = None, runtime: str = "torch") -> "Pipeline":
-        """A shipped model name or a model file; detector-only files (a bare detector) are accepted too.
+        """A shipped model name (``denuc.hub``) or a model file; detector-only files (a bare detector) are
+        accepted too and give a detection-only pipeline.
 
+        "default" here means the default bundle ("default-bundle": the 80-epoch detector it was trained with,
+        and its classifier); for the default detector alone, ``Pipeline(Detector.from_pretrained("default"))``.
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
         ``runtime`` is where the networks run: "torch", or "onnx" (CPU) for the detector and a convolutional
         classifier encoder (see ``denuc.inference.runtime``), or "auto": ONNX Runtime on a CPU, else PyTorch.
         """
         runtime = choose_runtime(runtime, device)
-        path = model_file(path_or_name)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as error:  # safetensors raises its own error types
-            raise InputError(path, f"not a readable safetensors file: {error}") from None
-        if metadata.get("format") != BUNDLE_FORMAT:
+        path = hub.resolve(path_or_name, kind="bundle")
+        metadata = hub.read_metadata(path)
+        if hub.kind_of(metadata, path) != "bundle":
             if taxonomy is not None:
                 raise InputError(path, f"a detector-only model has no taxonomy {taxonomy!r}")
             return cls(Detector.from_pretrained(path, device=device, runtime=runtime))
-        state = load_file(str(path))
-        detector = Detector.from_state({k[len(_DETECTOR):]: v for k, v in state.items() if k.startswith(_DETECTOR)},
-                                       metadata, path, device, runtime)
+        state = read_tensors(path)
+        detector = Detector.from_state({k[len(BUNDLE_DETECTOR):]: v for k, v in state.items()
+                                        if k.startswith(BUNDLE_DETECTOR)}, metadata, path, device, runtime)
         classifier = Classifier.from_state({k[len(_CLASSIFIER):]: v for k, v in state.items()
                                             if k.startswith(_CLASSIFIER)}, metadata, path)
         if taxonomy is not None:
@@ -97,22 +91,24 @@ class Pipeline:
             self.classifier.test_time_views = views
         return self
 
-    def save(self, path: str | os.PathLike, half: bool = False, extra_metadata: dict | None = None) -> None:
+    def save(self, path: str | os.PathLike, half: bool = False, extra_metadata: dict | None = None,
+             tag: str | None = None) -> None:
         """Write the bundle (a classifier is required; a detector alone is saved by ``Detector.save``).
 
-        ``half`` stores floating-point tensors as float16 (half the size; they are cast back on loading).
+        ``half`` stores floating-point tensors as float16 (half the size; they are cast back on loading). The
+        metadata holds both configs, the taxonomies, ``extra_metadata`` as JSON, this denuc's version and ``tag``.
         """
         if self.classifier is None:
             raise ValueError("a bundle needs a classifier; save a detector-only model with Detector.save")
-        tensors = {_DETECTOR + k: v for k, v in self.detector.model.state_dict().items()}
+        tensors = {BUNDLE_DETECTOR + k: v for k, v in self.detector.model.state_dict().items()}
         tensors |= {_CLASSIFIER + k: v for k, v in self.classifier.state_tensors().items()}
         tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                    for k, v in tensors.items()}
-        metadata = {"format": BUNDLE_FORMAT, "denuc_detector": self.detector.config.to_json(),
+        metadata = {"format": hub.BUNDLE_FORMAT, "denuc_detector": self.detector.config.to_json(),
                     **self.classifier.metadata()}
         metadata.update({k: json.dumps(v) for k, v in (extra_metadata or {}).items()})
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(tmp), metadata=hub.stamp(metadata, tag))
 
     def predict_tiles(self, tiles: np.ndarray, embeddings: bool = False) -> list[Nuclei]:
         """Nuclei of each RGB uint8 tile of a (B, H, W, 3) batch at ``self.mpp``, in tile pixels.
@@ -146,16 +142,3 @@ class Pipeline:
         return predict_image(image, mpp, self.detector.config,
                              lambda tiles: self.predict_tiles(tiles, embeddings), batch_size)
 
-
-def model_file(path_or_name: str | os.PathLike) -> Path:
-    """The file of a shipped bundle or detector name (a shipped bundle first), else ``path_or_name`` itself."""
-    name = str(path_or_name)
-    for table in (BUNDLES, PRETRAINED):
-        if name in table:
-            path = Path(str(resources.files("denuc") / "weights" / table[name]))
-            if path.is_file():
-                return path
-    path = Path(path_or_name)
-    if not path.is_file():
-        raise InputError(path_or_name, f"no such model file (shipped names: {sorted(set(BUNDLES) | set(PRETRAINED))})")
-    return path

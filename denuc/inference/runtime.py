@@ -1,9 +1,9 @@
 """Networks through ONNX Runtime: the same contracts, a faster CPU forward pass.
 
-``Detector.from_pretrained(name, runtime="onnx")`` returns an ``OnnxDetector``: the PyTorch model is exported
-once to an in-memory ONNX graph (dynamic batch, height and width) and run by an ONNX Runtime CPU session.
-Tiling, score threshold and point NMS are the PyTorch detector's own (inherited), so only the network's
-forward pass differs. ``Pipeline.from_pretrained(..., runtime="onnx")`` also runs a convolutional classifier
+``Detector.from_pretrained(name, runtime="onnx")`` returns a ``Detector`` whose backend is an ``OnnxBackend``:
+the PyTorch model is exported once to an in-memory ONNX graph (dynamic batch, height and width) and run by an
+ONNX Runtime CPU session. Tiling, score threshold and point NMS are the ``Detector``'s own, so only the
+network's forward pass differs. ``Pipeline.from_pretrained(..., runtime="onnx")`` also runs a convolutional classifier
 encoder this way (``OnnxEncoder``; a transformer encoder stays in PyTorch); the feature query and the head
 stay in PyTorch. Outputs match PyTorch's within float32 rounding (tests/test_onnx.py states the tolerances).
 ONNX Runtime folds batch norms into the convolutions and fuses activations: fewer, larger operators, which on
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from denuc import __version__
-from denuc.inference.detect import Detector
 from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.models.encoders import Encoder, pad_to_multiple
@@ -73,21 +72,21 @@ class _ScoresAndPoints(torch.nn.Module):
         return logits.softmax(-1)[..., 1], points
 
 
-class OnnxDetector(Detector):
-    """A ``Detector`` whose network runs in ONNX Runtime (CPU). ``threads``: intra-op threads, default torch's.
-    ``graph``: an ONNX graph of ``model`` to run instead of its own export (e.g. a quantised one)."""
+class OnnxBackend:
+    """A detector network's forward pass in ONNX Runtime (CPU), the backend of a ``Detector``
+    (``denuc.inference.detect.Backend``). ``threads``: intra-op threads, default torch's. ``graph``: an ONNX
+    graph of ``model`` to run instead of its own export (e.g. a quantised one)."""
 
     runtime = "onnx"
 
     def __init__(self, model: PointDetector, threads: int | None = None, graph: bytes | None = None) -> None:
-        super().__init__(model, "cpu")
         if graph is None:
-            self.session = _cached_session(self.model, self.model.config.to_json(),
-                                           lambda buffer: export_onnx(self.model, buffer), threads)
+            self.session = _cached_session(model, model.config.to_json(), lambda buffer: export_onnx(model, buffer),
+                                           threads)
         else:
             self.session = _session(graph, threads)
 
-    def forward(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.ascontiguousarray(np.asarray(tiles).transpose(0, 3, 1, 2), dtype=np.float32)
         scores, points = self.session.run(None, {"images": images})
         return torch.from_numpy(scores), torch.from_numpy(points)

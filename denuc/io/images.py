@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from denuc.errors import InputError
 
 Image.MAX_IMAGE_PIXELS = None  # large tiles are legitimate here; memory is the caller's choice
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 is upright
 
 
 def to_rgb_uint8(array: np.ndarray, source: str = "<array>") -> np.ndarray:
@@ -40,9 +41,15 @@ def to_rgb_uint8(array: np.ndarray, source: str = "<array>") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file (PNG, JPEG, TIFF, BMP, ...) as (H, W, 3) uint8 RGB."""
+    """Read an image file (PNG, JPEG, TIFF, BMP, ...) as (H, W, 3) uint8 RGB, upright.
+
+    An EXIF orientation tag (cameras, phone photos of slides) is applied, so the pixels and every coordinate
+    denuc reports are those of the image as viewers display it, not as the rotated bytes are stored.
+    """
     try:
         with Image.open(path) as image:
+            if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
             if image.mode in ("L", "LA", "1", "I", "F") or image.mode.startswith("I;16"):

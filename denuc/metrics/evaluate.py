@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from denuc.metrics.matching import Candidates, candidate_pairs, greedy_match, hungarian_match, puma_match
 from denuc.errors import InputError
+from denuc.metrics.crowding import CROWDED_MIN_NEIGHBOURS, CROWDED_RADIUS_UM, crowded_nuclei
+from denuc.metrics.matching import Candidates, candidate_pairs, greedy_match, hungarian_match, puma_match
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei
 
 PROTOCOLS = ("denuc", "ocelot", "puma", "hungarian")
@@ -61,6 +62,28 @@ class Counts:
 
 
 @dataclass
+class CrowdedRecall:
+    """Detection recall over the crowded ground-truth nuclei: those with at least ``min_neighbours`` other
+    ground-truth nuclei within ``radius_um``, centre to centre (see denuc.metrics.crowding), pooled over images.
+
+    ``total`` crowded nuclei, ``found`` of them matched by the detection matching; recall is 0 when none is crowded.
+    """
+
+    found: int
+    total: int
+    radius_um: float = CROWDED_RADIUS_UM
+    min_neighbours: int = CROWDED_MIN_NEIGHBOURS
+
+    @property
+    def recall(self) -> float:
+        return self.found / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"found": self.found, "total": self.total, "recall": self.recall, "radius_um": self.radius_um,
+                "min_neighbours": self.min_neighbours}
+
+
+@dataclass
 class Report:
     """Scores of a set of images under one protocol.
 
@@ -78,6 +101,8 @@ class Report:
         mean_f1_ci: the 95% bootstrap percentile interval of mean_f1, when bootstrapped.
         puma_leaderboard: for ``puma``, the challenge's own aggregate: per class, the F1 of each image averaged
             over all images, and the mean of those ("macro_f1_nuclei_average").
+        crowded: detection recall over the crowded ground-truth nuclei, beside ``detection.recall``; None where
+            there is no detection score (ocelot, puma).
     """
 
     protocol: str
@@ -92,6 +117,7 @@ class Report:
     seed: int = 0
     mean_f1_ci: tuple[float, float] | None = None
     puma_leaderboard: dict | None = None
+    crowded: CrowdedRecall | None = None
 
     def to_dict(self) -> dict:
         """A JSON-serialisable summary (plain floats, ints, strings, lists and dicts)."""
@@ -104,6 +130,7 @@ class Report:
             "mean_f1": self.mean_f1,
             "micro_f1": self.micro_f1,
             "detection": None if self.detection is None else self.detection.to_dict(),
+            "crowded": None if self.crowded is None else self.crowded.to_dict(),
             "bootstrap": {"resamples": self.bootstrap, "seed": self.seed, "level_percent": CI_LEVEL},
         }
         if self.mean_f1_ci is not None:
@@ -139,6 +166,10 @@ class Report:
             lines.append(summary("micro F1", self.micro_f1))
         if self.detection is not None:
             lines.append(row("detection", self.detection))
+            if self.crowded is not None:
+                c = self.crowded
+                lines.append(f"crowded nuclei (>= {c.min_neighbours} others within {c.radius_um:g} um): recall "
+                             f"{c.recall:.4f} ({c.found} of {c.total}), overall recall {self.detection.recall:.4f}")
         else:
             lines.append(f"(no class-agnostic detection score: the {self.protocol} protocol scores classes only)")
         if self.puma_leaderboard is not None:
@@ -182,11 +213,12 @@ def evaluate(
     if duplicated:
         raise InputError("evaluate", f"image names must be unique; repeated: {duplicated}")
 
-    radius_px = {}
+    radius_px, mpp = {}, {}
     for name, pred, gt in images:
         pred.validate(f"{name} (predictions)")
         gt.validate(f"{name} (ground truth)")
-        radius_px[name] = radius_um / _pixel_size(name, pred, gt)
+        mpp[name] = _pixel_size(name, pred, gt)
+        radius_px[name] = radius_um / mpp[name]
     class_names = _taxonomy(images, protocol)
     if protocol in ("ocelot", "puma") and not class_names:
         raise InputError("evaluate", f"the {protocol} protocol scores classes only, but the ground truth has no "
@@ -195,6 +227,7 @@ def evaluate(
     matcher = _MATCHERS[protocol]
     per_image = np.zeros((len(images), len(class_names), 4), dtype=np.int64)  # tp, fp, fn, ignored
     detection = np.zeros((len(images), 3), dtype=np.int64)  # tp, fp, fn
+    crowded = np.zeros(2, dtype=np.int64)  # crowded ground-truth nuclei found, all of them
     for i, (name, pred, gt) in enumerate(images):
         pred = pred.subset(pred.labels != NOT_A_NUCLEUS)  # rejected by the classifier: not a prediction
         radius = radius_px[name]
@@ -204,7 +237,9 @@ def evaluate(
         for k in range(len(class_names)):
             per_image[i, k] = _class_counts(matcher, image, k)
         if protocol in ("denuc", "hungarian"):
-            detection[i] = _detection_counts(matcher, image)
+            detection[i], found = _detection_counts(matcher, image)
+            dense = crowded_nuclei(gt.xy, CROWDED_RADIUS_UM / mpp[name])
+            crowded += (np.count_nonzero(dense[found]), np.count_nonzero(dense))
 
     total = per_image.sum(axis=0)
     classes = {c: Counts(*map(int, total[k])) for k, c in enumerate(class_names)}
@@ -213,11 +248,30 @@ def evaluate(
     det = Counts(*map(int, detection.sum(axis=0))) if protocol in ("denuc", "hungarian") else None
     report = Report(protocol, float(radius_um), radius_px, len(images), classes, mean_f1, micro_f1, det,
                     int(bootstrap), int(seed))
+    if det is not None:
+        report.crowded = CrowdedRecall(*map(int, crowded))
     if protocol == "puma":
         report.puma_leaderboard = _puma_leaderboard(per_image, class_names)
     if bootstrap:
         _add_bootstrap_intervals(report, per_image, detection, bootstrap, seed)
     return report
+
+
+def per_dataset_scores(pairs: Iterable[tuple[str, str, Nuclei, Nuclei]], score: Callable[[Report], float],
+                       radius_um: float = 3.0) -> dict[str, float]:
+    """``score`` of each dataset's images evaluated apart, by dataset, and "mean": their unweighted mean.
+
+    ``pairs``: ``(dataset, name, pred, gt)`` per image. A dataset without images has no entry, so no part in
+    the mean; ``score`` picks the figure, e.g. ``lambda report: report.detection.f1``.
+    """
+    images: dict[str, list[tuple[str, Nuclei, Nuclei]]] = {}
+    for dataset, name, pred, gt in pairs:
+        images.setdefault(dataset, []).append((name, pred, gt))
+    if not images:
+        raise InputError("evaluate", "no images to evaluate")
+    scores = {dataset: float(score(evaluate(group, radius_um))) for dataset, group in images.items()}
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores
 
 
 # ------------------------------------------------------------------------------------------- matching
@@ -282,10 +336,11 @@ def _class_counts(matcher: Matcher, image: _Image, k: int) -> list[int]:
     return [tp, n_pred - tp - ignored, n_gt - tp, ignored]
 
 
-def _detection_counts(matcher: Matcher, image: _Image) -> list[int]:
-    """TP, FP, FN of all points of one image, classes ignored."""
-    tp = len(matcher(image, image.candidates)[0])
-    return [tp, len(image.pred) - tp, len(image.gt) - tp]
+def _detection_counts(matcher: Matcher, image: _Image) -> tuple[list[int], np.ndarray]:
+    """TP, FP, FN of all points of one image, classes ignored, and the indices of the ground truth matched."""
+    found = matcher(image, image.candidates)[1]
+    tp = len(found)
+    return [tp, len(image.pred) - tp, len(image.gt) - tp], found
 
 
 # ---------------------------------------------------------------------------------------------- scores

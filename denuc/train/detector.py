@@ -1,80 +1,28 @@
-"""Training a point detector: a plain loop in the style of torchvision's detection references.
+"""Training a point detector: its loss, its validation and its run (``denuc.train.loop.fit``).
 
 One run trains on the train splits of one or more datasets (resampled to the model's working pixel size),
 checkpoints every epoch (``last.pt``, resumable exactly), keeps the epoch with the best validation detection F1
-(``best.safetensors``), then chooses the score threshold and NMS radius on the validation splits.
+(``best.safetensors``), then ``tune_thresholds`` chooses the score threshold and NMS radius on the validation
+splits. One epoch is ``iters_per_epoch`` batches of random crops (not a pass over the images).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from denuc.config import DetectorTrainConfig
-import denuc.datasets as datasets
-from denuc.train import loop as runs
+from denuc.errors import InputError
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
-from denuc.train.loop import lr_factor
-from denuc.train.stain import StainTemplates, recolour
-from denuc.errors import InputError
-import denuc.metrics.evaluate as evaluation
-from denuc.io.images import read_image, resample
+from denuc.metrics.evaluate import per_dataset_scores
 from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei
-
-
-@dataclass
-class TrainImage:
-    """A training image at the model's pixel size with its nucleus centres (all of them, labelled or not)."""
-
-    name: str
-    image: np.ndarray  # (H, W, 3) uint8
-    xy: np.ndarray  # (n, 2) float64
-
-
-def load_split(config: DetectorTrainConfig, split: str) -> list[tuple[str, np.ndarray, Nuclei]]:
-    """(name, image at working mpp, nuclei at working mpp) for every image of ``split`` in every dataset."""
-    items = []
-    for spec in config.datasets:
-        for sample in datasets.get_dataset(spec.name, spec.root).samples(split):
-            image = read_image(sample.image_path)
-            factor = sample.nuclei.mpp / config.model.mpp
-            work = resample(image, factor)
-            nuclei = sample.nuclei.scaled(work.shape[1] / image.shape[1])
-            items.append((f"{spec.name}/{sample.name}", work, nuclei))
-    return items
-
-
-# ---------------------------------------------------------------------------------------------- augmentation
-
-def random_crop(item: TrainImage, size: int, cfg: DetectorTrainConfig, rng: np.random.Generator,
-                templates: StainTemplates | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A random ``size`` x ``size`` crop, scale-jittered, flipped, rotated and colour-jittered, with its points;
-    re-stained first with probability ``cfg.randstainna`` to a template drawn from ``templates``."""
-    scale = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
-    h, w = item.image.shape[:2]
-    src = min(int(round(size / scale)), h, w)
-    y0, x0 = rng.integers(0, h - src + 1), rng.integers(0, w - src + 1)
-    crop = item.image[y0:y0 + src, x0:x0 + src]
-    f = size / src
-    crop = resample(crop, f) if src != size else crop
-    xy = (item.xy - (x0, y0) + 0.5) * f - 0.5
-    xy = xy[(xy[:, 0] >= -0.5) & (xy[:, 0] <= size - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= size - 0.5)]
-    crop = crop.astype(np.float32)
-    if rng.random() < 0.5:  # horizontal flip
-        crop, xy = crop[:, ::-1], np.stack([size - 1 - xy[:, 0], xy[:, 1]], 1)
-    for _ in range(rng.integers(0, 4)):  # 90-degree rotations (counter-clockwise)
-        crop, xy = np.rot90(crop), np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
-    crop = recolour(crop, cfg, rng, templates)
-    return np.ascontiguousarray(crop), xy.reshape(-1, 2)
-
+from denuc.train import loop
+from denuc.train.augment import random_crop, stain_templates
+from denuc.train.data import SplitImage, detections, load_split
 
 # ---------------------------------------------------------------------------------------------- loss
 
@@ -120,20 +68,18 @@ def detection_loss(logits: torch.Tensor, points: torch.Tensor, targets: list[tor
     return cls_loss + coord_loss, {"cls": cls_loss.item(), "coord": coord_loss.item()}
 
 
-# ---------------------------------------------------------------------------------------------- loop
+# ---------------------------------------------------------------------------------------------- run
 
-def validate(detector: Detector, items: list[tuple[str, np.ndarray, Nuclei]], radius_um: float = 3.0
-             ) -> dict[str, float]:
-    """Detection F1 per dataset on images already at the working resolution, and their unweighted mean."""
-    per_dataset: dict[str, list] = {}
-    for name, image, gt in items:
-        xy, scores = detector.detect_resampled(image)
-        keep = point_nms(xy, scores, detector.config.nms_radius_um / detector.config.mpp)
-        pred = Nuclei(xy=xy[keep], scores=scores[keep], mpp=gt.mpp)
-        per_dataset.setdefault(name.split("/")[0], []).append((name, pred, gt))
-    scores = {ds: evaluation.evaluate(pairs, radius_um=radius_um).detection.f1 for ds, pairs in per_dataset.items()}
-    scores["mean"] = float(np.mean(list(scores.values())))
-    return scores
+def detection_f1(pairs, radius_um: float = 3.0) -> dict[str, float]:
+    """Detection F1 per dataset of ``(dataset, name, pred, gt)`` pairs, and their unweighted mean."""
+    return per_dataset_scores(pairs, lambda report: report.detection.f1, radius_um)
+
+
+def validate(detector: Detector, items: list[SplitImage], radius_um: float = 3.0) -> dict[str, float]:
+    """Detection F1 per dataset of the detector's points (as inference gives them) on images already at the
+    working resolution, and their unweighted mean."""
+    return detection_f1(((item.dataset, item.name, detections(detector, item), item.nuclei) for item in items),
+                        radius_um)
 
 
 def initial_model(cfg: DetectorTrainConfig) -> PointDetector:
@@ -149,91 +95,69 @@ def initial_model(cfg: DetectorTrainConfig) -> PointDetector:
     return model
 
 
-def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool = False,
-                   progress: bool = True, epochs_this_run: int | None = None) -> Path:
+def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                   epochs_this_run: int | None = None, overwrite: bool = False) -> Path:
     """Train (or resume) a detector in ``run_dir``; returns the path of the best model (``best.safetensors``).
 
-    ``epochs_this_run`` stops after that many epochs (for time-boxed jobs); ``resume=True`` continues.
+    ``epochs_this_run`` stops after that many epochs (for time-boxed jobs); ``resume=True`` continues;
+    ``overwrite=True`` starts again in a folder that holds a trained run (refused otherwise).
     """
-    run_dir, rng = runs.start(run_dir, cfg)
-    model = initial_model(cfg)
+    run_dir, rng = loop.start(run_dir, cfg, resume, overwrite)
+    # channels-last weights, as the crops are fed (and as ``Detector`` runs them): faster on CPU
+    model = initial_model(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    modules: dict[str, torch.nn.Module] = {"model": model}
-    if cfg.ema_decay is not None:  # validation and the saved models use the running average of the weights
-        modules["ema"] = runs.weight_average(model, cfg.ema_decay)
-    start_epoch, best, history = (runs.resume(run_dir, cfg, modules, optimizer, scheduler, rng)
-                                  if resume else (0, -1.0, []))
-    runs.write_json(run_dir / "config.json", cfg.to_dict())
-
-    train = [TrainImage(name, image, nuclei.xy) for name, image, nuclei in load_split(cfg, "train")]
-    templates = runs.stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
+    train = load_split(cfg, "train", required=True)
+    templates = stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
     val = load_split(cfg, "val")
-    detector = Detector(modules["ema"].module if "ema" in modules else model)
-    stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
-    for epoch in range(start_epoch, stop):
-        model.train()
-        started = time.perf_counter()
-        sums = {"loss": 0.0, "cls": 0.0, "coord": 0.0}
-        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for _ in bar:
+
+    def batches():
+        for _ in range(cfg.iters_per_epoch):
             crops, targets = [], []
             for index in rng.integers(0, len(train), cfg.batch_size):
                 crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng, templates)
                 crops.append(torch.from_numpy(crop).permute(2, 0, 1))
                 targets.append(torch.from_numpy(xy).float())
-            images = torch.stack(crops).contiguous(memory_format=torch.channels_last)
-            logits, points = model(images)
-            loss, parts = detection_loss(logits, points, targets, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if "ema" in modules:
-                modules["ema"].update_parameters(model)
-            sums["loss"] += loss.item()
-            sums["cls"] += parts["cls"]
-            sums["coord"] += parts["coord"]
-            bar.set_postfix(loss=f"{loss.item():.4f}", cls=f"{parts['cls']:.4f}", coord=f"{parts['coord']:.4f}")
-        detector.model.eval()
-        val_f1 = validate(detector, val) if val else {"mean": float("nan")}
-        row = {"epoch": epoch + 1, **{k: v / cfg.iters_per_epoch for k, v in sums.items()},
-               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
-               **{f"val_f1_{k}": v for k, v in val_f1.items()}}
-        history.append(row)
-        if val_f1["mean"] > best or not val:
-            best = val_f1["mean"]
-            detector.save(run_dir / "best.safetensors", {"epoch": epoch + 1, "val_f1": val_f1})
-        runs.save_epoch(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng, epoch, best, history, progress)
+            yield torch.stack(crops).contiguous(memory_format=torch.channels_last), targets
+
+    def step(batch: tuple[torch.Tensor, list[torch.Tensor]]) -> dict[str, torch.Tensor | float]:
+        images, targets = batch
+        logits, points = model(images)
+        loss, parts = detection_loss(logits, points, targets, cfg)
+        return {"loss": loss, **parts}
+
+    def save_best(network: PointDetector, epoch: int, scores: dict) -> None:
+        Detector(network).save(run_dir / "best.safetensors", {"epoch": epoch, "val_f1": scores})
+
+    loop.fit(cfg, run_dir, rng, model, optimizer, batches=batches, step=step,
+             validate=(lambda network: validate(Detector(network), val)) if val else None, save_best=save_best,
+             resume=resume, progress=progress, epochs_this_run=epochs_this_run)
     return run_dir / "best.safetensors"
 
 
 def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: str | Path,
                     thresholds: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5),
-                    nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)) -> dict:
+                    nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)) -> dict | None:
     """Choose the score threshold and NMS radius that maximise mean validation detection F1; save the model
-    with them to ``out_path``. Validation splits only: test data never informs a choice. Without validation
-    images the model keeps its configured settings."""
+    with them to ``out_path`` and return the chosen row of the sweep. Validation splits only: test data never
+    informs a choice. Without validation images the model keeps its configured settings (returns None)."""
     val = load_split(cfg, "val")
     detector = Detector.from_pretrained(model_path)
     if not val:
         detector.save(out_path, {"chosen": None})
-        return {"score_threshold": detector.config.score_threshold, "nms_radius_um": detector.config.nms_radius_um}
+        return None
     lowest = min(thresholds)
     detector.with_settings(score_threshold=lowest, nms_radius_um=0.0)  # the sweep applies its own NMS
-    raw = [(name, *detector.detect_resampled(image), gt) for name, image, gt in val]
-    results = []
-    for threshold in thresholds:
-        for radius in nms_radii_um:
-            per_dataset: dict[str, list] = {}
-            for name, xy, scores, gt in raw:
-                above = scores > threshold
-                keep = point_nms(xy[above], scores[above], radius / cfg.model.mpp)
-                pred = Nuclei(xy=xy[above][keep], scores=scores[above][keep], mpp=gt.mpp)
-                per_dataset.setdefault(name.split("/")[0], []).append((name, pred, gt))
-            f1 = {ds: evaluation.evaluate(pairs).detection.f1 for ds, pairs in per_dataset.items()}
-            results.append({"score_threshold": threshold, "nms_radius_um": radius, **f1,
-                            "mean": float(np.mean(list(f1.values())))})
+    raw = [(item, *detector.detect_resampled(item.image)) for item in val]
+
+    def kept(threshold: float, radius_um: float):
+        for item, xy, scores in raw:
+            above = scores > threshold
+            keep = point_nms(xy[above], scores[above], radius_um / cfg.model.mpp)
+            yield item.dataset, item.name, Nuclei(xy=xy[above][keep], scores=scores[above][keep],
+                                                  mpp=item.nuclei.mpp), item.nuclei
+
+    results = [{"score_threshold": threshold, "nms_radius_um": radius, **detection_f1(kept(threshold, radius))}
+               for threshold in thresholds for radius in nms_radii_um]
     chosen = max(results, key=lambda r: r["mean"])
     detector.with_settings(score_threshold=chosen["score_threshold"], nms_radius_um=chosen["nms_radius_um"])
     detector.save(out_path, {"validation_sweep": results, "chosen": chosen})

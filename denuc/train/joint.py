@@ -11,7 +11,6 @@ from scratch again would cost an hour of CPU here, and both decoupled variants s
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +19,20 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
-import denuc.metrics.evaluate as evaluation
 from denuc.config import ClassifierTrainConfig, DetectorConfig, DetectorTrainConfig
 from denuc.inference.detect import Detector
 from denuc.inference.tiling import predict_image
-from denuc.train import loop as runs
-from denuc.train.loop import lr_factor
-from denuc.train.classifier import PointImage, labelled_crop, taxonomies
-from denuc.train.detector import detection_loss, load_split
 from denuc.io.atomic import atomic_path
+from denuc.metrics.evaluate import per_dataset_scores
 from denuc.models.detector import PointDetector
 from denuc.models.feature_query import sample_features
 from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass
+from denuc.train import loop
+from denuc.train.augment import labelled_crop, stain_templates
+from denuc.train.data import load_split
+from denuc.train.detector import detection_loss
+from denuc.train.points import PointImage, taxonomies
 
 
 class JointModel(nn.Module):
@@ -79,7 +78,8 @@ class JointModel(nn.Module):
     def save(self, path: str | Path, extra_metadata: dict | None = None) -> None:
         taxonomies = {n: [{"name": c.name, "color": list(c.color)} for c in cs] for n, cs in self.taxonomies.items()}
         metadata = {"format": "denuc-joint-1", "denuc_detector": self.detector.config.to_json(),
-                    "taxonomies": json.dumps(taxonomies), **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()}}
+                    "taxonomies": json.dumps(taxonomies),
+                    **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()}}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata=metadata)
@@ -99,69 +99,55 @@ def joint_items(cfg: ClassifierTrainConfig, split: str) -> list[PointImage]:
     """Images with every ground-truth point; targets: class index, or -1 for unlabelled (detection only)."""
     classes = taxonomies(cfg)
     out = []
-    for name, image, gt in load_split(cfg, split):
-        taxonomy = name.split("/")[0]
-        names = [c.name for c in classes[taxonomy]]
-        targets = np.array([-1 if label == UNLABELLED else names.index(label) for label in gt.labels], dtype=np.int64)
-        out.append(PointImage(name, taxonomy, image, gt.xy, targets, gt))
+    for item in load_split(cfg, split, required=split == "train"):
+        names = [c.name for c in classes[item.dataset]]
+        targets = np.array([-1 if label == UNLABELLED else names.index(label) for label in item.nuclei.labels],
+                           dtype=np.int64)
+        out.append(PointImage(item.dataset, item.name, item.image, item.nuclei.xy, targets, item.nuclei))
     return out
 
 
-def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True
-                ) -> Path:
+def train_joint(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                epochs_this_run: int | None = None, overwrite: bool = False) -> Path:
     """Train the joint network from the detector ``cfg.detector``; returns ``best.safetensors`` (selected on the
-    validation mean class F1, end to end). Uses the crop, optimiser and schedule settings of ``cfg``."""
-    run_dir, rng = runs.start(run_dir, cfg)
-    classes = taxonomies(cfg)
-    model = JointModel(Detector.from_pretrained(cfg.detector), classes)
+    validation mean class F1, end to end; without validation images, the last epoch). Uses the crop, optimiser
+    and schedule settings of ``cfg``."""
+    run_dir, rng = loop.start(run_dir, cfg, resume, overwrite)
+    model = JointModel(Detector.from_pretrained(cfg.detector), taxonomies(cfg))
     detection_cfg = DetectorTrainConfig(model=model.detector.config)  # the detector's loss settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    start_epoch, best, history = (runs.resume(run_dir, cfg, {"model": model}, optimizer, scheduler, rng)
-                                  if resume else (0, -1.0, []))
-    runs.write_json(run_dir / "config.json", cfg.to_dict())
     train, val = joint_items(cfg, "train"), joint_items(cfg, "val")
-    templates = runs.stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
+    templates = stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        model.train()
-        total = 0.0
-        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for _ in bar:
+    def batches():
+        for _ in range(cfg.iters_per_epoch):
             picks = rng.integers(0, len(train), cfg.batch_size)
-            crops = [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates) for i in picks]
-            images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
-            points = [torch.from_numpy(xy).float() for _, xy, _ in crops]
-            logits, predicted = model.network(images.contiguous(memory_format=torch.channels_last))
-            loss, _ = detection_loss(logits, predicted, points, detection_cfg)
-            labelled = [(torch.from_numpy(xy[t >= 0]), torch.from_numpy(t[t >= 0])) for _, xy, t in crops]
-            class_logits = _class_logits_by_taxonomy(model, [train[i].taxonomy for i in picks],
-                                                     [xy for xy, _ in labelled])
-            n_labelled = sum(len(t) for _, t in labelled)
-            if n_labelled:  # mean cross-entropy over the labelled points (taxonomies differ in width)
-                loss = loss + sum(F.cross_entropy(lg, t, reduction="sum")
-                                  for lg, (_, t) in zip(class_logits, labelled)) / n_labelled
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        model.eval()
-        per_dataset: dict[str, list] = {}
-        for item in val:
-            pred = model.predict(item.image, item.gt.mpp, item.taxonomy)
-            per_dataset.setdefault(item.taxonomy, []).append((item.name, pred, item.gt))
-        val_f1 = {ds: evaluation.evaluate(pairs).mean_f1 for ds, pairs in per_dataset.items()}
-        val_f1["mean"] = float(np.mean(list(val_f1.values())))
-        history.append({"epoch": epoch + 1, "loss": total / cfg.iters_per_epoch, "lr": scheduler.get_last_lr()[0],
-                        "seconds": time.perf_counter() - started, **{f"val_f1_{k}": v for k, v in val_f1.items()}})
-        if val_f1["mean"] > best:
-            best = val_f1["mean"]
-            model.save(run_dir / "best.safetensors", {"epoch": epoch + 1, "val_f1": val_f1})
-        runs.save_epoch(run_dir, cfg.to_dict(), {"model": model}, optimizer, scheduler, rng, epoch, best, history,
-                        progress)
+            yield [labelled_crop(train[i], cfg.crop_size, cfg, rng, templates) for i in picks], \
+                [train[i].dataset for i in picks]
+
+    def step(batch) -> dict[str, torch.Tensor]:
+        crops, taxonomy = batch
+        images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
+        points = [torch.from_numpy(xy).float() for _, xy, _ in crops]
+        logits, predicted = model.network(images.contiguous(memory_format=torch.channels_last))
+        loss, _ = detection_loss(logits, predicted, points, detection_cfg)
+        labelled = [(torch.from_numpy(xy[t >= 0]), torch.from_numpy(t[t >= 0])) for _, xy, t in crops]
+        class_logits = _class_logits_by_taxonomy(model, taxonomy, [xy for xy, _ in labelled])
+        n_labelled = sum(len(t) for _, t in labelled)
+        if n_labelled:  # mean cross-entropy over the labelled points (taxonomies differ in width)
+            loss = loss + sum(F.cross_entropy(lg, t, reduction="sum")
+                              for lg, (_, t) in zip(class_logits, labelled)) / n_labelled
+        return {"loss": loss}
+
+    def validate(scored: JointModel) -> dict[str, float]:
+        return per_dataset_scores(((item.dataset, item.name, scored.predict(item.image, item.gt.mpp, item.dataset),
+                                    item.gt) for item in val), lambda report: report.mean_f1)
+
+    def save_best(scored: JointModel, epoch: int, scores: dict) -> None:
+        scored.save(run_dir / "best.safetensors", {"epoch": epoch, "val_f1": scores})
+
+    loop.fit(cfg, run_dir, rng, model, optimizer, batches=batches, step=step, validate=validate if val else None,
+             save_best=save_best, resume=resume, progress=progress, epochs_this_run=epochs_this_run)
     return run_dir / "best.safetensors"
 
 

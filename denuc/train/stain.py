@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from denuc.config import ClassifierTrainConfig, DetectorTrainConfig
-
 # Ruifrok & Johnston's H&E-DAB stain vectors, as in scikit-image's rgb2hed: stain jitter perturbs each
 # stain's optical density, which mimics scanner and staining variation better than RGB jitter alone.
 _HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
@@ -55,18 +53,6 @@ def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator, ve
     mean = rgb.mean()
     rgb = (rgb - mean) * rng.uniform(1 - strength, 1 + strength) + mean
     return np.clip(rgb, 0, 255).astype(np.float32)
-
-
-def recolour(crop: np.ndarray, cfg: DetectorTrainConfig | ClassifierTrainConfig, rng: np.random.Generator,
-             templates: "StainTemplates | None" = None) -> np.ndarray:
-    """A training crop's colour augmentation as a training config sets it: re-stained to a random template with
-    probability ``cfg.randstainna`` (RandStainNA; only with ``templates``), then ``color_jitter`` with strength
-    ``cfg.color_jitter`` and stain colour noise ``cfg.stain_vector_jitter`` (both 0: not at all)."""
-    if templates is not None and rng.random() < cfg.randstainna:
-        crop = templates.apply(crop, rng)
-    if cfg.color_jitter > 0 or cfg.stain_vector_jitter > 0:
-        crop = color_jitter(crop, cfg.color_jitter, rng, cfg.stain_vector_jitter)
-    return crop
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:

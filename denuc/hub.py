@@ -1,0 +1,207 @@
+"""The shipped models by name, and what any denuc weights file says about itself.
+
+One table (``MODELS``) names every model shipped in ``denuc/weights`` by a tag in timm's ``arch.tag`` style,
+``<kind>/<backbone>.<how it was trained>`` (e.g. ``detector/shufflenet_v2_x1_0.e80_randstainna_ft12``), and by
+short aliases. Every name a user gives goes through ``resolve``; ``load`` returns a ``Detector`` or a
+``Pipeline`` as the file's metadata says; ``describe`` reports a file's tag, sha256, kind and provenance.
+
+What ``default`` means: the default *detector* (``detector/shufflenet_v2_x1_0.e80_randstainna_ft12``), in
+``denuc detect``, ``denuc predict --detector-only``, ``Detector.from_pretrained`` and ``load``. A ``Pipeline``
+(detector + classifier) asked for ``default`` gets the default *bundle*, ``default-bundle``: ``denuc predict``
+and ``Pipeline.from_pretrained()`` classify nuclei with the bundle's own detector (the 80-epoch run the
+classifier was trained with; ``resolve(name, kind="bundle")``). Everywhere a detector runs alone, ``default``
+is the same weights with the same tiles.
+
+Importing this module loads neither torch nor the models, so the command line and lower layers can name and
+describe models cheaply. ``python -m denuc.hub`` lists the shipped models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from denuc import __version__
+from denuc.errors import InputError
+
+if TYPE_CHECKING:
+    from denuc.inference.detect import Detector
+    from denuc.inference.pipeline import Pipeline
+
+DETECTOR_FORMAT, BUNDLE_FORMAT = "denuc-detector-1", "denuc-bundle-1"
+"""The ``format`` metadata of a detector file (``Detector.save``) and of a bundle (``Pipeline.save``)."""
+
+PROVENANCE_KEYS = ("tag", "training_data", "licence", "denuc_version")
+"""Metadata every shipped file carries (JSON-encoded strings, like all metadata but ``format``)."""
+
+_RESEARCH_ONLY = "research use only (trained on CRCHisto, whose licence is research use only; BRCAM2C is BSD-3)"
+_DETECTOR_DATA = ("BRCAM2C train split (80 images) + CRCHisto train split (70 images, resampled to 0.5 um/px): "
+                  "every nucleus centre, classified or not")
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """One model in ``denuc/weights``: its tag, kind ("detector" or "bundle"), file and short aliases."""
+
+    tag: str
+    kind: str
+    file: str
+    aliases: tuple[str, ...]
+    training_data: str
+    licence: str
+    summary: str
+
+    @property
+    def path(self) -> Path:
+        return Path(str(resources.files("denuc") / "weights" / self.file))
+
+
+MODELS = (
+    ShippedModel(
+        "detector/shufflenet_v2_x1_0.e80_randstainna_ft12", "detector", "detector_default.safetensors", ("default",),
+        _DETECTOR_DATA, _RESEARCH_ONLY,
+        "ShuffleNetV2 1.0x point detector, 80 epochs then 12 fine-tuned with RandStainNA colour augmentation; "
+        "256 px tiles (DETECTOR_CARD.md)"),
+    ShippedModel(
+        "detector/shufflenet_v2_x0_5.e20_randstainna_ft12", "detector", "detector_fast.safetensors", ("fast",),
+        _DETECTOR_DATA, _RESEARCH_ONLY,
+        "ShuffleNetV2 0.5x, 20 epochs then 12 with RandStainNA: about three quarters of default's time for "
+        "1-2 points less F1"),
+    ShippedModel(
+        "detector/shufflenet_v2_x1_0.e20_randstainna", "detector", "detector_stain_robust.safetensors",
+        ("stain-robust",), _DETECTOR_DATA, _RESEARCH_ONLY,
+        "ShuffleNetV2 1.0x, 20 epochs with RandStainNA from the start: the most tolerant of another lab's colours, "
+        "1-4 points less F1 on ours"),
+    ShippedModel(
+        "bundle/shufflenet_v2_x1_0.det_e80_cls_e160", "bundle", "bundle_default.safetensors", ("default-bundle",),
+        "BRCAM2C train split (80 images: lymphocyte, tumour, stromal) + CRCHisto train split (70 images: "
+        "epithelial, fibroblast, inflammatory, others) at 0.5 um/px, with the 80-epoch detector's false "
+        "positives as 'not a nucleus'", _RESEARCH_ONLY,
+        "the 80-epoch ShuffleNetV2 1.0x detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from its "
+        "backbone, 160 epochs; heads brcam2c and crchisto (CLASSIFIER_CARD.md)"),
+)
+
+_DEFAULT_OF_KIND = {"detector": "default", "bundle": "default-bundle"}
+"""What the name "default" means when a kind of model is asked for (see the module docstring)."""
+
+
+def shipped(name: str, kind: str | None = None) -> ShippedModel | None:
+    """The shipped model called ``name`` (tag or alias), else None. With ``kind``, "default" is that kind's
+    default (``default-bundle`` for "bundle")."""
+    if kind is not None and name == "default":
+        name = _DEFAULT_OF_KIND[kind]
+    return next((m for m in MODELS if name == m.tag or name in m.aliases), None)
+
+
+def names() -> list[str]:
+    """Every name ``resolve`` knows: tags and aliases."""
+    return [name for m in MODELS for name in (*m.aliases, m.tag)]
+
+
+def resolve(name_or_path: str | os.PathLike, kind: str | None = None) -> Path:
+    """The weights file of a shipped model's tag or alias, else ``name_or_path`` as a file that must exist.
+
+    ``kind`` ("detector" or "bundle") is what the caller wants when the name is "default" (see ``shipped``)."""
+    model = shipped(str(name_or_path), kind)
+    if model is not None:
+        return model.path
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise InputError(name_or_path, f"no such model file or shipped model name (shipped: {', '.join(names())})")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (without loading its tensors, or torch); InputError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types
+        raise InputError(path, f"not a readable safetensors file: {error}") from None
+
+
+def kind_of(metadata: dict[str, str], path: str | os.PathLike) -> str:
+    """ "bundle" or "detector", from a file's metadata; InputError naming ``path`` for anything else."""
+    found = metadata.get("format")
+    if found == BUNDLE_FORMAT:
+        return "bundle"
+    if found in (DETECTOR_FORMAT, None) and "denuc_detector" in metadata:
+        return "detector"
+    raise InputError(path, f"not a denuc detector or bundle (format {found!r}; those are {DETECTOR_FORMAT!r}, "
+                           f"{BUNDLE_FORMAT!r})")
+
+
+def stamp(metadata: dict[str, str], tag: str | None = None) -> dict[str, str]:
+    """``metadata`` as a saved file's: this denuc's version, and ``tag`` (or none: a tag copied from the model a
+    file was made from would name another model)."""
+    metadata = {k: v for k, v in metadata.items() if k != "tag"} | {"denuc_version": json.dumps(__version__)}
+    if tag is not None:
+        metadata["tag"] = json.dumps(tag)
+    return metadata
+
+
+def describe(name_or_path: str | os.PathLike) -> dict:
+    """What a model is: ``tag`` (None for a file without one), ``file``, ``sha256`` (of the file's bytes),
+    ``kind``, ``denuc_version`` (that made it), ``training_data``, ``licence``, ``aliases``, ``summary`` and, for
+    a bundle, ``taxonomies`` (class names by head). For benchmark and slide records."""
+    path = resolve(name_or_path)
+    metadata = read_metadata(path)
+    model = next((m for m in MODELS if m.path.resolve() == path.resolve()), None)
+    text = {}
+    for key in PROVENANCE_KEYS:
+        try:
+            text[key] = json.loads(metadata[key]) if key in metadata else getattr(model, key, None)
+        except ValueError:
+            raise InputError(path, f"metadata {key!r} is not JSON: {metadata[key]!r}") from None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    described = {**text, "file": str(path), "sha256": digest.hexdigest(), "kind": kind_of(metadata, path),
+                 "aliases": list(model.aliases) if model else [], "summary": model.summary if model else None}
+    if described["kind"] == "bundle" and "taxonomies" in metadata:
+        described["taxonomies"] = {name: [c["name"] for c in classes]
+                                   for name, classes in json.loads(metadata["taxonomies"]).items()}
+    return described
+
+
+def load(name_or_path: str | os.PathLike, device: str = "cpu", runtime: str = "torch",
+         **kwargs) -> "Detector | Pipeline":
+    """The model a name or file holds: a ``Detector`` for a detector file, a ``Pipeline`` (detector +
+    classifier) for a bundle, as its metadata says. ``kwargs`` go to ``Pipeline.from_pretrained`` (e.g.
+    ``taxonomy``)."""
+    path = resolve(name_or_path)
+    if kind_of(read_metadata(path), path) == "bundle":
+        from denuc.inference.pipeline import Pipeline
+
+        return Pipeline.from_pretrained(path, device=device, runtime=runtime, **kwargs)
+    from denuc.inference.detect import Detector
+
+    if kwargs:
+        raise InputError(path, f"a detector file takes no {sorted(kwargs)} (those are a bundle's)")
+    return Detector.from_pretrained(path, device=device, runtime=runtime)
+
+
+def format_table() -> str:
+    """The shipped models, one block each: tag, aliases, kind, summary (and a bundle's heads)."""
+    lines = []
+    for model in MODELS:
+        described = describe(model.tag)
+        lines.append(f"{model.tag}  (alias: {', '.join(model.aliases)}; {model.kind}, {model.file}, "
+                     f"denuc {described['denuc_version']})")
+        lines.append(f"    {model.summary}")
+        for head, classes in described.get("taxonomies", {}).items():
+            lines.append(f"    head {head}: {', '.join(classes)}")
+    lines.append(f"licence of all: {_RESEARCH_ONLY}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_table())
