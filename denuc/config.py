@@ -7,6 +7,7 @@ architecture, its working pixel size and the thresholds chosen for it on validat
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -77,6 +78,20 @@ class DatasetSpec:
         return cls(name, root)
 
 
+def _check_schedule(cfg: "DetectorTrainConfig | ClassifierTrainConfig") -> None:
+    """The numbers every training recipe needs: whole counts of at least 1, a positive finite learning rate."""
+    for name in ("epochs", "iters_per_epoch", "batch_size", "crop_size"):
+        if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {getattr(cfg, name)}")
+    if not (isinstance(cfg.warmup_iters, int) and cfg.warmup_iters >= 0):
+        raise ValueError(f"warmup_iters must be a whole number >= 0, got {cfg.warmup_iters}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"lr must be > 0 and weight_decay >= 0 (finite), got {cfg.lr} and {cfg.weight_decay}")
+
+
+SAMPLINGS = ("image", "dataset")
+
+
 @dataclass
 class DetectorTrainConfig:
     """Training of a point detector (the paper's defaults where it gives them)."""
@@ -100,6 +115,9 @@ class DetectorTrainConfig:
     # probability that a crop is first re-stained to a virtual template drawn from the training images' CIELAB
     # statistics (RandStainNA; 0: off)
     randstainna: float = 0.0
+    # which training images crops come from: "image" (each image alike) or "dataset" (each dataset alike, then
+    # images by area: for joint training on datasets of very different sizes; ``train.detector.sampling_weights``)
+    sampling: str = "image"
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     seed: int = 0
     threads: int = 0  # 0: torch's default
@@ -107,6 +125,7 @@ class DetectorTrainConfig:
     backbone_weights: str | None = None  # an ImageNet checkpoint of the torchvision backbone, loaded strictly
 
     def __post_init__(self) -> None:
+        _check_schedule(self)
         for name in ("color_jitter", "scale_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -114,6 +133,8 @@ class DetectorTrainConfig:
             raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {list(SAMPLINGS)}, got {self.sampling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +177,8 @@ class ClassifierConfig:
 
 
 CLASSIFIER_MODES = ("frozen", "lora", "full", "joint")
+PROTOCOLS = ("denuc", "ocelot", "puma", "hungarian")  # point-matching protocols (``denuc.metrics.evaluate``)
+HEADS = ("linear", "mlp")  # classification heads (``denuc.models.heads.create_head``)
 
 
 @dataclass
@@ -194,6 +217,7 @@ class ClassifierTrainConfig:
     threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
+        _check_schedule(self)
         if self.mode not in CLASSIFIER_MODES:
             raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
         if self.offsets not in ("none", "nucleus", "all"):

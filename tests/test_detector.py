@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SAMPLE_POINTS, SHARED
 
 from denuc.config import DatasetSpec, DetectorConfig, DetectorTrainConfig
 from denuc.inference.detect import Detector
@@ -27,7 +28,6 @@ from denuc.train.augment import random_crop
 from denuc.train.data import SplitImage
 from denuc.train.detector import detection_loss, match_anchors, train_detector
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 BRCAM2C = SHARED / "datasets" / "brcam2c"
 needs_brcam2c = pytest.mark.skipif(not BRCAM2C.is_dir(), reason=f"BRCAM2C not found at {BRCAM2C}")
 
@@ -159,7 +159,6 @@ def test_fuse_views_hand_built() -> None:
     assert fuse_views(np.zeros((0, 2)), np.zeros(0), np.zeros(0, int), 8, 3.0)[0].shape == (0, 2)
 
 
-@needs_brcam2c
 def test_eight_view_detection_is_symmetric() -> None:
     """With all eight views, flipping or transposing a one-tile image flips the points, nothing else."""
     from importlib import resources
@@ -228,22 +227,17 @@ def test_loss_falls_and_detector_overfits_one_image(overfit_detector) -> None:
     assert f1 >= 0.9, f"detection F1 after overfitting one image: {f1:.3f}"
 
 
-@needs_brcam2c
 @pytest.mark.parametrize("name, backbone", [("default", "shufflenet_v2_x1_0"), ("fast", "shufflenet_v2_x0_5"),
                                             ("stain-robust", "shufflenet_v2_x1_0")])
 def test_shipped_detectors_find_the_sample_nuclei(name: str, backbone: str) -> None:
     """Each shipped detector loads by name with its architecture and finds the bundled sample's annotated nuclei
-    (a BRCAM2C test image, never trained on)."""
-    from importlib import resources
-
-    from denuc.datasets import get_dataset
+    (a BRCAM2C test image, never trained on; its ground truth is packaged beside it)."""
+    from denuc.io import read_points
 
     detector = Detector.from_pretrained(name)
     assert detector.config.backbone == backbone
-    truth = next(s for s in get_dataset("brcam2c", BRCAM2C).samples("test")
-                 if s.name == "TCGA-A8-A099-01Z-00-DX1_29501_22501_1000_1000_0.93")
-    pred = detector.detect(resources.files("denuc") / "data" / "sample_brcam2c.png", mpp=0.5)
-    f1 = evaluate([("sample", pred, truth.nuclei)], radius_um=3.0).detection.f1
+    pred = detector.detect(SAMPLE_IMAGE, mpp=SAMPLE_MPP)
+    f1 = evaluate([("sample", pred, read_points(SAMPLE_POINTS, mpp=SAMPLE_MPP))], radius_um=3.0).detection.f1
     assert f1 >= 0.8, f"shipped detector {name!r} on the sample: detection F1 {f1:.3f}"
 
 
@@ -380,8 +374,8 @@ def test_train_detector_refuses_bad_numbers_when_reading_the_command_line(bad: l
 def test_train_detector_errors_print_no_traceback(tmp_path: Path) -> None:
     """Through the installed entry point: each user error is one line on stderr and exit status 2."""
     run = ["--dataset", "brcam2c=/nowhere", "--run-dir", str(tmp_path / "run")]
-    for bad, message in ((["--batch-size", "0"], "--batch-size"), (["--lr", "nan"], "--lr"),
-                         (["--epochs", "0"], "--epochs"), (["--backbone", "shufflenet_v3"], "unknown backbone")):
+    # an option refused when the command line is read, and an error found when the command runs
+    for bad, message in ((["--lr", "nan"], "--lr"), (["--backbone", "shufflenet_v3"], "unknown backbone")):
         done = subprocess.run([sys.executable, "-m", "denuc.cli", "train-detector", *run, *bad], capture_output=True,
                               text=True)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -552,3 +546,14 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path:
     for changed in (replace(cfg, stain_vector_jitter=0.1), replace(cfg, color_jitter=0.2)):
         with pytest.raises(ValueError, match="another config"):
             runs.restore(tmp_path, changed, {"model": model}, optimizer, scheduler, rng)
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"iters_per_epoch": 0}, {"batch_size": 2.5}, {"crop_size": 0},
+                                 {"warmup_iters": -1}, {"lr": float("nan")}, {"lr": -1e-3}, {"weight_decay": -1.0}])
+def test_training_configs_refuse_impossible_schedules(bad: dict) -> None:
+    from denuc.config import ClassifierTrainConfig
+
+    name = next(iter(bad))
+    for config in (DetectorTrainConfig, ClassifierTrainConfig):
+        with pytest.raises(ValueError, match=name):
+            config(**bad)

@@ -6,6 +6,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from denuc.cli.options import COUNT, POSITIVE, PROBABILITY, device, output_folder
 from denuc.config import RUNTIMES
 
 SAMPLE = ("sample_brcam2c.png", 0.5)  # bundled sample image and its pixel size (BRCA-M2C, BSD-3)
@@ -16,23 +17,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, TIFF, BMP)")
     p.add_argument("--sample", action="store_true", help="also run on the bundled sample H&E image (0.5 um/px)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--mpp", type=float, help="pixel size of the images in um/px (required for plain images)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs of an earlier run in --out (without it, an image whose outputs exist is "
+                        "refused before any work)")
+    p.add_argument("--mpp", type=POSITIVE, help="pixel size of the images in um/px (required for plain images)")
     p.add_argument("--model", default="default",
                    help="detector: a shipped name (denuc models; default: %(default)s) or a .safetensors file; a "
                         "bundle runs its own detector")
-    p.add_argument("--threshold", type=float, help="score threshold (default: the model's, chosen on validation)")
+    p.add_argument("--threshold", type=PROBABILITY,
+                   help="score threshold in [0, 1] (default: the model's, chosen on validation)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="where the detector runs: torch, onnx (ONNX Runtime, CPU), or auto: onnx on a CPU, torch "
                         "on a GPU (default)")
     p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
                    help="test-time augmentation: detect in this many flipped/transposed views and fuse the points "
                         "(8: +1.5 validation F1 points for 8x the detector's time; default: %(default)s, off)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="tiles per model call (default: %(default)s)")
+    p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.errors import InputError
+    from denuc.errors import InputError, OutputExistsError
     from denuc.inference.detect import Detector
     from denuc.io import write_points
     from denuc.io.images import read_image
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sample:
         jobs.append((Path(str(resources.files("denuc") / "data" / SAMPLE[0])), SAMPLE[1]))
     if not jobs:
-        raise InputError("denuc detect", "no images given (pass image files, or --sample)")
+        raise InputError("", "no images given (pass image files, or --sample)")
+    output_folder(args.out)
     stems = {}
     for path, mpp in jobs:  # checked before any work; outputs are named by stem
         if mpp is None:
@@ -51,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(path, f"same file name as {stems[path.stem]}: its outputs in {args.out} would "
                                    "overwrite each other; process it into another --out folder")
         stems[path.stem] = path
+        existing = [output for output in outputs(args.out, path) if output.exists()]
+        if existing and not args.overwrite:
+            raise OutputExistsError(existing[0], "exists (an earlier run's output): pass --overwrite to replace it, "
+                                                 "or choose another --out")
     detector = Detector.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     detector.with_settings(test_time_views=args.tta)
     if args.threshold is not None:
@@ -58,10 +68,16 @@ def run(args: argparse.Namespace) -> int:
     for path, mpp in jobs:
         image = read_image(path)
         nuclei = detector.detect(image, mpp=mpp, batch_size=args.batch_size)
-        # names by concatenation: Path.with_suffix would cut a dotted stem such as BRCAM2C's "..._1000_0.9824"
-        csv, geojson, overlay = (args.out / f"{path.stem}{suffix}" for suffix in (".csv", ".geojson", "_overlay.png"))
+        csv, geojson, overlay = outputs(args.out, path)
         write_points(csv, nuclei)
         write_points(geojson, nuclei)
         write_overlay(overlay, image, nuclei)
         print(f"{path}: {len(nuclei)} nuclei -> {csv}, {geojson}, {overlay}")
     return 0
+
+
+def outputs(out: Path, image: Path) -> tuple[Path, Path, Path]:
+    """The CSV, GeoJSON and overlay PNG written for ``image``."""
+    # names by concatenation: Path.with_suffix would cut a dotted stem such as BRCAM2C's "..._1000_0.9824"
+    csv, geojson, overlay = (out / f"{image.stem}{suffix}" for suffix in (".csv", ".geojson", "_overlay.png"))
+    return csv, geojson, overlay

@@ -13,8 +13,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from denuc.cli.options import NON_NEGATIVE, POSITIVE, output_file
+from denuc.config import PROTOCOLS
 from denuc.errors import InputError
-from denuc.metrics.evaluate import PROTOCOLS
 
 POINT_SUFFIXES = (".csv", ".geojson", ".json")
 
@@ -32,22 +33,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-root", type=Path, help="folder of the dataset given by --gt-dataset")
     p.add_argument("--split", default="test", help="dataset split to score (default: test)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="denuc", help="scoring protocol (default: denuc)")
-    p.add_argument("--radius-um", type=float, default=3.0, help="matching radius in micrometres (default: 3)")
-    p.add_argument("--mpp", type=float, help="pixel size in um/px, for ground truth that does not give one")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+    p.add_argument("--radius-um", type=POSITIVE, default=3.0, help="matching radius in micrometres (default: 3)")
+    p.add_argument("--mpp", type=POSITIVE, help="pixel size in um/px, for ground truth that does not give one")
+    p.add_argument("--bootstrap", type=NON_NEGATIVE, default=0, metavar="N",
                    help="bootstrap resamples of the images for 95%% confidence intervals (default: 0, none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the bootstrap resampling (default: 0)")
     p.add_argument("--missing-as-empty", action="store_true",
                    help="score an image without a prediction file as having no predictions (default: error)")
     p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists (else refused)")
 
 
 def run(args: argparse.Namespace) -> int:
     from denuc.io.atomic import write_json
     from denuc.metrics.evaluate import evaluate
 
-    if args.mpp is not None and not args.mpp > 0:
-        raise InputError("--mpp", f"pixel size must be a positive number of um/px, got {args.mpp}")
+    if args.out is not None:
+        output_file(args.out, args.overwrite)
     ground_truth = _dataset_ground_truth(args) if args.gt_dataset else _file_ground_truth(args)
     predictions = _prediction_files(args.pred, ground_truth)
     pairs = []

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from denuc.cli.options import output_file
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-backbone", help=__doc__.split(": ", 1)[1].splitlines()[0],
@@ -24,6 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="the detector: a shipped name (default, fast, stain-robust, or a tag: denuc models) "
                                  "or a .safetensors file (a bundle gives its detector's)")
     p.add_argument("--out", type=Path, required=True, help="the weights file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists (else refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.suffix != ".safetensors":
         raise InputError(args.out, "the output must be a .safetensors file")
+    output_file(args.out, args.overwrite)
     backbone = Detector.from_pretrained(args.model).model.backbone
     state = {k: v.contiguous() for k, v in backbone.torchvision_state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         save_file(state, str(tmp), metadata={"torchvision_model": backbone.name, "source": str(args.model),
                                              "source_sha256": describe(args.model)["sha256"]})

@@ -1,15 +1,17 @@
-"""Options the training sub-commands share: sources, run folder, the numbers of a training recipe, and the
-checked number types (a bad value is refused when the command line is read, naming the option)."""
+"""Options the sub-commands share: sources, run folder, the numbers of a training recipe, the checked number and
+device types (a bad value is refused when the command line is read, naming the option), and the checks of an
+output (--out) made before any work: one rule for all, an existing output is refused unless --overwrite."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from denuc.config import DatasetSpec
-from denuc.errors import InputError
+from denuc.errors import InputError, OutputExistsError
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False,
@@ -42,6 +44,7 @@ FRACTION = number(float, 0, 1, open_high=True)  # a jitter strength: 0 (off) up 
 PROBABILITY = number(float, 0, 1)
 DECAY = number(float, 0, 1, open_low=True, open_high=True)
 POSITIVE = number(float, 0, open_low=True)
+NON_NEGATIVE = number(int, 0)  # a count that may be 0: worker threads, bootstrap resamples; a seed
 
 RECIPE_NUMBERS = {"epochs": COUNT, "iters_per_epoch": COUNT, "batch_size": COUNT, "crop_size": number(int, 64),
                   "lora_rank": COUNT, "seed": number(int, 0), "threads": number(int, 0), "lr": POSITIVE,
@@ -66,6 +69,53 @@ def add_training_options(p: argparse.ArgumentParser, train: object, helps: dict[
         p.add_argument(f"--{name.replace('_', '-')}", type=RECIPE_NUMBERS[name], default=getattr(train, name),
                        help=text)
     p.add_argument("--quiet", action="store_true", help="no progress bars nor per-epoch rows")
+
+
+def device(text: str) -> str:
+    """An argparse ``type``: a torch device this machine has (cpu, cuda, cuda:N, mps); argparse names the option and
+    this lists the devices there are when it is refused."""
+    if text == "cpu":
+        return text  # the default: checked on every command line, so without importing torch
+    import torch
+
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    available += ["mps"] if torch.backends.mps.is_available() else []
+    if text in available or (text == "cuda" and "cuda:0" in available):
+        return text
+    kind = text.split(":")[0]
+    why = "not available on this machine" if kind in ("cuda", "mps") else "not a device name (cpu, cuda, cuda:N, mps)"
+    raise argparse.ArgumentTypeError(f"{text!r} is {why}; the devices here: {', '.join(available)}")
+
+
+def output_folder(path: Path) -> Path:
+    """``path`` (``--out``) as a folder to write into: refused when it is a file or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "is a file; --out takes a folder")
+    _check_writable(path)
+    return path
+
+
+def output_file(path: Path, overwrite: bool) -> Path:
+    """``path`` (``--out``) as one file to write: refused when it is a folder, cannot be written, or exists and
+    ``overwrite`` (--overwrite) is not set."""
+    if path.is_dir():
+        raise InputError(path, "is a folder; --out takes a file name")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path, "exists: pass --overwrite to replace it, or choose another --out")
+    _check_writable(path.parent)
+    return path
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder that cannot be created or written into (checked on its nearest existing parent)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(existing, f"is a file, so {folder} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise InputError(folder, f"cannot be written ({why})")
 
 
 def dataset_specs(values: list[str]) -> list[DatasetSpec]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from importlib import resources
 from pathlib import Path
 
+from denuc.cli import predict_cohort
 from denuc.cli.detect import SAMPLE
+from denuc.cli.options import COUNT, NON_NEGATIVE, POSITIVE, device, output_folder
 from denuc.config import RUNTIMES
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -30,11 +33,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector-only", action="store_true",
                    help="detect only, as `denuc detect` does with the same --model (a bundle's own detector for a "
                         "bundle): no classifier, every nucleus unlabelled")
-    p.add_argument("--mpp", type=float, help="pixel size of the inputs in um/px: overrides the slide metadata")
+    p.add_argument("--mpp", type=POSITIVE, help="pixel size of the inputs in um/px: overrides the slide metadata")
     p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide, not just the tissue")
-    p.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs in --out of earlier runs (other inputs of the same name, other "
+                            "settings) and discard their saved chunks; without it these are refused, and a slide "
+                            "already done with the same model and settings is kept")
     p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="where the networks run: torch, onnx (ONNX Runtime, CPU: the detector and a convolutional "
                         "classifier encoder), or auto: onnx on a CPU, torch on a GPU (default)")
@@ -42,9 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="test-time augmentation: detect and classify in this many flipped/transposed views of each "
                         "tile and fuse the results (8: +2 validation F1 points for about 8x the time; default: "
                         "%(default)s, off)")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="tile-reading threads; 0 reads in the main thread")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="tiles per model call (default: %(default)s)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=2, help="tile-reading threads; 0 reads in the main thread")
+    p.add_argument("--chunk-tiles", type=COUNT, help=argparse.SUPPRESS)  # tiles per saved chunk, for tests
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-slide lines (errors still print)")
+    predict_cohort.add_options(p)  # --manifest, --cluster, --retries
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
@@ -72,21 +82,22 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.errors import InputError
+    from denuc.errors import InputError, describe_os_error
     from denuc.hub import describe
     from denuc.inference.detect import Detector
     from denuc.inference.pipeline import Pipeline
     from denuc.inference.slide import model_fingerprint, predict_slide
     from denuc.io.slides import open_slide
 
-    if args.batch_size < 1 or args.workers < 0:
-        raise InputError("denuc predict", "--batch-size must be >= 1 and --workers >= 0")
+    output_folder(args.out)
+    if args.cluster or args.manifest:
+        return predict_cohort.run(args)
     jobs = [(path, args.mpp, None) for path in collect_inputs(args.inputs)]
     if args.sample:
         sample = Path(str(resources.files("denuc") / "data" / SAMPLE[0]))
         jobs.append((sample, SAMPLE[1], f"bundled sample image ({SAMPLE[1]} um/px)"))
     if not jobs:
-        raise InputError("denuc predict", "no slides given (pass slide files or folders, or --sample)")
+        raise InputError("", "no slides given (pass slide files or folders, or --sample)")
     if args.detector_only:
         name = args.model or "default"
         model = Pipeline(Detector.from_pretrained(name, device=args.device, runtime=args.runtime))
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                   "detector_only": args.detector_only, "command": args.command_line}
     say = (lambda *a: None) if args.quiet else print
     failed, stems = [], {}
-    for path, mpp, mpp_source in jobs:
+    for index, (path, mpp, mpp_source) in enumerate(jobs):
         try:
             if path.stem in stems:
                 raise InputError(path, f"same file name as {stems[path.stem]}: its outputs in {args.out} would "
@@ -114,14 +125,19 @@ def run(args: argparse.Namespace) -> int:
                     slide.mpp_source = mpp_source
                 summary = predict_slide(
                     slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
-                    batch_size=args.batch_size, workers=args.workers, embeddings=args.embeddings,
-                    progress=not args.quiet, model_name=name, model_id=model_id, provenance=provenance)
+                    overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
+                    embeddings=args.embeddings, progress=not args.quiet, model_name=name, model_id=model_id,
+                    provenance=provenance, **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
             for warning in caught:
                 print(f"denuc predict: warning: {warning.message}", file=sys.stderr)
-        except InputError as error:
-            print(f"denuc predict: error: {error}", file=sys.stderr)
+        except (InputError, OSError) as error:  # OSError: a full disk, an unreadable file; the next input may do
+            print(f"denuc predict: error: {error if isinstance(error, InputError) else describe_os_error(error)}",
+                  file=sys.stderr)
             failed.append(path)
             continue
+        except KeyboardInterrupt:
+            print(_interrupted(args, path, failed + [job[0] for job in jobs[index:]]), file=sys.stderr)
+            return 130
         if summary.get("skipped"):
             say(f"{path}: already done with the same model and settings, kept ({args.out / path.stem}_summary.json)")
             continue
@@ -129,7 +145,25 @@ def run(args: argparse.Namespace) -> int:
         say(f"{path}: {summary['nuclei']} nuclei in {summary['tissue']['area_mm2']:.2f} mm^2 of tissue "
             f"({density or 0:.0f}/mm^2), {summary['runtime_s']:.1f} s -> {args.out / path.stem}.*")
     if failed:
-        print(f"denuc predict: {len(failed)} of {len(jobs)} inputs failed: "
-              + ", ".join(os.fspath(p) for p in failed), file=sys.stderr)
+        saved = [p for p in failed if (args.out / f".{p.stem}.partial").is_dir()]
+        print(f"denuc predict: {len(failed)} of {len(jobs)} inputs not done: " + ", ".join(map(os.fspath, failed))
+              + (f"; the chunks saved for {len(saved)} of them are kept: add --resume to continue" if saved else ""),
+              file=sys.stderr)
         return 2
     return 0
+
+
+def _interrupted(args: argparse.Namespace, path: Path, not_done: list[Path]) -> str:
+    """What Ctrl-C stopped, what is kept, and the command that continues (the same one, with --resume)."""
+    import json
+
+    partial = args.out / f".{path.stem}.partial"
+    try:
+        total = json.loads((partial / "manifest.json").read_text())["chunks"]
+        kept = f"{len(list(partial.glob('chunk_*.parquet')))} of its {total} chunks are saved in {partial}"
+    except (OSError, ValueError, KeyError):
+        kept = "no chunk of it was saved yet"
+    command = ["denuc", *(a for a in args.command_line[1:] if a != "--overwrite")]
+    command += [] if "--resume" in command else ["--resume"]
+    return (f"denuc predict: interrupted while processing {path}: {kept}; not done: "
+            f"{', '.join(map(os.fspath, not_done))}\ndenuc predict: to continue: {shlex.join(command)}")

@@ -16,8 +16,7 @@ from denuc.cli.options import DECAY, FRACTION, PROBABILITY, add_training_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from denuc.config import CLASSIFIER_MODES, ClassifierConfig, ClassifierTrainConfig
-    from denuc.models.heads import HEADS
+    from denuc.config import CLASSIFIER_MODES, HEADS, ClassifierConfig, ClassifierTrainConfig
 
     model, train = ClassifierConfig(), ClassifierTrainConfig()
     p = subparsers.add_parser("train-classifier", help=__doc__.split(": ", 1)[1].splitlines()[0],

@@ -55,6 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--randstainna", type=PROBABILITY, default=train.randstainna, metavar="P",
                    help="probability that a crop is re-stained to a template drawn from the training images' "
                         "CIELAB colour statistics (RandStainNA) before the jitter (default: %(default)s, off)")
+    p.add_argument("--sampling", choices=("image", "dataset"), default=train.sampling,
+                   help="where crops come from: 'image' (every training image alike) or 'dataset' (every dataset "
+                        "alike, then images by area: for several datasets of very different sizes; default: "
+                        "%(default)s)")
     p.add_argument("--scale-jitter", type=FRACTION, default=train.scale_jitter, metavar="J",
                    help="crops are rescaled by a random factor in [1 - J, 1 + J] (default: %(default)s)")
     p.add_argument("--ema-decay", type=DECAY, metavar="D",
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, init=args.init, backbone_weights=args.backbone_weights,
             ema_decay=args.ema_decay, color_jitter=args.color_jitter,
             stain_vector_jitter=args.stain_vector_jitter, scale_jitter=args.scale_jitter,
-            randstainna=args.randstainna,
+            randstainna=args.randstainna, sampling=args.sampling,
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from denuc.cli.options import dataset_specs
+from denuc.cli.options import dataset_specs, output_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", choices=("nucleus", "all"), default="nucleus",
                    help="which offsets move: 'not a nucleus' only (default) or every output")
     p.add_argument("--out", type=Path, required=True, help="where to write the tuned bundle")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists (else refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from denuc.hub import resolve
     from denuc.train.offsets import tune_offsets
 
-    if args.out.exists() and args.out.samefile(resolve(args.model, kind="bundle")):
+    if args.out.is_file() and args.out.samefile(resolve(args.model, kind="bundle")):
         raise InputError(args.out, "is the input bundle; write the tuned bundle to another file")
+    output_file(args.out, args.overwrite)
     chosen = tune_offsets(args.model, dataset_specs(args.dataset), args.out, args.outputs)
     for name, c in chosen.items():
         print(f"{name}: offsets {c['offsets']} (classes, then not a nucleus); validation mean class F1 "

@@ -129,7 +129,8 @@ def read_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         contents = scipy.io.loadmat(path, variable_names=list(keys))
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
-    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError) as error:  # loadmat on a non-.mat file
+    # a non-.mat file; NotImplementedError: a MATLAB 7.3 (HDF5) file, which scipy does not read
+    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, NotImplementedError) as error:
         raise InputError(path, f"cannot read the MATLAB file: {error}") from None
     missing = [key for key in keys if key not in contents]
     if missing:

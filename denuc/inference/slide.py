@@ -5,7 +5,7 @@
 - ``S.csv``, ``S.parquet``, ``S.geojson``: one row / Point feature per nucleus (see ``denuc.io.tables``);
 - ``S_embeddings.npy`` (with ``embeddings=True``): float16 (n, d), row i is nucleus id i;
 - ``S_tissue.png``: the tissue mask on the thumbnail; ``S_overview.png``: the thumbnail with class-coloured
-  dots (a density map when dots would cover it);
+  dots (a density map when dots would cover it) and a legend of the classes' colours and counts;
 - ``S_summary.json``, written last: counts, densities, tissue area, runtime, model, versions, pixel size.
 
 How (docs/slides.md has more): the slide is seen through the model's working grid (``model.mpp`` um/px),
@@ -15,7 +15,13 @@ level closest to the working resolution but not coarser, and resampled. Tiles ar
 ``chunk_tiles``; each finished chunk is saved as a shard under ``.S.partial/`` (temporary name, then rename),
 so a killed run restarted with ``resume=True`` redoes at most one chunk. When all chunks are done, the shards
 are streamed twice: once to drop duplicates across tile seams (two tiles that placed the same nucleus on
-either side of their shared border), once to write the outputs, which are renamed into place together.
+either side of their shared border), once to write the outputs beside them, which are then renamed into place
+together, the summary last, with Ctrl-C held meanwhile: outputs without their summary never appear.
+
+What an earlier run left is never replaced silently: complete outputs of the same slide, model and settings are
+kept (the run is skipped); other outputs under the slide's names (another input's, or other settings') are
+refused unless ``overwrite``; saved chunks of an interrupted run are refused unless ``resume`` (continue) or
+``overwrite`` (start again).
 
 Here: the run (fingerprint, resume, reading ahead, chunks, assembling the outputs). The grid and tile
 ownership are in ``slide_grid``, the shards and seam duplicates in ``shards``, the overview's renderer in
@@ -28,6 +34,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import platform
 import shutil
 import sys
@@ -40,17 +47,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 import denuc
-from denuc.errors import InputError
+from denuc.errors import DiskFullError, InputError, OutputExistsError
 from denuc.inference.pipeline import Pipeline
 from denuc.inference.shards import embedding_dim, read_shard, seam_duplicates, shard_nuclei, shard_path, write_shard
 from denuc.inference.slide_grid import Grid, Tile, tissue_tiles
 from denuc.inference.tissue import METHOD as TISSUE_METHOD
 from denuc.inference.tissue import TissueMask, detect_tissue
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import atomic_path, deferred_interrupt, free_bytes
 from denuc.io.overlay import PNG_COMPRESS_LEVEL, Overview
 from denuc.io.slides import Slide
 from denuc.io.tables import EmbeddingWriter, NucleusTableWriter
@@ -59,6 +67,10 @@ THUMBNAIL_MIN_MPP = 2.0  # um per thumbnail pixel: about a nucleus radius, so ov
 THUMBNAIL_MAX_SIDE = 4096
 OVERVIEW_MIN_SIDE = 1024  # small inputs (plain images) get an overview this large, up to their own pixels
 DOTS_PER_PIXEL_MAX = 1 / 16  # above this many nuclei per tissue-mask pixel, dots hide the tissue: draw density
+# the CSV, Parquet and GeoJSON rows of one nucleus, measured (a detector's: 105 + 70 + 227 bytes), and what each
+# class's probability adds to them (19 + 10 + 45 bytes): to say how much space the outputs need when it runs out
+TABLE_BYTES_PER_NUCLEUS = 400
+TABLE_BYTES_PER_CLASS = 75
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".geojson", "_embeddings.npy", "_tissue.png", "_overview.png",
                    "_summary.json")
 
@@ -90,6 +102,7 @@ def predict_slide(
     *,
     tissue_mask: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
     batch_size: int = 8,
     workers: int = 2,
     embeddings: bool = False,
@@ -99,6 +112,7 @@ def predict_slide(
     provenance: dict | None = None,
     chunk_tiles: int = 64,
     on_chunk: Callable[[int], None] | None = None,
+    stem: str | None = None,
 ) -> dict:
     """Detect (and classify) the nuclei of a slide and write the outputs listed in the module docstring.
 
@@ -107,11 +121,13 @@ def predict_slide(
     ``resume``, the shards of an interrupted run with the same settings are reused. ``on_chunk(done)`` is
     called after each chunk is saved, with the number of chunks done. ``model_id`` (see
     ``model_fingerprint``) saves hashing the weights again for every slide of a batch. ``provenance`` (e.g.
-    the model's tag and file sha256, the command line) is written to the summary as given.
+    the model's tag and file sha256, the command line) is written to the summary as given. ``stem`` names
+    the outputs (default: the slide file's stem). What an earlier run left is refused unless ``resume``
+    or ``overwrite`` (module docstring): an ``OutputExistsError`` naming the file.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    stem = slide.path.stem
+    stem = stem or slide.path.stem
     paths = output_paths(out_dir, stem)
     partial = out_dir / f".{stem}.partial"
     if embeddings and model.classifier is None:
@@ -125,11 +141,11 @@ def predict_slide(
         "batch_size": batch_size, "chunk_tiles": chunk_tiles, "denuc": denuc.__version__,
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    done = _completed_summary(paths, fingerprint, embeddings)
+    done = None if overwrite else _completed_summary(paths, fingerprint, embeddings, slide.path)
     if done is not None:
         shutil.rmtree(partial, ignore_errors=True)
         return {**done, "skipped": True}
-    _remove_stale_temporaries(out_dir, paths)
+    _refuse_to_replace(slide.path, paths, partial, fingerprint, resume=resume, overwrite=overwrite)
 
     mask_side, picture_side = _thumbnail_sides(slide)
     # The level the tiles come from, when the thumbnail decodes it whole anyway (the only level of a
@@ -154,7 +170,7 @@ def predict_slide(
             previous = json.loads((partial / "manifest.json").read_text())
             if previous.get("fingerprint") != fingerprint:
                 raise InputError(slide.path, f"cannot resume: the partial run in {partial} used other settings or "
-                                             "another model; delete that folder or run without --resume")
+                                             "another model; pass --overwrite instead of --resume to start again")
         else:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -165,7 +181,17 @@ def predict_slide(
         _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
                     embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings)
     timings["assemble_outputs"] = -time.perf_counter()
-    summary = _assemble(slide, model, grid, chunks, partial, paths, mask, picture, embeddings=embeddings)
+    staged = output_paths(partial, stem)  # written beside the shards, renamed into place together at the end
+    try:
+        summary = _assemble(slide, model, grid, chunks, partial, staged, mask, picture, embeddings=embeddings)
+    except BaseException as error:
+        for path in staged.values():  # the shards stay for --resume; a part of the outputs would only take space
+            path.unlink(missing_ok=True)
+        if isinstance(error, DiskFullError):  # named by the output's own path, with the space the outputs need
+            final = {str(staged[k]): paths[k] for k in staged}.get(error.filename, error.filename)
+            raise DiskFullError(final, free_bytes(out_dir),
+                                _output_bytes(partial, len(chunks), model.classes, embeddings, picture)) from None
+        raise
     timings["assemble_outputs"] += time.perf_counter()
     summary.update({
         "slide": {"path": str(slide.path), "backend": slide.backend, "vendor": slide.vendor,
@@ -200,29 +226,87 @@ def predict_slide(
                                    "pass --no-tissue-mask to process the whole slide")
     for message in summary["warnings"]:
         warnings.warn(f"{slide.path}: {message}", stacklevel=2)
-    with atomic_path(paths["_summary.json"]) as tmp:
+    with atomic_path(staged["_summary.json"]) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
+    _publish(staged, paths)
     shutil.rmtree(partial, ignore_errors=True)
     return summary
 
 
-def _completed_summary(paths: dict[str, Path], fingerprint: str, embeddings: bool) -> dict | None:
-    """The summary of a finished run with the same fingerprint whose outputs are all there, else None."""
-    try:
-        summary = json.loads(paths["_summary.json"].read_text())
-    except (OSError, ValueError):
-        return None
+def _completed_summary(paths: dict[str, Path], fingerprint: str, embeddings: bool, slide_path: Path) -> dict | None:
+    """The summary of a finished run of this slide with the same fingerprint whose outputs are all there, else
+    None."""
+    summary = _read_summary(paths["_summary.json"])
     wanted = [p for k, p in paths.items() if k != "_embeddings.npy" or embeddings]
-    if summary.get("fingerprint") == fingerprint and all(p.is_file() for p in wanted):
+    if (summary.get("fingerprint") == fingerprint and _other_input(summary, slide_path) is None
+            and all(p.is_file() for p in wanted)):
         return summary
     return None
 
 
-def _remove_stale_temporaries(out_dir: Path, paths: dict[str, Path]) -> None:
-    """Temporary files a killed run left behind (atomic_path names them .<name>.<pid>.tmp)."""
-    for path in paths.values():
-        for stale in out_dir.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+def _read_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _other_input(summary: dict, slide_path: Path) -> str | None:
+    """The input a summary was made from when that is another file that exists (two files of the same name and
+    size in different folders have the same fingerprint; a moved slide is still the same input), else None."""
+    recorded = summary.get("slide", {}).get("path")
+    if recorded is None or not os.path.exists(recorded) or os.path.samefile(recorded, slide_path):
+        return None
+    return recorded
+
+
+def _refuse_to_replace(slide_path: Path, paths: dict[str, Path], partial: Path, fingerprint: str, *, resume: bool,
+                       overwrite: bool) -> None:
+    """Raise an OutputExistsError when this run would replace what an earlier run left (module docstring)."""
+    if resume and overwrite:
+        raise InputError(slide_path, "resume continues an interrupted run, overwrite starts again: choose one")
+    if overwrite:
+        return
+    manifest = _read_summary(partial / "manifest.json")
+    resumable = manifest.get("fingerprint") == fingerprint
+    if manifest and not resume:
+        saved = f"{len(list(partial.glob('chunk_*.parquet')))} of {manifest.get('chunks')} chunks"
+        if resumable:
+            raise OutputExistsError(partial, f"holds {saved} saved by an interrupted run of this slide: pass --resume "
+                                             "to continue it, or --overwrite to start again")
+        raise OutputExistsError(partial, f"holds {saved} saved by an interrupted run with other settings or another "
+                                         "model: pass --overwrite to discard them and start again")
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not (resume and resumable):  # an interrupted run's own outputs are rewritten when resumed
+        summary = _read_summary(paths["_summary.json"])
+        other = _other_input(summary, slide_path)
+        whose = (f"the results of another input, {other}" if other else
+                 "results with other settings or another model" if summary else "an incomplete earlier output")
+        raise OutputExistsError(paths["_summary.json"] if summary else existing[0],
+                                f"holds {whose}: pass --overwrite to replace them, or choose another --out")
+
+
+def _publish(staged: dict[str, Path], paths: dict[str, Path]) -> None:
+    """Rename the staged outputs to their places, with Ctrl-C held until they are all there: an earlier run's
+    summary goes first, the new one comes last, so no set of outputs is ever seen with a summary not its own. An
+    earlier run's outputs that this run does not write (embeddings) go too."""
+    with deferred_interrupt():
+        paths["_summary.json"].unlink(missing_ok=True)
+        for key, path in paths.items():
+            if staged[key].is_file():
+                os.replace(staged[key], path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _output_bytes(partial: Path, chunks: int, classes: list, embeddings: bool, picture: np.ndarray) -> int:
+    """About the bytes the outputs take: the shards' rows (seam duplicates included) at the measured size of a
+    row in the three tables, each class's probabilities, the embeddings and the overview picture."""
+    shards = [shard_path(partial, k) for k in range(chunks)]
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
+    dim = embedding_dim(shards) if embeddings else 0
+    return rows * (TABLE_BYTES_PER_NUCLEUS + TABLE_BYTES_PER_CLASS * len(classes) + 2 * dim) + picture.nbytes
 
 
 def _thumbnail_sides(slide: Slide) -> tuple[int, int]:

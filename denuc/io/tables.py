@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from denuc.io.atomic import atomic_path
+from denuc.io.atomic import atomic_path, naming_full_disk
 from denuc.io.csv import PROB_PREFIX, _quote
 from denuc.io.geojson import PROB_PREFIX as GEOJSON_PROB_PREFIX
 from denuc.io.geojson import QUPATH_OFFSET, SCORE
@@ -81,8 +81,16 @@ class NucleusTableWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._geojson.write("\n]}\n")
+        try:
+            if exc_type is None:  # each file finished and closed here, so that a full disk names the one it hit
+                with naming_full_disk(self.paths[".geojson"]):
+                    self._geojson.write("\n]}\n")
+                for ext, file in zip(self.paths, (self._csv, self._parquet, self._geojson)):
+                    with naming_full_disk(self.paths[ext]):
+                        file.close()
+        except BaseException as error:
+            self._stack.__exit__(type(error), error, error.__traceback__)
+            raise
         self._stack.__exit__(exc_type, exc, tb)
 
     def write(self, nuclei: Nuclei) -> np.ndarray:
@@ -97,18 +105,21 @@ class NucleusTableWriter:
         probs = nuclei.probs.T.tolist() if self.classes else []
         columns = [ids.tolist(), xy[:, 0].tolist(), xy[:, 1].tolist(), um[:, 0].tolist(), um[:, 1].tolist()]
         quoted = {label: _quote(label) for label in set(labels)}
-        self._csv.writelines(self._csv_row % row for row in zip(
-            *columns, [quoted[label] for label in labels], nuclei.scores.tolist(), *probs))
+        with naming_full_disk(self.paths[".csv"]):
+            self._csv.writelines(self._csv_row % row for row in zip(
+                *columns, [quoted[label] for label in labels], nuclei.scores.tolist(), *probs))
         arrays = [pa.array(ids)] + [pa.array(c, pa.float64()) for c in columns[1:]] + [pa.array(labels, pa.string())]
         arrays += [pa.array(nuclei.scores, pa.float64())] + [pa.array(p, pa.float64()) for p in probs]
-        self._parquet.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        with naming_full_disk(self.paths[".parquet"]):
+            self._parquet.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
         qupath = xy + QUPATH_OFFSET
         separators = [",\n"] * n
         if self.count == 0:
             separators[0] = "\n"
-        self._geojson.writelines(self._feature % row for row in zip(
-            separators, ids.tolist(), qupath[:, 0].tolist(), qupath[:, 1].tolist(),
-            [self._classification[label] for label in labels], nuclei.scores.tolist(), *probs))
+        with naming_full_disk(self.paths[".geojson"]):
+            self._geojson.writelines(self._feature % row for row in zip(
+                separators, ids.tolist(), qupath[:, 0].tolist(), qupath[:, 1].tolist(),
+                [self._classification[label] for label in labels], nuclei.scores.tolist(), *probs))
         self.count += n
         return ids
 
@@ -116,25 +127,36 @@ class NucleusTableWriter:
 class EmbeddingWriter:
     """Per-nucleus embeddings as one float16 ``.npy`` array (n, d): row i belongs to the nucleus with id i.
 
-    The number of rows must be known up front (the .npy header holds the shape); rows are written in blocks
-    through a memory map, so the array never sits in memory whole.
+    The number of rows must be known up front (the .npy header holds the shape); blocks of rows arrive in id order
+    and are appended to the file, so the array never sits in memory whole. (Not a memory map: a full disk would
+    end the process with SIGBUS instead of an error naming the file.)
     """
 
     def __init__(self, path: Path, count: int, dim: int) -> None:
         self.path, self.shape = path, (count, dim)
+        self.rows = 0
 
     def __enter__(self) -> "EmbeddingWriter":
-        self._atomic = atomic_path(self.path)
-        tmp = self._atomic.__enter__()
-        self._array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=self.shape)
+        with contextlib.ExitStack() as stack:
+            self._file = stack.enter_context(open(stack.enter_context(atomic_path(self.path)), "wb"))
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self._file, header)
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._array.flush()
-        del self._array  # the memory map must be closed before the rename
-        self._atomic.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            self._stack.__exit__(exc_type, exc, tb)
+            return
+        with self._stack:  # the file gets its name only when it holds every row its header announces
+            if self.rows != self.shape[0]:
+                raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} announced")
 
     def write(self, ids: np.ndarray, embeddings: np.ndarray) -> None:
         if len(ids):
-            self._array[ids[0]:ids[-1] + 1] = embeddings.astype(np.float16)
-
+            if ids[0] != self.rows or embeddings.shape != (len(ids), self.shape[1]):
+                raise ValueError(f"{self.path}: expected rows from id {self.rows} of {self.shape[1]} values, got "
+                                 f"{embeddings.shape} from id {ids[0]}")
+            self._file.write(np.ascontiguousarray(embeddings, dtype=np.float16).tobytes())
+            self.rows += len(ids)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from denuc.config import PROTOCOLS  # noqa: F401  (re-exported; named in config so the CLI lists them cheaply)
 from denuc.errors import InputError
 from denuc.metrics.crowding import CROWDED_MIN_NEIGHBOURS, CROWDED_RADIUS_UM, crowded_nuclei
 from denuc.metrics.matching import Candidates, candidate_pairs, greedy_match, hungarian_match, puma_match
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei
 
-PROTOCOLS = ("denuc", "ocelot", "puma", "hungarian")
 CI_LEVEL = 95.0
 """Width of the bootstrap percentile interval, in percent."""
 

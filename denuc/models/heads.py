@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-HEADS = ("linear", "mlp")
+from denuc.config import HEADS
 
 
 def create_head(kind: str, in_features: int, num_outputs: int, hidden: int = 256) -> nn.Module:

@@ -51,10 +51,16 @@ def random_crop(item: SplitImage, size: int, cfg: DetectorTrainConfig, rng: np.r
     """A random ``size`` x ``size`` crop, scale-jittered, flipped, rotated and colour-jittered, with its points;
     re-stained first with probability ``cfg.randstainna`` to a template drawn from ``templates``."""
     scale = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
-    h, w = item.image.shape[:2]
-    src = min(int(round(size / scale)), h, w)
+    image = item.image
+    h, w = image.shape[:2]
+    src = int(round(size / scale))
+    if h < src or w < src:
+        # an image smaller than the crop (a 40x crop seen at 0.5 um/px) is padded with white glass, never
+        # enlarged: enlarging would teach nuclei twice their size
+        image = np.pad(image, ((0, max(src - h, 0)), (0, max(src - w, 0)), (0, 0)), constant_values=255)
+        h, w = image.shape[:2]
     y0, x0 = rng.integers(0, h - src + 1), rng.integers(0, w - src + 1)
-    crop = item.image[y0:y0 + src, x0:x0 + src]
+    crop = image[y0:y0 + src, x0:x0 + src]
     f = size / src
     crop = resample(crop, f) if src != size else crop
     xy = (item.nuclei.xy - (x0, y0) + 0.5) * f - 0.5

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from denuc.config import ClassifierTrainConfig, DetectorTrainConfig
-from denuc.errors import InputError
+from denuc.errors import InputError, OutputExistsError
 from denuc.io.atomic import atomic_path, write_json
 
 TrainConfig = DetectorTrainConfig | ClassifierTrainConfig
@@ -59,8 +59,8 @@ def start(run_dir: str | Path, cfg: TrainConfig, resume: bool = False, overwrite
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if found and not resume:
         if not overwrite:
-            raise InputError(run_dir, f"holds a trained run ({', '.join(found)}): continue it with --resume, or "
-                                      "start again with --overwrite, or choose another --run-dir")
+            raise OutputExistsError(run_dir, f"holds a trained run ({', '.join(found)}): continue it with --resume, "
+                                             "or start again with --overwrite, or choose another --run-dir")
         for name in found:
             (run_dir / name).unlink()
     if cfg.threads:
@@ -183,8 +183,9 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
         history.append(_finite({"epoch": epoch + 1, **{name: total / steps for name, total in sums.items()},
                                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
                                 **{f"val_f1_{name}": value for name, value in scores.items()}}))
-        if validate is None or scores["mean"] > best:
-            best = best if validate is None else scores["mean"]
+        if validate is None or scores["mean"] > best:  # without validation every epoch is kept: the last remains
+            if validate is not None:
+                best = scores["mean"]
             save_best(scored, epoch + 1, scores)
         save_epoch(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng, epoch, best, history, progress)
     return history

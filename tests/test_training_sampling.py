@@ -1,0 +1,56 @@
+"""Joint training on datasets of different sizes and pixel sizes: small images are padded, not enlarged;
+datasets can be drawn equally; one score threshold that holds for every dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from denuc.config import DetectorTrainConfig
+from denuc.nuclei import Nuclei
+from denuc.train.augment import random_crop
+from denuc.train.data import SplitImage
+from denuc.train.detector import holds_for_every_dataset, sampling_weights
+
+
+def image(dataset: str, side: int, xy: list[tuple[float, float]] = ()) -> SplitImage:
+    return SplitImage(dataset, f"{dataset}_{side}", np.full((side, side, 3), 128, np.uint8),
+                      Nuclei(np.array(xy, dtype=float).reshape(-1, 2), mpp=0.5))
+
+
+def test_small_image_is_padded_with_white_not_enlarged() -> None:
+    # a 128 px image (a 256 px 40x crop at 0.5 um/px) in a 256 px crop, no scale jitter and no colour change
+    cfg = DetectorTrainConfig(scale_jitter=0.0, color_jitter=0.0)
+    item = image("consep", 128, [(10.0, 20.0), (100.0, 64.0)])
+    for seed in range(8):
+        crop, xy = random_crop(item, 256, cfg, np.random.default_rng(seed))
+        assert crop.shape == (256, 256, 3)
+        # the image keeps its size: a quarter of the crop is tissue grey, the rest white glass
+        assert np.isclose((crop == 128).all(axis=2).mean(), 0.25)
+        assert np.isclose((crop == 255).all(axis=2).mean(), 0.75)
+        assert len(xy) == 2
+        # the two points keep their distance (no enlargement)
+        assert np.isclose(np.linalg.norm(xy[0] - xy[1]), np.hypot(90, 44))
+
+
+def test_dataset_sampling_weighs_datasets_equally_and_images_by_area() -> None:
+    train = [image("brcam2c", 500)] + [image("consep", 128) for _ in range(20)]
+    assert sampling_weights(train, "image") is None
+    weights = sampling_weights(train, "dataset")
+    assert np.isclose(weights.sum(), 1.0)
+    assert np.isclose(weights[0], 0.5) and np.allclose(weights[1:], 0.5 / 20)
+    mixed = [image("a", 100), image("a", 200)]
+    assert np.allclose(sampling_weights(mixed, "dataset"), [0.2, 0.8])
+
+
+def test_unknown_sampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="sampling"):
+        DetectorTrainConfig(sampling="pixels")
+
+
+def test_threshold_rule_prefers_a_setting_within_a_point_of_every_best() -> None:
+    rows = [{"score_threshold": 0.5, "nms_radius_um": 2.0, "a": 0.90, "b": 0.60, "mean": 0.75},
+            {"score_threshold": 0.3, "nms_radius_um": 2.0, "a": 0.86, "b": 0.66, "mean": 0.76},
+            {"score_threshold": 0.2, "nms_radius_um": 2.0, "a": 0.895, "b": 0.655, "mean": 0.775}]
+    assert [holds_for_every_dataset(r, rows, 0.01) for r in rows] == [False, False, True]
+    assert not holds_for_every_dataset(rows[1], rows, 0.01)  # a is 4 points below its best
