@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from denuc.config import PROTOCOLS
 from denuc.errors import InputError
 
 POINT_SUFFIXES = (".csv", ".geojson", ".json")
+NOT_POINT_FILES = ("_summary.json",)
+"""Files ``denuc predict`` writes beside its point files: a predict output folder is read as it is."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,15 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         output_file(args.out, args.overwrite)
-    ground_truth = _dataset_ground_truth(args) if args.gt_dataset else _file_ground_truth(args)
-    predictions = _prediction_files(args.pred, ground_truth)
-    pairs = []
-    for name, gt in ground_truth.items():
-        if gt.mpp is None:
-            if args.mpp is None:
-                raise InputError(name, "pixel size unknown: pass --mpp (um/px), e.g. --mpp 0.5 for a 20x scan")
-            gt = replace(gt, mpp=args.mpp)
-        pairs.append((name, _read_prediction(name, predictions, gt, args.missing_as_empty), gt))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ground_truth = _dataset_ground_truth(args) if args.gt_dataset else _file_ground_truth(args)
+        predictions = _prediction_files(args.pred, ground_truth)
+        pairs = _pairs(args, ground_truth, predictions)
+    for warning in caught:
+        print(f"denuc evaluate: warning: {warning.message}", file=sys.stderr)
     unused = sorted(set(predictions) - set(ground_truth))
     if unused:
         shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
@@ -71,6 +72,18 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.out, report.to_dict())
         print(f"report written to {args.out}")
     return 0
+
+
+def _pairs(args: argparse.Namespace, ground_truth: dict, predictions: dict[str, Path]) -> list:
+    """(name, prediction, ground truth) for every image of the ground truth."""
+    pairs = []
+    for name, gt in ground_truth.items():
+        if gt.mpp is None:
+            if args.mpp is None:
+                raise InputError(name, "pixel size unknown: pass --mpp (um/px), e.g. --mpp 0.5 for a 20x scan")
+            gt = replace(gt, mpp=args.mpp)
+        pairs.append((name, _read_prediction(name, predictions, gt, args.missing_as_empty), gt))
+    return pairs
 
 
 def _file_ground_truth(args: argparse.Namespace) -> dict:
@@ -110,7 +123,8 @@ def _read_prediction(name: str, predictions: dict[str, Path], gt, missing_as_emp
     from denuc.nuclei import Nuclei
 
     if name in predictions:
-        return read_points(predictions[name])
+        # points outside the ground truth's image (negative, or x and y swapped) are refused, not scored
+        return read_points(predictions[name], image_size=gt.image_size)
     if missing_as_empty:
         return Nuclei(xy=[], classes=gt.classes)
     raise InputError(name, "no prediction file for this image (pass --missing-as-empty to score it as having "
@@ -126,12 +140,18 @@ def _point_files(path: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     # in POINT_SUFFIXES order, so that of a CSV and a GeoJSON with one stem (as denuc detect and predict write
     # them: the same points) the CSV is read
-    found = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in POINT_SUFFIXES]
+    found = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in POINT_SUFFIXES
+             and not f.name.endswith(NOT_POINT_FILES)]
+    both = 0
     for file in sorted(found, key=lambda f: (POINT_SUFFIXES.index(f.suffix.lower()), f.name)):
         if file.stem in files and files[file.stem].suffix.lower() == file.suffix.lower():
             raise InputError(path, f"two point files for image {file.stem!r}: {files[file.stem].name} and "
                                    f"{file.name}; keep one")
+        both += file.stem in files
         files.setdefault(file.stem, file)
     if not files:
         raise InputError(path, f"no point files ({', '.join(POINT_SUFFIXES)}) in this folder")
+    if both:
+        print(f"note: {path}: {both} image(s) have both a CSV and a GeoJSON file (denuc writes the same points to "
+              "both); the CSV was read", file=sys.stderr)
     return files

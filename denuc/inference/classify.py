@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from denuc.config import ClassifierConfig
-from denuc.inference.tta import view_points, view_tiles
 from denuc.errors import InputError
+from denuc.inference.tta import view_points, view_tiles
 from denuc.models.encoders import Encoder, create_encoder
 from denuc.models.feature_query import sample_features
 from denuc.models.heads import create_head

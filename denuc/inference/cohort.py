@@ -216,7 +216,10 @@ def local_cluster(n_workers: int, device: str = "cpu", **kwargs) -> Cluster:
 @contextlib.contextmanager
 def dask_client(cluster: str, device: str = "cpu") -> Iterator[Client]:
     """A client of ``local_cluster`` (``local:N``; closed on exit) or of the scheduler at ``tcp://HOST:PORT``."""
-    from distributed import Client
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError("--cluster", "needs Dask distributed: pip install 'denuc[cluster]'") from None
 
     if parse_cluster(cluster).startswith("local:"):
         with local_cluster(int(cluster.split(":")[1]), device) as local, Client(local) as client:
@@ -372,7 +375,6 @@ def _run_on_dask(client: Client, jobs: list[Job], todo: list[int], task: tuple, 
     from distributed import KilledWorker, as_completed
 
     model, _, _, provenance = task
-
     link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
     if link and not bar.disable:
         bar.write(f"Dask dashboard: {link}")
@@ -399,7 +401,7 @@ def _run_on_dask(client: Client, jobs: list[Job], todo: list[int], task: tuple, 
                 finished.add(again)
                 continue
             died = isinstance(error, KilledWorker)
-            message = (f"its worker died {attempt + 1} times while processing it (killed, or out of memory); "
+            message = (f"{attempt + 1} attempt(s), each ended by its worker's death (killed, or out of memory); "
                        "its saved chunks are kept for a later run" if died else f"{type(error).__name__}: {error}")
             row = {**_row(jobs[index], model, provenance, attempt + 1), "status": "failed",
                    "error": f"{jobs[index].path}: {message}"}

@@ -12,7 +12,7 @@ from pathlib import Path
 from denuc.errors import InputError
 from denuc.io.csv import read_csv, write_csv
 from denuc.io.geojson import read_geojson, write_geojson
-from denuc.nuclei import NucleusClass, Nuclei
+from denuc.nuclei import Nuclei, NucleusClass
 
 _READERS = {".csv": read_csv, ".geojson": read_geojson, ".json": read_geojson}
 _WRITERS = {".csv": write_csv, ".geojson": write_geojson, ".json": write_geojson}

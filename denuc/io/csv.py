@@ -21,7 +21,7 @@ import numpy as np
 
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
-from denuc.nuclei import UNLABELLED, NucleusClass, Nuclei, default_colors
+from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass, default_colors
 
 PROB_PREFIX = "prob_"
 FIXED_COLUMNS = ("x", "y", "label", "score")

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import uuid
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 from denuc.errors import InputError
 from denuc.io.atomic import atomic_path
 from denuc.io.csv import Color, Locate, check_writable, normalise_label, nuclei_from_columns
-from denuc.nuclei import UNLABELLED, NucleusClass, Nuclei, default_colors
+from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass, default_colors
 
 QUPATH_OFFSET = 0.5
 """QuPath coordinate minus denuc coordinate (QuPath measures from the image corner, denuc from a pixel centre)."""
@@ -57,9 +58,12 @@ def read_geojson(
     path = Path(path)
     xy, labels, feature_of_point, measurements = [], [], [], []
     colors: dict[str, Color | None] = {}
+    degenerate = []
     for index, feature in enumerate(_load_features(path)):
         try:
             points, classification, values = _read_feature(feature)
+            if _degenerate_outline(feature):
+                degenerate.append(index)
             label = _class_name(classification)
             if colors.get(label) is None:  # the first colour given for a class is its colour
                 colors[label] = _color(classification)
@@ -70,6 +74,11 @@ def read_geojson(
             labels.append(label)
             feature_of_point.append(index)
             measurements.append(values)
+
+    if degenerate:
+        shown = ", ".join(map(str, degenerate[:5])) + (", ..." if len(degenerate) > 5 else "")
+        warnings.warn(f"{path}: {len(degenerate)} polygon(s) with fewer than 3 distinct vertices or no area, placed "
+                      f"at the mean of their vertices (features {shown})", stacklevel=2)
 
     def locate(i: int) -> str:
         return f"feature {feature_of_point[i]}"
@@ -119,6 +128,17 @@ def _read_feature(feature: object) -> tuple[list[tuple[float, float]], object, d
     # A QuPath cell's geometry is the whole cell; its nucleus, when there is one, locates the nucleus better.
     geometry = feature.get("nucleusGeometry") or feature.get("geometry")
     return _points(geometry), properties.get("classification"), _measurements(properties.get("measurements"))
+
+
+def _degenerate_outline(feature: dict) -> bool:
+    """Whether a (valid) feature's polygon outline encloses no area: fewer than 3 distinct vertices, or all on
+    a line. Its centre is then only the mean of its vertices, which a reader should be told."""
+    geometry = feature.get("nucleusGeometry") or feature.get("geometry")
+    if geometry.get("type") not in ("Polygon", "MultiPolygon"):
+        return False
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    outer = [np.array([_position(p) for p in rings[0]]) for rings in polygons]
+    return all(len(np.unique(ring, axis=0)) < 3 or _ring_moments(ring - ring[0])[0] == 0 for ring in outer)
 
 
 def _points(geometry: object) -> list[tuple[float, float]]:

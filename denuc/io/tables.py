@@ -30,7 +30,7 @@ from denuc.io.atomic import atomic_path, naming_full_disk
 from denuc.io.csv import PROB_PREFIX, _quote
 from denuc.io.geojson import PROB_PREFIX as GEOJSON_PROB_PREFIX
 from denuc.io.geojson import QUPATH_OFFSET, SCORE
-from denuc.nuclei import UNLABELLED, NucleusClass, Nuclei
+from denuc.nuclei import UNLABELLED, Nuclei, NucleusClass
 
 
 def column_names(classes: list[NucleusClass]) -> list[str]:
