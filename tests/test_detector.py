@@ -517,7 +517,7 @@ def test_detect_command_writes_points_and_overlay_with_test_time_views(tmp_path:
     for views in ("1", "2"):
         out = tmp_path / views
         assert main(["detect", "--sample", "--model", "fast", "--tta", views, "--out", str(out)]) == 0
-        assert (out / "sample_brcam2c_overlay.png").stat().st_size > 0
+        assert (out / "sample_brcam2c_overview.png").stat().st_size > 0
         points = read_points(out / "sample_brcam2c.geojson")
         assert len(points) == len(read_points(out / "sample_brcam2c.csv")) > 100
 

@@ -154,7 +154,7 @@ def test_detect_keeps_dotted_names_and_refuses_two_inputs_of_one_name(tmp_path: 
     shutil.copy(SAMPLE, dotted)
     assert main(["detect", str(dotted), "--mpp", "0.5", "--runtime", "torch", "--out", str(tmp_path / "out")]) == 0
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == [f"{dotted.stem}{s}" for s in (".csv", ".geojson", "_overlay.png")]
+    assert written == [f"{dotted.stem}{s}" for s in (".csv", ".geojson", "_overview.png")]
     assert f"{dotted.stem}.csv" in capsys.readouterr().out
 
     other = tmp_path / "other" / dotted.name

@@ -33,7 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector-only", action="store_true",
                    help="detect only, as `denuc detect` does with the same --model (a bundle's own detector for a "
                         "bundle): no classifier, every nucleus unlabelled")
-    p.add_argument("--mpp", type=POSITIVE, help="pixel size of the inputs in um/px: overrides the slide metadata")
+    p.add_argument("--taxonomy",
+                   help="the classifier head, i.e. which classes nuclei get (the default bundle's heads: "
+                        f"{_default_taxonomies()}; default: the bundle's first)")
+    p.add_argument("--mpp", type=POSITIVE,
+                   help="pixel size of the inputs in um/px: overrides the slide metadata (with a warning when "
+                        "they differ by more than 10%%)")
     p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide, not just the tissue")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
@@ -55,6 +60,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-tiles", type=COUNT, help=argparse.SUPPRESS)  # tiles per saved chunk, for tests
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-slide lines (errors still print)")
     predict_cohort.add_options(p)  # --manifest, --cluster, --retries
+
+
+def _default_taxonomies() -> str:
+    """The default bundle's heads and their classes, from its metadata (no torch), for --help."""
+    import json
+
+    from denuc.errors import InputError
+    from denuc.hub import read_metadata, shipped
+
+    try:
+        heads = json.loads(read_metadata(shipped("default-bundle").path)["taxonomies"])
+    except (InputError, KeyError, ValueError):  # weights missing or without heads: --help must still work
+        return "see `denuc models`"
+    return "; ".join(f"{head} ({', '.join(c['name'] for c in classes)})" for head, classes in heads.items())
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
@@ -90,7 +109,12 @@ def run(args: argparse.Namespace) -> int:
     from denuc.io.slides import open_slide
 
     output_folder(args.out)
+    if args.taxonomy is not None and args.detector_only:
+        raise InputError("--taxonomy", "chooses a classifier head, and --detector-only runs no classifier: drop "
+                                       "one of them")
     if args.cluster or args.manifest:
+        if args.taxonomy is not None:
+            raise InputError("--taxonomy", "not supported with --manifest or --cluster yet: run without them")
         return predict_cohort.run(args)
     jobs = [(path, args.mpp, None) for path in collect_inputs(args.inputs)]
     if args.sample:
@@ -103,7 +127,12 @@ def run(args: argparse.Namespace) -> int:
         model = Pipeline(Detector.from_pretrained(name, device=args.device, runtime=args.runtime))
     else:
         name = args.model or "default-bundle"
-        model = Pipeline.from_pretrained(name, device=args.device, runtime=args.runtime)
+        if args.taxonomy is not None:  # checked on the metadata, before the networks load
+            heads = describe(name).get("taxonomies", {})
+            if args.taxonomy not in heads:
+                raise InputError(name, f"--taxonomy {args.taxonomy!r}: no such classifier head; this model has "
+                                       + (", ".join(heads) if heads else "none (it is a detector alone)"))
+        model = Pipeline.from_pretrained(name, device=args.device, runtime=args.runtime, taxonomy=args.taxonomy)
     model.with_test_time_views(args.tta)
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
@@ -119,17 +148,21 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(path, f"same file name as {stems[path.stem]}: its outputs in {args.out} would "
                                        "overwrite each other; process it into another --out folder")
             stems[path.stem] = path
-            with open_slide(path, mpp=mpp) as slide, warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught:  # opening warns too (a contradicted --mpp)
                 warnings.simplefilter("always")
-                if mpp_source:
-                    slide.mpp_source = mpp_source
-                summary = predict_slide(
-                    slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
-                    overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
-                    embeddings=args.embeddings, progress=not args.quiet, model_name=name, model_id=model_id,
-                    provenance=provenance, **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
-            for warning in caught:
-                print(f"denuc predict: warning: {warning.message}", file=sys.stderr)
+                try:
+                    with open_slide(path, mpp=mpp) as slide:
+                        if mpp_source:
+                            slide.mpp_source = mpp_source
+                        summary = predict_slide(
+                            slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
+                            overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
+                            embeddings=args.embeddings, progress=not args.quiet, model_name=name,
+                            model_id=model_id, provenance=provenance,
+                            **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
+                finally:
+                    for warning in caught:
+                        print(f"denuc predict: warning: {warning.message}", file=sys.stderr)
         except (InputError, OSError) as error:  # OSError: a full disk, an unreadable file; the next input may do
             print(f"denuc predict: error: {error if isinstance(error, InputError) else describe_os_error(error)}",
                   file=sys.stderr)

@@ -3,9 +3,10 @@
 Readers, tried in this order: OpenSlide (SVS, NDPI, MRXS, SCN, BIF, DICOM, generic tiled TIFF, ...), then
 tiffslide for TIFFs OpenSlide cannot open, then Pillow for plain images (PNG, JPEG, BMP, untiled TIFF).
 
-The pixel size comes from ``mpp`` when given (the ``--mpp`` option), else from the file's metadata. When
-neither has it, opening fails with an InputError that says how to pass it: denuc never guesses a pixel size
-from the objective power, because scanners differ (a "20x" scan can be 0.5 or 0.46 um/px).
+The pixel size comes from ``mpp`` when given (the ``--mpp`` option; a warning when it is more than 10% off the
+metadata's), else from the file's metadata. When neither has it, opening fails with an InputError that says how
+to pass it: denuc never guesses a pixel size from the objective power, because scanners differ (a "20x" scan
+can be 0.5 or 0.46 um/px).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PLAUSIBLE_MPP = (0.05, 50.0)
 """Pixel sizes (um/px) outside this range are metadata defaults or errors, not real scans."""
+MPP_CONTRADICTION = 0.10
+"""A given ``mpp`` this far (relative) from the metadata's is warned about: scanners' own values differ by a few %."""
 BAND_ROWS = 512  # large reads are split into bands of this many rows, one band per thread at a time
 WHOLE_LEVEL_MAX_BYTES = 256 * 2**20  # a level up to this size (RGB) may be decoded whole and held in memory
 
@@ -204,6 +208,13 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     dimensions, downsamples = levels
     if mpp is not None:
         mpp_used, source = float(mpp), "--mpp"
+        stated = _stated_mpp(properties)
+        if stated is not None and abs(mpp_used - stated[0]) > MPP_CONTRADICTION * stated[0]:
+            # a wrong pixel size gives plausible-looking junk, so a contradiction is said (and recorded in the source)
+            source = f"--mpp (the metadata says {stated[0]:g} um/px)"
+            warnings.warn(f"{path}: --mpp {mpp_used:g} um/px differs by more than {MPP_CONTRADICTION:.0%} from the "
+                          f"pixel size in the slide's metadata, {stated[0]:g} um/px ({stated[1]}); using --mpp "
+                          f"{mpp_used:g}", stacklevel=2)
     else:
         mpp_used, source = _metadata_mpp(path, properties)
     return Slide(path, backend, mpp_used, source, dimensions, downsamples, properties, handle)
@@ -255,18 +266,25 @@ def _open_pil(path: Path):
     return "pil", array, properties, ([(w, h)], [1.0])
 
 
-def _metadata_mpp(path: Path, properties: dict[str, str]) -> tuple[float, str]:
+def _stated_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
+    """The pixel size in the metadata and the keys it came from (``"metadata: key_x, key_y"``), else None."""
     for key_x, key_y in (("openslide.mpp-x", "openslide.mpp-y"), ("tiffslide.mpp-x", "tiffslide.mpp-y"),
                          ("tiff.mpp", "tiff.mpp")):
         try:
             mpp_x, mpp_y = float(properties[key_x]), float(properties.get(key_y, properties[key_x]))
         except (KeyError, ValueError):
             continue
-        mpp = (mpp_x + mpp_y) / 2
+        return (mpp_x + mpp_y) / 2, f"metadata: {key_x}" + ("" if key_x == key_y else f", {key_y}")
+    return None
+
+
+def _metadata_mpp(path: Path, properties: dict[str, str]) -> tuple[float, str]:
+    stated = _stated_mpp(properties)
+    if stated is not None:
+        mpp, source = stated
         if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-            raise InputError(path, f"implausible pixel size {mpp:g} um/px in the metadata ({key_x}): "
-                                   "pass the right one with --mpp, e.g. --mpp 0.25 for a 40x scan")
-        source = f"metadata: {key_x}" + ("" if key_x == key_y else f", {key_y}")
+            raise InputError(path, f"implausible pixel size {mpp:g} um/px ({source}): pass the right one with "
+                                   "--mpp, e.g. --mpp 0.25 for a 40x scan")
         return mpp, source
     power = properties.get("openslide.objective-power") or properties.get("tiffslide.objective-power")
     hint = (f"; the objective power is {power}x, which often but not always means "
