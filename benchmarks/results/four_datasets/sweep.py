@@ -1,9 +1,12 @@
 """Validation sweep (threshold x NMS radius) of a detector on the four datasets' validation splits."""
-import json, sys, time
+import json
+import sys
+import time
+
 from denuc.config import DatasetSpec, DetectorTrainConfig
 from denuc.inference.detect import Detector
-from denuc.train.detector import tune_thresholds, validate
 from denuc.train.data import load_split
+from denuc.train.detector import tune_thresholds, validate
 
 S = "/work/shared/datasets"
 model, out = sys.argv[1], sys.argv[2]
