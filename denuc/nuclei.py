@@ -43,6 +43,9 @@ class Nuclei:
         mpp: pixel size in micrometres per pixel, or None when unknown.
         image_size: (width, height) of the image in pixels, or None when unknown.
         embeddings: optional (n, d) float16 feature vectors the classifier saw at each point.
+        outlines: optional (n,) object array of nucleus outlines: each a (k, 2) float64 array of (x, y) polygon
+            vertices in the same pixel frame as ``xy`` (not closed: the last vertex is not a copy of the first),
+            or None for a nucleus without one.
     """
 
     xy: np.ndarray
@@ -53,6 +56,7 @@ class Nuclei:
     mpp: float | None = None
     image_size: tuple[int, int] | None = None
     embeddings: np.ndarray | None = None
+    outlines: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.xy = np.asarray(self.xy, dtype=np.float64).reshape(-1, 2)
@@ -67,8 +71,10 @@ class Nuclei:
             self.probs = _rows(np.asarray(self.probs, dtype=np.float64), n)
         if self.embeddings is not None:
             self.embeddings = _rows(np.asarray(self.embeddings), n)
+        if self.outlines is not None:
+            self.outlines = _outlines(self.outlines)
         for name, arr in (("labels", self.labels), ("scores", self.scores), ("probs", self.probs),
-                          ("embeddings", self.embeddings)):
+                          ("embeddings", self.embeddings), ("outlines", self.outlines)):
             if arr is not None and len(arr) != n:
                 raise ValueError(f"Nuclei: {name} has {len(arr)} entries for {n} points")
 
@@ -86,6 +92,8 @@ class Nuclei:
         parts += [f"mpp={self.mpp}", f"image_size={self.image_size}"]
         if self.embeddings is not None:
             parts.append(f"embeddings {self.embeddings.shape[1]}-d")
+        if self.outlines is not None:
+            parts.append("outlines")
         return f"Nuclei({', '.join(parts)})"
 
     @property
@@ -102,6 +110,7 @@ class Nuclei:
             scores=None if self.scores is None else self.scores[index],
             probs=None if self.probs is None else self.probs[index],
             embeddings=None if self.embeddings is None else self.embeddings[index],
+            outlines=None if self.outlines is None else self.outlines[index],
         )
 
     def scaled(self, factor: float) -> "Nuclei":
@@ -112,6 +121,8 @@ class Nuclei:
         return replace(
             self,
             xy=(self.xy + 0.5) * factor - 0.5,
+            outlines=None if self.outlines is None else _outlines(
+                [None if o is None else (o + 0.5) * factor - 0.5 for o in self.outlines]),
             mpp=None if self.mpp is None else self.mpp / factor,
             image_size=size,
         )
@@ -153,6 +164,14 @@ def _rows(array: np.ndarray, n: int) -> np.ndarray:
     return array.reshape(n, -1)
 
 
+def _outlines(outlines: Sequence[np.ndarray | None] | np.ndarray) -> np.ndarray:
+    """``outlines`` as an (n,) object array of (k, 2) float64 vertex arrays or None."""
+    out = np.empty(len(outlines), dtype=object)
+    for i, o in enumerate(outlines):
+        out[i] = None if o is None else np.asarray(o, dtype=np.float64).reshape(-1, 2)
+    return out
+
+
 def concat(parts: Sequence[Nuclei], template: Nuclei | None = None) -> Nuclei:
     """One Nuclei holding the points of ``parts`` in order; metadata from ``template`` (or the first part)."""
     template = template if template is not None else (parts[0] if parts else Nuclei(xy=np.zeros((0, 2))))
@@ -164,7 +183,7 @@ def concat(parts: Sequence[Nuclei], template: Nuclei | None = None) -> Nuclei:
         return None if any(a is None for a in arrays) else np.concatenate(arrays)
 
     return replace(template, xy=np.concatenate([p.xy for p in parts]), labels=join("labels"), scores=join("scores"),
-                   probs=join("probs"), embeddings=join("embeddings"))
+                   probs=join("probs"), embeddings=join("embeddings"), outlines=join("outlines"))
 
 
 def default_colors(n: int) -> list[tuple[int, int, int]]:
