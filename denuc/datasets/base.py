@@ -69,6 +69,11 @@ class Dataset(ABC):
     def sample(self, name: str) -> Sample:
         """One sample by name, with its ground truth."""
 
+    def instance_map(self, name: str) -> np.ndarray | None:
+        """The sample's nuclei as an instance map at the dataset's own pixel size: (H, W) int32, 0 background,
+        1..n the nuclei in the order of ``sample(name).nuclei``; None for a dataset without outlines."""
+        return None
+
     @abstractmethod
     def _split_names(self, split: str) -> list[str]:
         """Sample names of a canonical split name."""

@@ -85,6 +85,15 @@ class CoNSeP(Dataset):
         nuclei = read_label_file(label_path, self._seven_ids, read_image_size(image_path))
         return Sample(name, image_path, nuclei, self.name)
 
+    def instance_map(self, name: str) -> np.ndarray:
+        """The release's ``inst_map``: instance i + 1 is nucleus i of ``sample(name)``."""
+        folder = "Test" if name.startswith("test_") else "Train"
+        path = self._file(f"{folder}/Labels/{name}.mat")
+        inst_map = np.asarray(read_mat(path, ("inst_map",))["inst_map"])
+        if inst_map.ndim != 2:
+            raise InputError(path, f"inst_map must be 2-D, got shape {inst_map.shape}")
+        return inst_map.astype(np.int32)
+
     def _has_seven_ids(self) -> bool:
         """Whether the copy stores the release's seven ids: any label file with an id of 5-7."""
         for split in ("Train", "Test"):

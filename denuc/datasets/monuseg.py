@@ -35,9 +35,11 @@ from __future__ import annotations
 import os
 import warnings
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from skimage.draw import polygon
 
 from denuc.datasets.base import Dataset, Sample, read_image_size
 from denuc.errors import InputError
@@ -100,6 +102,11 @@ class MoNuSeg(Dataset):
         nuclei = read_annotation_file(label_path, read_image_size(image_path))
         return Sample(name, image_path, nuclei, self.name)
 
+    def instance_map(self, name: str) -> np.ndarray:
+        """The outlines filled in (``rasterise``)."""
+        nuclei = self.sample(name).nuclei
+        return rasterise(list(nuclei.outlines), nuclei.image_size)
+
 
 def read_annotation_file(path: Path, image_size: tuple[int, int] | None = None) -> Nuclei:
     """Nuclei of one Aperio ImageScope XML file: one per ``Region``, at the outline's area centroid."""
@@ -110,10 +117,11 @@ def read_annotation_file(path: Path, image_size: tuple[int, int] | None = None) 
     except ET.ParseError as error:
         raise InputError(path, f"not valid XML: {error}") from None
     mpp = _microns_per_pixel(path, root)
-    centres, region_ids, degenerate = [], [], []
+    centres, region_ids, degenerate, outlines = [], [], [], []
     for k, region in enumerate(root.iter("Region")):
         region_ids.append(region.get("Id", str(k)))
         outline = _vertices(path, k, region)
+        outlines.append(outline)
         centre = area_centroid(outline)
         if centre is None:
             degenerate.append(region_ids[-1])
@@ -124,8 +132,21 @@ def read_annotation_file(path: Path, image_size: tuple[int, int] | None = None) 
                       f"{MIN_AREA_PX:g} px² are "
                       f"placed at the mean of their vertices (Region Id {', '.join(degenerate[:10])}"
                       f"{', ...' if len(degenerate) > 10 else ''})", stacklevel=2)
-    return nuclei_from_columns(path, np.array(centres).reshape(-1, 2), [UNLABELLED] * len(centres),
-                               lambda i: f"Region {region_ids[i]}", classes=(), mpp=mpp, image_size=image_size)
+    nuclei = nuclei_from_columns(path, np.array(centres).reshape(-1, 2), [UNLABELLED] * len(centres),
+                                 lambda i: f"Region {region_ids[i]}", classes=(), mpp=mpp, image_size=image_size)
+    return replace(nuclei, outlines=outlines)
+
+
+def rasterise(outlines: list[np.ndarray], image_size: tuple[int, int]) -> np.ndarray:
+    """Outlines (vertices at pixel centres) filled into an (H, W) int32 instance map, nucleus i as i + 1; where
+    outlines overlap, the later one wins (as filling them in file order does in HoVer-Net's and the challenge's
+    own conversions)."""
+    width, height = image_size
+    inst_map = np.zeros((height, width), dtype=np.int32)
+    for i, outline in enumerate(outlines):
+        rows, cols = polygon(outline[:, 1], outline[:, 0], (height, width))
+        inst_map[rows, cols] = i + 1
+    return inst_map
 
 
 def area_centroid(outline: np.ndarray) -> np.ndarray | None:
