@@ -489,7 +489,7 @@ def run_plausibility(args, detector: Detector) -> None:
             rows.append({"dataset": item["dataset"], "name": item["name"], "claim_factor": k, "nuclei": len(nuclei),
                          "area_mm2": area, "density_per_mm2": len(nuclei) / area,
                          "median_score": float(np.median(nuclei.scores)) if len(nuclei) else None,
-                         "warnings": check_plausibility(nuclei, claimed, area)})
+                         "warnings": check_plausibility(nuclei.scores, claimed, area)})
     summary = {}
     for k in CLAIM_FACTORS:
         at = [r for r in rows if r["claim_factor"] == k]

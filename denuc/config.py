@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 RUNTIMES = ("auto", "torch", "onnx")
 """Where the networks run: PyTorch (any device), ONNX Runtime (CPU), or "auto": ONNX Runtime on a CPU, where
 it is the faster of the two (docs/benchmarks.md), and PyTorch on a GPU (``inference.detect.choose_runtime``)."""
+MPP_AUTO = "auto"
+"""The pixel size that asks for an estimate from the image itself (``--mpp auto``, a manifest's ``auto``;
+``inference.mpp``, docs/pixel_size.md)."""
 
 
 @dataclass
@@ -78,9 +81,11 @@ class DatasetSpec:
         return cls(name, root)
 
 
-def _check_schedule(cfg: "DetectorTrainConfig | ClassifierTrainConfig") -> None:
+def _check_schedule(cfg: "DetectorTrainConfig | ClassifierTrainConfig | OutlineTrainConfig") -> None:
     """The numbers every training recipe needs: whole counts of at least 1, a positive finite learning rate."""
     for name in ("epochs", "iters_per_epoch", "batch_size", "crop_size"):
+        if not hasattr(cfg, name):  # an outline head trains on patches of its own size, not crops
+            continue
         if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
             raise ValueError(f"{name} must be a whole number >= 1, got {getattr(cfg, name)}")
     if not (isinstance(cfg.warmup_iters, int) and cfg.warmup_iters >= 0):
@@ -245,4 +250,75 @@ class ClassifierTrainConfig:
         data = dict(data)
         data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
         data["model"] = ClassifierConfig(**data.get("model", {}))
+        return cls(**data)
+
+
+@dataclass
+class OutlineConfig:
+    """A nucleus outline head: the nucleus's star-convex outline, its distance to the boundary along ``rays``
+    evenly spaced directions (StarDist's representation), predicted only at detected points: a small dense stem
+    (strides 2 and 4) runs once over the image, and a small MLP reads its features on lattices around each point."""
+
+    rays: int = 32  # directions, from +x (angle 0) turning towards +y; a multiple of 4 (flips and rot90 permute them)
+    stem: tuple[int, int] = (16, 32)  # channels of the stem's stride-2 and stride-4 features
+    grid: int = 5  # the features are read on grid x grid lattices centred on the point: the stride-2 map's ...
+    fine_spacing: float = 2.0  # ... this many working pixels apart (+-4 px = 2 um at 0.5 um/px), the stride-4 map's
+    spacing: float = 4.0  # ... this far apart (+-8 px) ...
+    coarse_spacing: float = 9.0  # ... and on a second lattice this far apart (+-18 px: the largest nuclei)
+    hidden: int = 128
+    mpp: float = 0.5  # working resolution (um/px); the detector's
+
+    def __post_init__(self) -> None:
+        self.stem = tuple(self.stem)
+        if self.rays < 4 or self.rays % 4:
+            raise ValueError(f"rays must be a multiple of 4, got {self.rays}")
+        if self.grid < 1 or self.grid % 2 == 0:
+            raise ValueError(f"grid must be odd (a lattice centred on the point), got {self.grid}")
+
+    @property
+    def reach(self) -> float:
+        """How far from its point (working pixels) a nucleus's outline is read."""
+        return (self.grid - 1) / 2 * self.coarse_spacing + 4
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OutlineConfig":
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown outline config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class OutlineTrainConfig:
+    """Training of an outline head on the instance outlines of datasets that have them (CoNSeP, MoNuSeg)."""
+
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    model: OutlineConfig = field(default_factory=OutlineConfig)
+    epochs: int = 20
+    iters_per_epoch: int = 200
+    batch_size: int = 256  # nuclei per step
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    centre_jitter_um: float = 1.0  # the patch centre is moved by up to this much: detected points are not centroids
+    color_jitter: float = 0.1  # per-channel gain and contrast perturbation strength
+    ema_decay: float | None = None
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_schedule(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OutlineTrainConfig":
+        data = dict(data)
+        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
+        data["model"] = OutlineConfig(**data.get("model", {}))
         return cls(**data)

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from denuc.inference.detect import Detector
     from denuc.inference.pipeline import Pipeline
 
-DETECTOR_FORMAT, BUNDLE_FORMAT = "denuc-detector-1", "denuc-bundle-1"
-"""The ``format`` metadata of a detector file (``Detector.save``) and of a bundle (``Pipeline.save``)."""
+DETECTOR_FORMAT, BUNDLE_FORMAT, OUTLINE_FORMAT = "denuc-detector-1", "denuc-bundle-1", "denuc-outline-1"
+"""The ``format`` metadata of a detector file (``Detector.save``), a bundle (``Pipeline.save``) and an outline head
+(``denuc.train.outlines.save_outline_head``)."""
 
 PROVENANCE_KEYS = ("tag", "training_data", "licence", "denuc_version")
 """Metadata every shipped file carries (JSON-encoded strings, like all metadata but ``format``)."""
@@ -86,7 +87,7 @@ MODELS = (
         "backbone, 160 epochs; heads brcam2c and crchisto (CLASSIFIER_CARD.md)"),
 )
 
-_DEFAULT_OF_KIND = {"detector": "default", "bundle": "default-bundle"}
+_DEFAULT_OF_KIND = {"detector": "default", "bundle": "default-bundle", "outline": "default-outlines"}
 """What the name "default" means when a kind of model is asked for (see the module docstring)."""
 
 
@@ -128,10 +129,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def kind_of(metadata: dict[str, str], path: str | os.PathLike) -> str:
-    """ "bundle" or "detector", from a file's metadata; InputError naming ``path`` for anything else."""
+    """ "bundle", "detector" or "outline", from a file's metadata; InputError naming ``path`` for anything else."""
     found = metadata.get("format")
     if found == BUNDLE_FORMAT:
         return "bundle"
+    if found == OUTLINE_FORMAT:
+        return "outline"
     if found in (DETECTOR_FORMAT, None) and "denuc_detector" in metadata:
         return "detector"
     raise InputError(path, f"not a denuc detector or bundle (format {found!r}; those are {DETECTOR_FORMAT!r}, "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,6 @@ from denuc.inference.mpp import (
     summarise,
 )
 from denuc.io.images import read_image, resample
-from denuc.nuclei import Nuclei
 
 SAMPLE_MPP = 0.5  # denuc/data/README.md: a BRCAM2C test image (never used to fit the estimator)
 
@@ -79,14 +80,14 @@ def test_summarise_concentrated_probability():
 def test_plausibility_warns_for_wrong_pixel_sizes_only(sample, detector, estimates):
     h, w = sample.shape[:2]
     right = detector.detect(sample, mpp=SAMPLE_MPP)
-    assert check_plausibility(right, SAMPLE_MPP, h * w * SAMPLE_MPP**2 / 1e6, estimates[0.5]) == []
+    assert check_plausibility(right.scores, SAMPLE_MPP, h * w * SAMPLE_MPP**2 / 1e6, estimates[0.5]) == []
     # a 0.5 um/px scan run as 0.25 (as CMU-1 at --mpp 0.25 in issue 29): the estimate contradicts it
     too_fine = detector.detect(sample, mpp=0.25)
-    warnings = check_plausibility(too_fine, 0.25, h * w * 0.25**2 / 1e6, estimates[0.5])
+    warnings = check_plausibility(too_fine.scores, 0.25, h * w * 0.25**2 / 1e6, estimates[0.5])
     assert any("looks like" in text and "larger" in text for text in warnings), warnings
     # run as 10 um/px: a handful of nuclei per mm^2, and the estimate is 20x off (the nuclei are the right run's:
     # detecting at 10 um/px would take minutes; the warnings read only their count and scores)
-    warnings = check_plausibility(right, 10.0, h * w * 10.0**2 / 1e6, estimates[0.5])
+    warnings = check_plausibility(right.scores, 10.0, h * w * 10.0**2 / 1e6, estimates[0.5])
     assert any("implausibly few nuclei" in text for text in warnings), warnings
     assert any("looks like" in text and "smaller" in text for text in warnings), warnings
     assert CONTRADICTION_FACTOR < 2  # a 2x error, the usual 20x / 40x mix-up, is always reported
@@ -96,9 +97,19 @@ def test_plausibility_without_estimate_reads_density_and_scores(sample, detector
     h, w = sample.shape[:2]
     right = detector.detect(sample, mpp=SAMPLE_MPP)
     area = h * w * SAMPLE_MPP**2 / 1e6
-    assert check_plausibility(right, SAMPLE_MPP, area) == []
-    unsure = Nuclei(right.xy, scores=np.full(len(right), 0.6))
+    assert check_plausibility(right.scores, SAMPLE_MPP, area) == []
+    unsure = np.full(len(right), 0.6)
     assert any("unsure" in text for text in check_plausibility(unsure, SAMPLE_MPP, area))
-    packed = Nuclei(np.random.default_rng(0).random((2000, 2)) * 400, scores=np.full(2000, 0.9))
+    packed = np.full(2000, 0.9)  # 2,000 confident nuclei
     assert any("implausibly many" in text for text in check_plausibility(packed, SAMPLE_MPP, 0.05))
     assert check_plausibility(packed, SAMPLE_MPP, 0.01) == []  # too small an area to judge a density
+
+
+def test_docs_hold_the_tables_of_the_saved_results():
+    """docs/pixel_size.md's tables are benchmarks/mpp_tables.py's, read off benchmarks/results (no figure typed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mpp_tables
+
+    doc = mpp_tables.DOC.read_text()
+    for name, table in mpp_tables.sections().items():
+        assert table in doc, f"{mpp_tables.DOC}: the {name} tables differ from `python benchmarks/mpp_tables.py`"

@@ -14,8 +14,8 @@ import sys
 from denuc import __version__
 from denuc.errors import InputError, describe_os_error
 
-SUBCOMMANDS = ["predict", "detect", "evaluate", "models", "train-detector", "train-classifier", "tune-offsets",
-               "export-backbone"]
+SUBCOMMANDS = ["predict", "detect", "classify", "evaluate", "models", "train-detector", "train-classifier",
+               "tune-offsets", "export-backbone"]
 """In the order the overview lists them: using the models first, then training them."""
 
 OVERVIEW = """\

@@ -10,11 +10,16 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from denuc.cli.options import COUNT, POSITIVE, PROBABILITY, device, output_folder
-from denuc.config import RUNTIMES
+from denuc.cli.options import COUNT, PROBABILITY, device, output_folder, pixel_size
+from denuc.config import MPP_AUTO, RUNTIMES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
+
+    from denuc.inference.detect import Detector
+    from denuc.inference.mpp import MppEstimate
 
 SAMPLE = ("sample_brcam2c.png", 0.5)  # bundled sample image and its pixel size (BRCA-M2C, BSD-3)
 
@@ -29,10 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs of an earlier run in --out (without it, an image whose outputs exist is "
                         "refused before any work)")
-    p.add_argument("--mpp", type=POSITIVE,
+    p.add_argument("--mpp", type=pixel_size,
                    help="pixel size of the images in um/px: required for plain images (PNG, JPEG, BMP); for a "
                         "slide or TIFF with one in its metadata, overrides it (with a warning when they differ by "
-                        "more than 10%%)")
+                        "more than 10%%); auto: estimated from each image's pixels (roughly: docs/pixel_size.md)")
     p.add_argument("--model", default="default",
                    help="detector: a shipped name (denuc models; default: %(default)s) or a .safetensors file; a "
                         "bundle runs its own detector")
@@ -52,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     """Like ``denuc predict --detector-only``: each input's own pixel size unless --mpp; a bad input is reported
     and the others still run; the status is 2 when any was not done."""
     from denuc.errors import InputError, OutputExistsError, describe_os_error
+    from denuc.hub import resolve
     from denuc.inference.detect import Detector
+    from denuc.inference.mpp import check_plausibility, estimating_detector
     from denuc.io import write_points
     from denuc.io.overlay import write_overlay
 
@@ -76,10 +83,15 @@ def run(args: argparse.Namespace) -> int:
     detector.with_settings(test_time_views=args.tta)
     if args.threshold is not None:
         detector.with_settings(score_threshold=args.threshold)
+    own_file = resolve(args.model, kind="detector")
+
+    def estimator() -> Detector:
+        return estimating_detector(detector, own_file)
+
     failed = []
     for path, mpp in jobs:
         try:
-            image, image_mpp = _read(path, mpp)
+            image, image_mpp, estimate = _read(path, mpp, estimator)
             nuclei = detector.detect(image, mpp=image_mpp, batch_size=args.batch_size)
             csv, geojson, overview = outputs(args.out, path)
             write_points(csv, nuclei)
@@ -90,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             failed.append(path)
             continue
+        # the whole image's area: detect finds no tissue, so an image mostly of glass can read as sparse
+        area_mm2 = image.shape[0] * image.shape[1] * image_mpp**2 / 1e6
+        for warning in check_plausibility(nuclei.scores, image_mpp, area_mm2, estimate):
+            print(f"denuc detect: warning: {path}: {warning}", file=sys.stderr)
         print(f"{path}: {len(nuclei)} nuclei -> {csv}, {geojson}, {overview}")
     if failed:
         print(f"denuc detect: {len(failed)} of {len(jobs)} images not done: " + ", ".join(map(os.fspath, failed)),
@@ -98,21 +114,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(path: Path, mpp: float | None) -> tuple[np.ndarray, float]:
-    """The pixels of an image or of a slide's full resolution, and their pixel size: ``mpp`` if given, else the
-    file's own (as ``denuc predict`` reads it); the slide reader's warnings (a contradicted --mpp) are printed."""
+def _read(path: Path, mpp: float | str | None, estimator: Callable[[], Detector]
+          ) -> tuple[np.ndarray, float, MppEstimate | None]:
+    """The pixels of an image or of a slide's full resolution, their pixel size and the image's estimate of it
+    when one was taken, as ``denuc predict`` opens an input (``inference.mpp.open_for_run``: ``mpp`` if given,
+    the estimate for ``auto``, else the file's own); the opening's warnings (a contradicted --mpp) are printed."""
     from denuc.errors import InputError
-    from denuc.io.slides import open_slide
+    from denuc.inference.mpp import open_for_run
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with open_slide(path, mpp=mpp) as slide:
+            with open_for_run(path, mpp, estimator) as (slide, estimate):
                 if not slide.fits_in_memory(0):
                     width, height = slide.dimensions
                     raise InputError(path, f"too large for `denuc detect` ({width} x {height} px): `denuc predict "
                                            "--detector-only` reads a slide tile by tile")
-                return slide.read_region(0, 0, 0, *slide.dimensions), slide.mpp
+                if mpp == MPP_AUTO:
+                    print(f"{path}: pixel size estimated from the image: {estimate.mpp:.2f} um/px "
+                          f"(confidence {estimate.confidence:.2f})")
+                return slide.read_region(0, 0, 0, *slide.dimensions), slide.mpp, estimate
         finally:
             for warning in caught:
                 print(f"denuc detect: warning: {warning.message}", file=sys.stderr)

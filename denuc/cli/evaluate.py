@@ -1,9 +1,12 @@
 """`denuc evaluate`: score predicted nucleus points against ground truth (per-class and detection F1).
 
-Predictions and ground truth are point files (CSV or GeoJSON, see docs/formats.md), one per image, paired by
+Predictions and ground truth are point files (CSV or GeoJSON, see docs/formats.md; predictions also other tools'
+nuclei: QuPath/StarDist GeoJSON, CellViT cells.json, HoVer-Net JSON, see denuc.io.foreign), one per image, paired by
 file stem; or the ground truth is a dataset split (--gt-dataset NAME --dataset-root ROOT, each prediction file
 named after its image). Beside detection recall, the recall on crowded nuclei (ground-truth nuclei with >= 3 others
-within 8 um). The protocols are described in docs/evaluation.md.
+within 8 um). When the dataset has outlines (consep, monuseg) and the predictions carry outlines, also HoVer-Net's
+instance segmentation scores of the outlines (Dice, AJI, AJI+, DQ, SQ, PQ). The protocols are described in
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help=__doc__.split(": ", 1)[1].splitlines()[0],
                               description=__doc__.split(": ", 1)[1])
     p.add_argument("--pred", type=Path, required=True,
-                   help="predictions: a point file, or a folder of point files named by image stem")
+                   help="predictions: a point file, or a folder of point files named by image stem; besides denuc's, "
+                        "other tools' nuclei: QuPath/StarDist GeoJSON, CellViT cells.json, HoVer-Net JSON")
+    p.add_argument("--type-info", type=Path, help="HoVer-Net's type_info.json, naming the types of HoVer-Net --pred "
+                                                  "files (else they are 'type N')")
     gt = p.add_mutually_exclusive_group(required=True)
     gt.add_argument("--gt", type=Path, help="ground truth: a point file, or a folder of point files")
     gt.add_argument("--gt-dataset", metavar="NAME",
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {len(unused)} prediction file(s) without ground truth were not scored: {shown}",
               file=sys.stderr)
     report = evaluate(pairs, radius_um=args.radius_um, protocol=args.protocol, bootstrap=args.bootstrap,
-                      seed=args.seed)
+                      seed=args.seed, instance_maps=_instance_maps(args, pairs))
     print(report.format_table())
     if args.out is not None:
         write_json(args.out, report.to_dict())
@@ -82,8 +88,34 @@ def _pairs(args: argparse.Namespace, ground_truth: dict, predictions: dict[str, 
             if args.mpp is None:
                 raise InputError(name, "pixel size unknown: pass --mpp (um/px), e.g. --mpp 0.5 for a 20x scan")
             gt = replace(gt, mpp=args.mpp)
-        pairs.append((name, _read_prediction(name, predictions, gt, args.missing_as_empty), gt))
+        pairs.append((name, _read_prediction(name, predictions, gt, args.missing_as_empty, args.type_info), gt))
     return pairs
+
+
+def _instance_maps(args: argparse.Namespace, pairs: list) -> dict | None:
+    """The dataset's ground-truth instance maps by image name, when it has them and every prediction file with
+    nuclei carries outlines; else None (no instance segmentation scores), with a note when that leaves outlines
+    unscored. Read only then: filling in a dataset's outlines takes a while."""
+    if args.gt_dataset is None:
+        return None
+    has_outlines = [pred.outlines is not None for _, pred, _ in pairs if len(pred)]
+    if not any(has_outlines):
+        return None
+    if not all(has_outlines):
+        print(f"note: {has_outlines.count(False)} of {len(has_outlines)} prediction files carry no outlines, so the "
+              "outlines are not scored", file=sys.stderr)
+        return None
+    from denuc.datasets import get_dataset
+
+    dataset = get_dataset(args.gt_dataset, args.dataset_root)
+    maps = {}
+    for name, _, _ in pairs:
+        maps[name] = dataset.instance_map(name)
+        if maps[name] is None:
+            print(f"note: the {args.gt_dataset} dataset has no outlines, so the predicted outlines are not scored",
+                  file=sys.stderr)
+            return None
+    return maps
 
 
 def _file_ground_truth(args: argparse.Namespace) -> dict:
@@ -118,13 +150,13 @@ def _prediction_files(pred: Path, ground_truth: dict) -> dict[str, Path]:
     return _point_files(pred)
 
 
-def _read_prediction(name: str, predictions: dict[str, Path], gt, missing_as_empty: bool):
-    from denuc.io import read_points
+def _read_prediction(name: str, predictions: dict[str, Path], gt, missing_as_empty: bool, type_info: Path | None):
+    from denuc.io.foreign import read_nuclei
     from denuc.nuclei import Nuclei
 
     if name in predictions:
         # points outside the ground truth's image (negative, or x and y swapped) are refused, not scored
-        return read_points(predictions[name], image_size=gt.image_size)
+        return read_nuclei(predictions[name], image_size=gt.image_size, type_info=type_info)
     if missing_as_empty:
         return Nuclei(xy=[], classes=gt.classes)
     raise InputError(name, "no prediction file for this image (pass --missing-as-empty to score it as having "

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from denuc.config import DatasetSpec
+from denuc.config import MPP_AUTO, DatasetSpec
 from denuc.errors import InputError, OutputExistsError
 
 
@@ -45,6 +45,18 @@ PROBABILITY = number(float, 0, 1)
 DECAY = number(float, 0, 1, open_low=True, open_high=True)
 POSITIVE = number(float, 0, open_low=True)
 NON_NEGATIVE = number(int, 0)  # a count that may be 0: worker threads, bootstrap resamples; a seed
+
+
+def pixel_size(text: str) -> float | str:
+    """An argparse ``type`` for --mpp: a pixel size in um/px (> 0), or ``auto`` (``MPP_AUTO``: estimated from
+    each image)."""
+    if text == MPP_AUTO:
+        return text
+    try:
+        return POSITIVE(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}; or {MPP_AUTO}: estimated from each image") from None
+
 
 RECIPE_NUMBERS = {"epochs": COUNT, "iters_per_epoch": COUNT, "batch_size": COUNT, "crop_size": number(int, 64),
                   "lora_rank": COUNT, "seed": number(int, 0), "threads": number(int, 0), "lr": POSITIVE,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from denuc.cli import predict_cohort
 from denuc.cli.detect import SAMPLE
-from denuc.cli.options import COUNT, NON_NEGATIVE, POSITIVE, device, output_folder
-from denuc.config import RUNTIMES
+from denuc.cli.options import COUNT, NON_NEGATIVE, device, output_folder, pixel_size
+from denuc.config import MPP_AUTO, RUNTIMES
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
                   ".png", ".jpg", ".jpeg", ".bmp"}
@@ -36,9 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--taxonomy",
                    help="the classifier head, i.e. which classes nuclei get (the default bundle's heads: "
                         f"{_default_taxonomies()}; default: the bundle's first)")
-    p.add_argument("--mpp", type=POSITIVE,
+    p.add_argument("--mpp", type=pixel_size,
                    help="pixel size of the inputs in um/px: overrides the slide metadata (with a warning when "
-                        "they differ by more than 10%%)")
+                        "they differ by more than 10%%); auto: estimated from each input's pixels (roughly: "
+                        "docs/pixel_size.md). Every run checks the pixel size used against the nuclei found")
     p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide, not just the tissue")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved chunks")
@@ -102,11 +103,11 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from denuc.errors import InputError, describe_os_error
-    from denuc.hub import describe
+    from denuc.hub import describe, resolve
     from denuc.inference.detect import Detector
+    from denuc.inference.mpp import estimating_detector, open_for_run
     from denuc.inference.pipeline import Pipeline
     from denuc.inference.slide import model_fingerprint, predict_slide
-    from denuc.io.slides import open_slide
 
     output_folder(args.out)
     if args.taxonomy is not None and args.detector_only:
@@ -141,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},
                   "detector_only": args.detector_only, "command": args.command_line}
     say = (lambda *a: None) if args.quiet else print
+    own_file = resolve(name, kind="detector") if args.detector_only else None  # a bundle's detector has none
+
+    def estimator() -> Detector:
+        return estimating_detector(model.detector, own_file)
+
     failed, stems = [], {}
     for index, (path, mpp, mpp_source) in enumerate(jobs):
         try:
@@ -151,14 +157,15 @@ def run(args: argparse.Namespace) -> int:
             with warnings.catch_warnings(record=True) as caught:  # opening warns too (a contradicted --mpp)
                 warnings.simplefilter("always")
                 try:
-                    with open_slide(path, mpp=mpp) as slide:
-                        if mpp_source:
-                            slide.mpp_source = mpp_source
+                    with open_for_run(path, mpp, estimator, mpp_source) as (slide, estimate):
+                        if mpp == MPP_AUTO:
+                            say(f"{path}: pixel size estimated from the image: {estimate.mpp:.2f} um/px "
+                                f"(confidence {estimate.confidence:.2f})")
                         summary = predict_slide(
                             slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
                             overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
                             embeddings=args.embeddings, progress=not args.quiet, model_name=name,
-                            model_id=model_id, provenance=provenance,
+                            model_id=model_id, provenance=provenance, mpp_estimate=estimate,
                             **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
                 finally:
                     for warning in caught:

@@ -24,7 +24,8 @@ def cluster_address(text: str) -> str:
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path,
                    help="a CSV listing slides, with a header row: path (relative to the CSV's folder), and "
-                        "optionally mpp (um/px) and out_name (stem of the outputs); runs as a cohort")
+                        "optionally mpp (um/px, or auto: estimated from the slide) and out_name (stem of the "
+                        "outputs); runs as a cohort")
     p.add_argument("--cluster", type=cluster_address, metavar="local:N|tcp://HOST:PORT",
                    help="one Dask task per slide: local:N starts N worker processes here, tcp://HOST:PORT joins a "
                         "running scheduler (e.g. dask-jobqueue on SLURM); writes cohort.parquet/.csv; interrupted "
@@ -64,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         settings=SlideSettings(not args.no_tissue_mask, args.batch_size, args.workers, args.embeddings,
                                args.chunk_tiles or SlideSettings.chunk_tiles, args.overwrite))
     for row in rows:
+        if row["status"] == "done" and (row.get("mpp_source") or "").startswith("estimated") and not args.quiet:
+            print(f"{row['slide']}: pixel size estimated from the image: {row['mpp']:.2f} um/px "
+                  f"(confidence {row['mpp_confidence']:.2f})")
         if row.get("warnings"):
             print(f"denuc predict: warning: {row['warnings']}", file=sys.stderr)
         if row["status"] == "failed":

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from denuc.config import MPP_AUTO
 from denuc.errors import InputError, describe_os_error
 from denuc.io.atomic import atomic_path
 
@@ -51,8 +52,8 @@ if TYPE_CHECKING:
 
 MANIFEST_COLUMNS = ("path", "mpp", "out_name")
 """A manifest's columns, named in its header row: ``path`` (required; relative to the manifest's folder),
-``mpp`` (um/px, overriding the slide's metadata; may be empty) and ``out_name`` (stem of the outputs; may be
-empty: the file's stem)."""
+``mpp`` (um/px, overriding the slide's metadata; ``auto``: estimated from the slide's pixels; may be empty) and
+``out_name`` (stem of the outputs; may be empty: the file's stem)."""
 TABLE = "cohort"
 """The cohort table's file stem: ``cohort.parquet`` and ``cohort.csv`` in the output folder."""
 _CLUSTER = re.compile(r"local:[1-9][0-9]*|tcp://(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}")
@@ -60,11 +61,12 @@ _CLUSTER = re.compile(r"local:[1-9][0-9]*|tcp://(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+
 
 @dataclass(frozen=True)
 class Job:
-    """One slide of a cohort: its file; its pixel size in um/px when given (None: the file's metadata) and
-    where that value came from (None: "--mpp"); the stem of its outputs (None: the file's stem)."""
+    """One slide of a cohort: its file; its pixel size in um/px when given (None: the file's metadata; ``MPP_AUTO``:
+    estimated from its pixels) and where that value came from (None: "--mpp"); the stem of its outputs (None: the
+    file's stem)."""
 
     path: Path
-    mpp: float | None = None
+    mpp: float | str | None = None
     mpp_source: str | None = None
     out_name: str | None = None
 
@@ -155,19 +157,22 @@ def read_manifest(path: str | os.PathLike) -> list[Job]:
             raise InputError(path, "empty path", where=where)
         slide = Path(cells["path"]).expanduser()
         mpp = None
-        if cells.get("mpp"):
+        if cells.get("mpp") == MPP_AUTO:
+            mpp = MPP_AUTO
+        elif cells.get("mpp"):
             try:
                 mpp = float(cells["mpp"])
             except ValueError:
                 mpp = math.nan
             if not (math.isfinite(mpp) and mpp > 0):
-                raise InputError(path, f"mpp must be a positive number of um/px, got {cells['mpp']!r}", where=where)
+                raise InputError(path, f"mpp must be a positive number of um/px, got {cells['mpp']!r} (or "
+                                       f"{MPP_AUTO}: estimated from the slide)", where=where)
         out_name = cells.get("out_name") or None
         if out_name is not None and (out_name.startswith(".") or any(c in out_name for c in "/\\")):
             raise InputError(path, f"out_name is a file stem: no '/', '\\' or leading '.', got {out_name!r}",
                              where=where)
         job = Job(slide if slide.is_absolute() else path.parent / slide, mpp,
-                  f"manifest {path.name} {where}" if mpp else None, out_name)
+                  f"manifest {path.name} {where}" if mpp and mpp != MPP_AUTO else None, out_name)
         if job.name in line_of:
             raise InputError(path, f"output name {job.name!r} is also line {line_of[job.name]}'s: their outputs "
                                    "would overwrite each other; give one of them an out_name", where=where)
@@ -262,8 +267,9 @@ def process_slide(job: Job, model: ModelSpec, out_dir: str, settings: SlideSetti
     """Predict one slide where this runs (a Dask task, or in-process) and return its cohort row. Interrupted
     work resumes from its saved chunks (unless ``settings.overwrite`` in attempt 0); an error (the slide's, not
     the worker's death) gives a failed row."""
+    from denuc.hub import resolve
+    from denuc.inference.mpp import estimating_detector, open_for_run
     from denuc.inference.slide import predict_slide
-    from denuc.io.slides import open_slide
 
     started = time.perf_counter()
     row = {**_row(job, model, provenance, attempt + 1), "worker": _worker_address()}
@@ -271,14 +277,15 @@ def process_slide(job: Job, model: ModelSpec, out_dir: str, settings: SlideSetti
     try:
         pipeline, model_id = _loaded(model)
         started = time.perf_counter()  # the slide's time, not the worker's first model load
-        with open_slide(job.path, mpp=job.mpp) as slide, warnings.catch_warnings(record=True) as caught:
+        own_file = resolve(model.name, kind="detector") if model.detector_only else None  # a bundle's: none
+        with warnings.catch_warnings(record=True) as caught:  # opening warns too (a contradicted pixel size)
             warnings.simplefilter("always")
-            if job.mpp_source:
-                slide.mpp_source = job.mpp_source
-            summary = predict_slide(
-                slide, pipeline, out_dir, stem=job.out_name, resume=not options["overwrite"], progress=False,
-                model_name=model.name, model_id=model_id, provenance=provenance, **options,
-                on_chunk=None if on_chunk is None else lambda done: on_chunk(job, attempt, done))
+            with open_for_run(job.path, job.mpp, lambda: estimating_detector(pipeline.detector, own_file),
+                              job.mpp_source) as (slide, estimate):
+                summary = predict_slide(
+                    slide, pipeline, out_dir, stem=job.out_name, resume=not options["overwrite"], progress=False,
+                    model_name=model.name, model_id=model_id, provenance=provenance, mpp_estimate=estimate,
+                    **options, on_chunk=None if on_chunk is None else lambda done: on_chunk(job, attempt, done))
     except (InputError, OSError) as error:  # OSError: an unreadable file, a full disk
         message = str(error) if isinstance(error, InputError) else describe_os_error(error)
         return {**row, "status": "failed", "error": message, "seconds": time.perf_counter() - started}
@@ -292,15 +299,18 @@ def process_slide(job: Job, model: ModelSpec, out_dir: str, settings: SlideSetti
 
 def _row(job: Job, model: ModelSpec, provenance: dict, attempts: int) -> dict:
     """What a slide's row says before it is processed."""
-    return {"slide": str(job.path), "name": job.name, "attempts": attempts, "mpp": job.mpp,
-            "mpp_source": job.mpp_source, "model": model.name, "model_tag": provenance.get("model", {}).get("tag")}
+    return {"slide": str(job.path), "name": job.name, "attempts": attempts,
+            "mpp": None if job.mpp == MPP_AUTO else job.mpp, "mpp_source": job.mpp_source, "model": model.name,
+            "model_tag": provenance.get("model", {}).get("tag")}
 
 
 def _counts(summary: dict) -> dict:
     """A summary's figures for the cohort table: nuclei and densities, overall and per class."""
     density = summary["density_per_mm2"]
+    estimate = summary.get("mpp_estimate") or {}  # a summary written before the estimate was recorded has none
     row = {"nuclei": summary["nuclei"], "density_per_mm2": density["all"],
-           "tissue_mm2": summary["tissue"]["area_mm2"], "mpp": summary["mpp"], "mpp_source": summary["mpp_source"]}
+           "tissue_mm2": summary["tissue"]["area_mm2"], "mpp": summary["mpp"], "mpp_source": summary["mpp_source"],
+           "mpp_estimate": estimate.get("mpp"), "mpp_confidence": estimate.get("confidence")}
     for name, count in summary["counts"].items():
         row[f"nuclei_{name}"] = count
         row[f"density_{name}_per_mm2"] = density[name]
@@ -426,7 +436,8 @@ def _described(model: ModelSpec) -> dict:
 # --- the table ------------------------------------------------------------------------------------------------
 
 _COLUMNS = {"slide": str, "name": str, "status": str, "attempts": int, "nuclei": int, "density_per_mm2": float,
-            "tissue_mm2": float, "mpp": float, "mpp_source": str, "model": str, "model_tag": str, "seconds": float,
+            "tissue_mm2": float, "mpp": float, "mpp_source": str, "mpp_estimate": float, "mpp_confidence": float,
+            "model": str, "model_tag": str, "seconds": float,
             "worker": str, "error": str, "warnings": str}
 
 

@@ -26,12 +26,20 @@ estimate is only calibrated for that one (``estimate_mpp`` loads it when given n
 
 ``check_plausibility`` reads a finished run: a density of nuclei outside what real H&E holds at the pixel size
 used, or an estimate that contradicts that pixel size, is reported as a warning.
+
+``open_for_run`` is how ``denuc predict`` and ``denuc detect`` open an input: with the pixel size the run uses
+(given, the file's own, or ``MPP_AUTO``: estimated) and, where it is cheap next to the run, the estimate that
+checks it (``CHECKED_MIN_SIDE``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -40,12 +48,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from denuc import hub
+from denuc.config import MPP_AUTO
+from denuc.errors import InputError
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
 from denuc.inference.tissue import detect_tissue
 from denuc.io.images import to_rgb_uint8
-from denuc.io.slides import Slide
-from denuc.nuclei import Nuclei
+from denuc.io.slides import Slide, open_slide
 
 CANDIDATES = 0.1 * 2.0 ** (np.arange(-2, 24) / 4)
 """Candidate pixel sizes (um/px): four per octave; those outside ESTIMATE_RANGE are context for their neighbours."""
@@ -97,6 +107,11 @@ class MppEstimate:
         """How many times larger or smaller (>= 1) ``mpp`` is than the estimate."""
         return max(mpp / self.mpp, self.mpp / mpp)
 
+    def summary(self) -> dict:
+        """What a run's summary records of it (NaN, an estimate without an answer, as None: JSON has no NaN)."""
+        return {"mpp": float(self.mpp) if np.isfinite(self.mpp) else None, "confidence": float(self.confidence),
+                "windows": self.windows, "seconds": round(self.seconds, 3)}
+
 
 def estimate_mpp(image_or_reader: np.ndarray | Slide, detector: Detector | None = None) -> MppEstimate:
     """Estimate the pixel size (um/px) of an RGB H&E image or an open slide from its own pixels.
@@ -107,7 +122,7 @@ def estimate_mpp(image_or_reader: np.ndarray | Slide, detector: Detector | None 
     image), ``mpp`` is NaN and ``confidence`` 0.
     """
     started = time.perf_counter()
-    detector = detector if detector is not None else _default_detector()
+    detector = detector if detector is not None else default_detector()
     evidence, windows = measure_evidence(image_or_reader, detector)
     probabilities = candidate_probabilities(evidence)
     mpp, confidence = summarise(probabilities)
@@ -211,9 +226,10 @@ def load_model() -> MppModel:
     return MppModel.from_json((resources.files("denuc") / "weights" / MODEL_FILE).read_text())
 
 
-@lru_cache(maxsize=1)
-def _default_detector() -> Detector:
-    return Detector.from_pretrained("default")
+@lru_cache(maxsize=2)
+def default_detector(device: str = "cpu", runtime: str = "torch") -> Detector:
+    """The shipped ``default`` detector, the one the model is fitted to, loaded once per device and runtime."""
+    return Detector.from_pretrained("default", device=device, runtime=runtime)
 
 
 def _regions(image_or_reader: np.ndarray | Slide) -> list[np.ndarray]:
@@ -309,25 +325,89 @@ CONTRADICTION_FACTOR = 1.6
 the rate of false alarms and of caught 2x errors per factor)."""
 
 
-def check_plausibility(nuclei: Nuclei, mpp: float, area_mm2: float, estimate: MppEstimate | None = None) -> list[str]:
-    """Warnings (empty when none) about a run whose ``nuclei`` were found at ``mpp`` um/px over ``area_mm2`` of
-    tissue (the image's area for a plain image), both measured with that pixel size. ``estimate``: the image's
-    ``estimate_mpp``, compared with ``mpp`` when given."""
-    warnings = []
+def check_plausibility(scores: np.ndarray, mpp: float, area_mm2: float,
+                       estimate: MppEstimate | None = None) -> list[str]:
+    """Warnings (empty when none) about a run whose nuclei, with detection ``scores`` (one per nucleus, e.g.
+    ``Nuclei.scores``), were found at ``mpp`` um/px over ``area_mm2`` of tissue (the image's area for a plain
+    image), both measured with that pixel size. ``estimate``: the image's ``estimate_mpp``, compared with ``mpp``
+    when given."""
+    found = []
+    count = len(scores)
     if area_mm2 >= DENSITY_MIN_AREA_MM2:
-        density = len(nuclei) / area_mm2
+        density = count / area_mm2
         if not DENSITY_RANGE[0] <= density <= DENSITY_RANGE[1]:
             what = "few" if density < DENSITY_RANGE[0] else "many"
-            warnings.append(f"implausibly {what} nuclei for H&E at {mpp:g} um/px: {density:,.0f} per mm^2 "
-                            f"({len(nuclei):,} in {area_mm2:.3g} mm^2; real tissue holds about "
-                            f"{DENSITY_RANGE[0]:,.0f}-{DENSITY_RANGE[1]:,.0f}): is the pixel size right?")
-    if nuclei.scores is not None and len(nuclei) >= SCORE_MIN_NUCLEI:
-        median = float(np.median(nuclei.scores))
+            found.append(f"implausibly {what} nuclei for H&E at {mpp:.3g} um/px: {density:,.0f} per mm^2 "
+                         f"({count:,} in {area_mm2:.3g} mm^2; real tissue holds about "
+                         f"{DENSITY_RANGE[0]:,.0f}-{DENSITY_RANGE[1]:,.0f}): is the pixel size right?")
+    if count >= SCORE_MIN_NUCLEI:
+        median = float(np.median(scores))
         if median < MEDIAN_SCORE_FLOOR:
-            warnings.append(f"the detector is unsure of most nuclei (median score {median:.2f}, under "
-                            f"{MEDIAN_SCORE_FLOOR:g}): a wrong pixel size ({mpp:g} um/px used) or unusual staining")
+            found.append(f"the detector is unsure of most nuclei (median score {median:.2f}, under "
+                         f"{MEDIAN_SCORE_FLOOR:g}): a wrong pixel size ({mpp:.3g} um/px used) or unusual staining")
     if estimate is not None and np.isfinite(estimate.mpp) and estimate.factor_to(mpp) > CONTRADICTION_FACTOR:
         direction = "larger" if estimate.mpp > mpp else "smaller"
-        warnings.append(f"the image looks like {estimate.mpp:.2g} um/px (estimated from its nuclei), "
-                        f"{estimate.factor_to(mpp):.1f}x {direction} than the {mpp:g} um/px used: check the pixel size")
-    return warnings
+        found.append(f"the image looks like {estimate.mpp:.2g} um/px (estimated from its nuclei), "
+                     f"{estimate.factor_to(mpp):.1f}x {direction} than the {mpp:.3g} um/px used: check the pixel size")
+    return found
+
+
+# --- the pixel size of a run ------------------------------------------------------------------------------------
+
+CHECKED_MIN_SIDE = REGION
+"""An input larger than this (pixels, either side) is estimated on every run, to check the pixel size used: it is
+measured in SLIDE_REGIONS squares, so the estimate takes a few seconds however large the input (a few % of a
+whole slide's run). A smaller image, often one of many tiles, is checked by its density and scores only: its
+estimate would take many times as long as its detection (docs/pixel_size.md has the figures)."""
+
+
+def estimating_detector(detector: Detector, source: str | os.PathLike | None) -> Detector:
+    """The detector ``estimate_mpp`` should use in a run of ``detector``, loaded from the weights file ``source``
+    (None: not a detector file of its own, e.g. a bundle's detector): that one when ``source`` is the shipped
+    ``default`` detector's file (the model is fitted to its scores), else ``default`` on the same device and
+    runtime, loaded once."""
+    if source is not None and os.path.samefile(source, hub.resolve("default", kind="detector")):
+        return detector
+    return default_detector(str(detector.device), detector.runtime)
+
+
+@contextlib.contextmanager
+def open_for_run(path: str | os.PathLike, mpp: float | str | None, detector: Callable[[], Detector],
+                 source: str | None = None) -> Iterator[tuple[Slide, MppEstimate | None]]:
+    """Open ``path`` (``open_slide``) with the pixel size a run uses, and the image's own estimate of it when one
+    is taken; the slide is closed on leaving the block.
+
+    ``mpp``: um/px (``source`` says where it came from, recorded as ``mpp_source``; default "--mpp"), None for
+    the file's metadata, or ``MPP_AUTO`` for the estimate (``mpp_source`` "estimated"; metadata that contradicts
+    it by more than CONTRADICTION_FACTOR is warned about and recorded, as a contradicted ``--mpp`` is). The
+    estimate is taken with ``MPP_AUTO`` and for an input larger than CHECKED_MIN_SIDE; ``detector()`` gives the
+    detector it runs (``estimating_detector``), called only then. An image whose pixel size cannot be estimated
+    with ``MPP_AUTO`` is an InputError naming it.
+    """
+    auto = mpp == MPP_AUTO
+    with open_slide(path, None if auto else mpp, mpp_required=not auto) as slide:
+        if source is not None and not auto:
+            slide.mpp_source = source
+        estimate = estimate_mpp(slide, detector()) if auto or max(slide.dimensions) > CHECKED_MIN_SIDE else None
+        if auto:
+            _use_estimate(slide, estimate)
+        yield slide, estimate
+
+
+def _use_estimate(slide: Slide, estimate: MppEstimate) -> None:
+    """Set the slide's pixel size to the estimate (``MPP_AUTO``): an InputError where there is none; a warning
+    when its metadata, unused, contradicts it."""
+    if not np.isfinite(estimate.mpp):
+        evidence = np.stack([estimate.evidence[name] for name in EVIDENCE], axis=1)
+        why = ("too small to estimate its pixel size from" if not choosable(evidence).any() else
+               "no nuclei found at any candidate pixel size (blank, or not H&E?), so its pixel size cannot be "
+               "estimated")
+        width, height = slide.dimensions
+        raise InputError(slide.path, f"{why} ({width} x {height} px): pass it with --mpp (um/px)")
+    stated = slide.mpp  # the metadata's, NaN when it has none
+    slide.mpp, slide.mpp_source = estimate.mpp, "estimated"
+    if np.isfinite(stated) and estimate.factor_to(stated) > CONTRADICTION_FACTOR:
+        slide.mpp_source = f"estimated (the metadata says {stated:g} um/px)"
+        warnings.warn(f"{slide.path}: the image looks like {estimate.mpp:.2g} um/px (estimated from its nuclei), "
+                      f"{estimate.factor_to(stated):.1f}x off the {stated:g} um/px in its metadata; using the "
+                      f"estimate, as --mpp auto asks (pass --mpp {stated:g} for the metadata's)", stacklevel=4)

@@ -121,20 +121,28 @@ class Pipeline:
         found = self.detector.detect_tiles(tiles)
         if self.classifier is None:
             return found
-        classes = self.classes
         results = []
         for nuclei, (probs, features) in zip(found, self.classifier.classify_tiles(tiles, [n.xy for n in found])):
-            nucleus = probs.argmax(1) < len(classes)  # the last column is "not a nucleus"
-            kept = nuclei.subset(nucleus)
-            class_probs = probs[nucleus, :len(classes)]
-            class_probs = class_probs / np.maximum(class_probs.sum(1, keepdims=True), 1e-12)
-            kept.probs = class_probs
-            kept.labels = np.array([classes[i].name for i in class_probs.argmax(1)], dtype=object)
-            kept.classes = list(classes)
+            labels, class_probs, rejected = self.name_classes(probs)
+            kept = nuclei.subset(~rejected)
+            kept.probs = class_probs[~rejected]
+            kept.labels = labels[~rejected]
+            kept.classes = self.classes
             if embeddings:
-                kept.embeddings = features[nucleus].astype(np.float16)
+                kept.embeddings = features[~rejected].astype(np.float16)
             results.append(kept)
         return results
+
+    def name_classes(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """From the classifier's (n, classes + 1) probabilities (the last column "not a nucleus"): each point's most
+        probable class name, its class probabilities given that it is a nucleus (renormalised without "not a
+        nucleus"), and whether the classifier calls it "not a nucleus" (more probable than every class), which
+        ``predict_tiles`` drops and ``denuc classify`` (nuclei another tool found) may keep."""
+        classes = self.classes
+        class_probs = probs[:, :len(classes)]
+        class_probs = class_probs / np.maximum(class_probs.sum(1, keepdims=True), 1e-12)
+        labels = np.array([classes[i].name for i in class_probs.argmax(1)], dtype=object)
+        return labels, class_probs, probs.argmax(1) == len(classes)
 
     def predict(self, image: np.ndarray | str | os.PathLike, mpp: float | None = None, batch_size: int = 8,
                 embeddings: bool = False) -> Nuclei:

@@ -6,7 +6,9 @@
 - ``S_embeddings.npy`` (with ``embeddings=True``): float16 (n, d), row i is nucleus id i;
 - ``S_tissue.png``: the tissue mask on the thumbnail; ``S_overview.png``: the thumbnail with class-coloured
   dots (a density map when dots would cover it) and a legend of the classes' colours and counts;
-- ``S_summary.json``, written last: counts, densities, tissue area, runtime, model, versions, pixel size.
+- ``S_summary.json``, written last: counts, densities, tissue area, runtime, model, versions, pixel size and
+  where it came from, the image's own estimate of it when one was taken, and warnings (``inference.mpp``'s
+  plausibility check of the nuclei found: docs/pixel_size.md).
 
 How (docs/slides.md has more): the slide is seen through the model's working grid (``model.mpp`` um/px),
 cut into the detector's overlapping tiles; each tile owns the half of every overlap nearest to it, so a
@@ -53,6 +55,7 @@ from PIL import Image
 
 import denuc
 from denuc.errors import DiskFullError, InputError, OutputExistsError
+from denuc.inference.mpp import MppEstimate, check_plausibility
 from denuc.inference.pipeline import Pipeline
 from denuc.inference.shards import embedding_dim, read_shard, seam_duplicates, shard_nuclei, shard_path, write_shard
 from denuc.inference.slide_grid import Grid, Tile, tissue_tiles
@@ -113,6 +116,7 @@ def predict_slide(
     chunk_tiles: int = 64,
     on_chunk: Callable[[int], None] | None = None,
     stem: str | None = None,
+    mpp_estimate: MppEstimate | None = None,
 ) -> dict:
     """Detect (and classify) the nuclei of a slide and write the outputs listed in the module docstring.
 
@@ -123,7 +127,8 @@ def predict_slide(
     ``model_fingerprint``) saves hashing the weights again for every slide of a batch. ``provenance`` (e.g.
     the model's tag and file sha256, the command line) is written to the summary as given. ``stem`` names
     the outputs (default: the slide file's stem). What an earlier run left is refused unless ``resume``
-    or ``overwrite`` (module docstring): an ``OutputExistsError`` naming the file.
+    or ``overwrite`` (module docstring): an ``OutputExistsError`` naming the file. ``mpp_estimate``: the
+    slide's ``estimate_mpp`` (``inference.mpp.open_for_run``), recorded and checked against ``slide.mpp``.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -183,7 +188,8 @@ def predict_slide(
     timings["assemble_outputs"] = -time.perf_counter()
     staged = output_paths(partial, stem)  # written beside the shards, renamed into place together at the end
     try:
-        summary = _assemble(slide, model, grid, chunks, partial, staged, mask, picture, embeddings=embeddings)
+        summary = _assemble(slide, model, grid, chunks, partial, staged, mask, picture, embeddings=embeddings,
+                            mpp_estimate=mpp_estimate)
     except BaseException as error:
         for path in staged.values():  # the shards stay for --resume; a part of the outputs would only take space
             path.unlink(missing_ok=True)
@@ -199,6 +205,7 @@ def predict_slide(
                   "level_read": grid.level, "level_read_mpp": slide.mpp * slide.level_downsamples[grid.level],
                   "level_read_in_memory": in_memory},
         "mpp": slide.mpp, "mpp_source": slide.mpp_source,
+        "mpp_estimate": None if mpp_estimate is None else mpp_estimate.summary(),
         "tissue": {"method": TISSUE_METHOD if tissue_mask else "none (--no-tissue-mask): the whole slide",
                    "area_mm2": mask.area_mm2, "threshold": mask.threshold, "mask_mpp": mask.mpp},
         "tiles": {"total": len(grid.xs) * len(grid.ys), "processed": len(tiles), "size": list(grid.tile_size),
@@ -402,9 +409,10 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
 
 
 def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]], partial: Path,
-              paths: dict[str, Path], mask: TissueMask, picture: np.ndarray, *, embeddings: bool) -> dict:
+              paths: dict[str, Path], mask: TissueMask, picture: np.ndarray, *, embeddings: bool,
+              mpp_estimate: MppEstimate | None) -> dict:
     """Stream the shards into the final tables, embeddings and pictures; return the counting part of the
-    summary."""
+    summary, with the plausibility check's warnings."""
     shards = [shard_path(partial, k) for k in range(len(chunks))]
     radius = model.detector.config.nms_radius_um / slide.mpp
     dropped, total = seam_duplicates(shards, radius)
@@ -416,6 +424,7 @@ def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]
                         dots=count <= max(mask.mask.sum(), 1) * DOTS_PER_PIXEL_MAX)
     dim = embedding_dim(shards) if embeddings else 0
     vectors = EmbeddingWriter(paths["_embeddings.npy"], count, dim) if embeddings else contextlib.nullcontext()
+    scores = []  # the detection scores, for the plausibility check
     with NucleusTableWriter(paths[".csv"].with_suffix(""), classes, slide.mpp) as tables, vectors:
         offset = 0
         for path in shards:
@@ -425,6 +434,7 @@ def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]
             offset += n
             nuclei = shard_nuclei(table, classes).subset(keep)
             ids = tables.write(nuclei)
+            scores.append(nuclei.scores)
             if embeddings:
                 vectors.write(ids, np.load(path.with_suffix(".npy"))[keep])
             labels, counts = np.unique(nuclei.labels.astype(str), return_counts=True)
@@ -442,7 +452,8 @@ def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]
                             **{name: k / area if area else None for name, k in per_class.items()}},
         "seam_duplicates_removed": int(len(dropped)),
         "overview": "dots" if overview.dots else "density map",
-        "warnings": [],
+        "warnings": check_plausibility(np.concatenate(scores) if scores else np.zeros(0), slide.mpp, area,
+                                       mpp_estimate),
     }
 
 

@@ -9,8 +9,11 @@ cell, the ``nucleusGeometry`` is used rather than the cell outline. The class is
 named ``score`` and ``prob: <class>`` (a dict, as QuPath >= 0.4 writes, or the older list of
 ``{"name", "value"}``).
 
-Writing gives a FeatureCollection with one ``Point`` detection per nucleus, which QuPath opens with
-File > Import objects from file.
+Writing gives a FeatureCollection with one detection per nucleus, which QuPath opens with File > Import objects
+from file: a ``Polygon`` of its outline when the nuclei have outlines (``Nuclei.outlines``), else a ``Point``;
+optional extra measurements (e.g. ``denuc.outlines.measure``'s) join score and probabilities. Reading keeps a
+polygon's outer ring as the nucleus's outline (of a MultiPolygon, its largest polygon's; holes are not kept);
+the nucleus's point is then the centroid, so a written detector point does not come back exactly.
 
 Coordinates: QuPath puts the top-left *corner* of the image at (0, 0), so the centre of the top-left pixel is
 (0.5, 0.5); denuc puts that centre at (0, 0). Reading subtracts 0.5 and writing adds it.
@@ -23,7 +26,8 @@ import math
 import os
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,8 @@ QUPATH_OFFSET = 0.5
 """QuPath coordinate minus denuc coordinate (QuPath measures from the image corner, denuc from a pixel centre)."""
 SCORE = "score"
 PROB_PREFIX = "prob: "
+POINT_TEMPLATE = '{"type":"Point","coordinates":[%r,%r]}'
+"""The %-template of a Point geometry, filled with x and y in QuPath coordinates."""
 
 
 class _BadFeature(ValueError):
@@ -56,12 +62,27 @@ def read_geojson(
     from 0, in file order) of a bad one.
     """
     path = Path(path)
-    xy, labels, feature_of_point, measurements = [], [], [], []
+    return read_features(path, _load_features(path), classes, mpp, image_size)
+
+
+def read_features(
+    source: str | os.PathLike,
+    features: list,
+    classes: Iterable[NucleusClass | str] | None = None,
+    mpp: float | None = None,
+    image_size: tuple[int, int] | None = None,
+    numbers: Sequence[int] | None = None,
+) -> Nuclei:
+    """``read_geojson`` of parsed GeoJSON ``features`` from the file ``source``; ``numbers``: the number of each
+    feature in that file, which messages give (default: its position in ``features``)."""
+    path = Path(source)
+    xy, labels, feature_of_point, measurements, outlines = [], [], [], [], []
     colors: dict[str, Color | None] = {}
     degenerate = []
-    for index, feature in enumerate(_load_features(path)):
+    for index, feature in zip(range(len(features)) if numbers is None else numbers, features):
         try:
             points, classification, values = _read_feature(feature)
+            outline = _outline(feature)
             if _degenerate_outline(feature):
                 degenerate.append(index)
             label = _class_name(classification)
@@ -74,6 +95,7 @@ def read_geojson(
             labels.append(label)
             feature_of_point.append(index)
             measurements.append(values)
+            outlines.append(outline)
 
     if degenerate:
         shown = ", ".join(map(str, degenerate[:5])) + (", ..." if len(degenerate) > 5 else "")
@@ -84,7 +106,7 @@ def read_geojson(
         return f"feature {feature_of_point[i]}"
 
     scores, probs, prob_names = _scores_and_probs(path, measurements, locate)
-    return nuclei_from_columns(
+    nuclei = nuclei_from_columns(
         path,
         np.asarray(xy, dtype=np.float64).reshape(-1, 2) - QUPATH_OFFSET,
         labels,
@@ -97,6 +119,9 @@ def read_geojson(
         mpp=mpp,
         image_size=image_size,
     )
+    if any(outline is not None for outline in outlines):
+        nuclei = replace(nuclei, outlines=[None if o is None else o - QUPATH_OFFSET for o in outlines])
+    return nuclei
 
 
 def _load_features(path: Path) -> list:
@@ -139,6 +164,18 @@ def _degenerate_outline(feature: dict) -> bool:
     polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
     outer = [np.array([_position(p) for p in rings[0]]) for rings in polygons]
     return all(len(np.unique(ring, axis=0)) < 3 or _ring_moments(ring - ring[0])[0] == 0 for ring in outer)
+
+
+def _outline(feature: dict) -> np.ndarray | None:
+    """The outline (QuPath coordinates, not closed) of a valid feature: a Polygon's outer ring, a MultiPolygon's
+    largest one; None for a Point or MultiPoint."""
+    geometry = feature.get("nucleusGeometry") or feature.get("geometry")
+    if geometry["type"] not in ("Polygon", "MultiPolygon"):
+        return None
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    rings = [np.array([position[:2] for position in rings[0]], dtype=np.float64) for rings in polygons]
+    ring = rings[0] if len(rings) == 1 else max(rings, key=lambda r: _ring_moments(r - r[0])[0])
+    return ring[:-1] if len(ring) > 1 and (ring[0] == ring[-1]).all() else ring
 
 
 def _points(geometry: object) -> list[tuple[float, float]]:
@@ -287,39 +324,49 @@ def _scores_and_probs(
     return scores, probs, [name[len(PROB_PREFIX):] for name in prob_names]
 
 
-def write_geojson(path: str | os.PathLike, nuclei: Nuclei) -> None:
-    """Write ``nuclei`` as a QuPath-ready GeoJSON FeatureCollection of Point detections, atomically.
+def write_geojson(path: str | os.PathLike, nuclei: Nuclei, measurements: Mapping[str, np.ndarray] | None = None
+                  ) -> None:
+    """Write ``nuclei`` as a QuPath-ready GeoJSON FeatureCollection of detections, atomically.
 
     Each feature has a UUID ``id``, ``properties.objectType`` "detection", a ``classification`` with the class
-    name and colour (left out for unlabelled nuclei) and ``measurements`` ``score`` and ``prob: <class>``.
+    name and colour (left out for unlabelled nuclei) and ``measurements`` ``score`` and ``prob: <class>``, then
+    those of ``measurements`` (name -> one number per nucleus, e.g. ``denuc.outlines.measure``'s). Its geometry is
+    the nucleus's outline when ``nuclei.outlines`` has one (``geometry_json``), else its Point.
     """
     check_writable(path, nuclei)
+    check_outlines(path, nuclei)
+    extra = measurement_texts(nuclei, measurements)
     classification = {name: _classification_json(name, color) for name, color in _label_colors(nuclei).items()}
     classification[UNLABELLED] = ""
     measurement_names = ([SCORE] if nuclei.scores is not None else []) + (
         [PROB_PREFIX + name for name in nuclei.class_names] if nuclei.probs is not None else []
     )
-    measurements = ",".join(f"{json.dumps(name).replace('%', '%%')}:%r" for name in measurement_names)
+    measurement_json = ",".join([f"{json.dumps(name).replace('%', '%%')}:%r" for name in measurement_names]
+                                + [f"{json.dumps(name).replace('%', '%%')}:%s" for name in extra])
+    xy = nuclei.xy + QUPATH_OFFSET
+    if nuclei.outlines is None:
+        geometry, geometry_columns = POINT_TEMPLATE, [xy[:, 0].tolist(), xy[:, 1].tolist()]
+    else:
+        geometry, geometry_columns = "%s", [list(map(geometry_json, xy.tolist(), nuclei.outlines))]
     # One %-template per feature: much faster than json.dump of a million dicts, and one feature per line.
     # A random UUID per file, its last 12 hex digits replaced by the feature index: unique ids, cheaply.
     template = (
         '%s{"type":"Feature","id":"' + str(uuid.uuid4())[:24] + '%012x",'
-        '"geometry":{"type":"Point","coordinates":[%r,%r]},'
+        '"geometry":' + geometry + ','
         '"properties":{"objectType":"detection"%s'
-        + (',"measurements":{' + measurements + "}" if measurements else "")
+        + (',"measurements":{' + measurement_json + "}" if measurement_json else "")
         + "}}"
     )
-    xy = nuclei.xy + QUPATH_OFFSET
     columns: list[list] = [
         range(len(nuclei)),
-        xy[:, 0].tolist(),
-        xy[:, 1].tolist(),
+        *geometry_columns,
         [classification[label] for label in nuclei.labels.tolist()],
     ]
     if nuclei.scores is not None:
         columns.append(nuclei.scores.tolist())
     if nuclei.probs is not None:
         columns += nuclei.probs.T.tolist()
+    columns += extra.values()
     separators = [",\n"] * len(nuclei)
     if separators:
         separators[0] = "\n"
@@ -327,6 +374,41 @@ def write_geojson(path: str | os.PathLike, nuclei: Nuclei) -> None:
         f.write('{"type":"FeatureCollection","features":[')
         f.writelines(template % values for values in zip(separators, *columns))
         f.write("\n]}\n")
+
+
+def geometry_json(point: Sequence[float], outline: np.ndarray | None) -> str:
+    """A nucleus's GeoJSON geometry, ``point`` in QuPath coordinates and ``outline`` in denuc's: the outline as a
+    Polygon, its ring closed (the first vertex repeated at the end, as GeoJSON requires) and in the outline's own
+    order (counter-clockwise, GeoJSON's advice for outer rings, is not imposed: QuPath and the readers here take
+    either); its point as a Point when it has no outline or one of fewer than 3 vertices (no valid ring)."""
+    if outline is None or len(outline) < 3:
+        return POINT_TEMPLATE % (point[0], point[1])
+    ring = (outline + QUPATH_OFFSET).tolist()
+    ring.append(ring[0])
+    return '{"type":"Polygon","coordinates":[[' + ",".join("[%r,%r]" % (x, y) for x, y in ring) + "]]}"
+
+
+def check_outlines(path: str | os.PathLike, nuclei: Nuclei) -> None:
+    """Raise InputError naming ``path`` and the nucleus whose outline has a vertex JSON cannot hold (NaN, inf)."""
+    for i, outline in enumerate(nuclei.outlines if nuclei.outlines is not None else ()):
+        if outline is not None and not np.isfinite(outline).all():
+            raise InputError(path, f"the outline of nucleus {i} has a non-finite vertex")
+
+
+def measurement_texts(nuclei: Nuclei, measurements: Mapping[str, np.ndarray] | None) -> dict[str, list[str]]:
+    """``measurements`` (name -> one number per nucleus) as JSON numbers, NaN and infinities (which JSON lacks)
+    as null; QuPath shows those as missing. Raises ValueError for a column of the wrong length, or a name that
+    would read back as the score or a class probability."""
+    texts = {}
+    for name, values in (measurements or {}).items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (len(nuclei),):
+            raise ValueError(f"measurement {name!r} has shape {values.shape}, not one value for each of "
+                             f"{len(nuclei)} nuclei")
+        if name == SCORE or name.startswith(PROB_PREFIX):
+            raise ValueError(f"measurement name {name!r} is reserved for the detection score and class probabilities")
+        texts[name] = [repr(v) if math.isfinite(v) else "null" for v in values.tolist()]
+    return texts
 
 
 def _label_colors(nuclei: Nuclei) -> dict[str, Color]:

@@ -6,7 +6,8 @@ tiffslide for TIFFs OpenSlide cannot open, then Pillow for plain images (PNG, JP
 The pixel size comes from ``mpp`` when given (the ``--mpp`` option; a warning when it is more than 10% off the
 metadata's), else from the file's metadata. When neither has it, opening fails with an InputError that says how
 to pass it: denuc never guesses a pixel size from the objective power, because scanners differ (a "20x" scan
-can be 0.5 or 0.46 um/px).
+can be 0.5 or 0.46 um/px). ``--mpp auto`` estimates it from the pixels instead (``denuc.inference.mpp``): such a
+file is opened with ``mpp_required=False`` and its pixel size set by the caller.
 """
 
 from __future__ import annotations
@@ -180,11 +181,12 @@ def _rgb_on_white(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike, mpp: float | None = None, *, mpp_required: bool = True) -> Slide:
     """Open a whole-slide image or a plain image; ``mpp`` (um/px of level 0) overrides the metadata.
 
     Raises InputError naming the file when it is missing, unreadable, of an unsupported format, or has no
-    pixel size and none was passed.
+    (plausible) pixel size and none was passed; with ``mpp_required=False`` such a file opens with ``mpp`` NaN
+    and ``mpp_source`` "unknown", for the caller to set.
     """
     path = Path(path)
     if not path.exists():
@@ -216,7 +218,12 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
                           f"pixel size in the slide's metadata, {stated[0]:g} um/px ({stated[1]}); using --mpp "
                           f"{mpp_used:g}", stacklevel=2)
     else:
-        mpp_used, source = _metadata_mpp(path, properties)
+        try:
+            mpp_used, source = _metadata_mpp(path, properties)
+        except InputError:
+            if mpp_required:
+                raise
+            mpp_used, source = math.nan, "unknown"
     return Slide(path, backend, mpp_used, source, dimensions, downsamples, properties, handle)
 
 
@@ -290,7 +297,8 @@ def _metadata_mpp(path: Path, properties: dict[str, str]) -> tuple[float, str]:
     hint = (f"; the objective power is {power}x, which often but not always means "
             f"{10 / float(power):g} um/px" if _is_number(power) and float(power) > 0 else "")
     raise InputError(path, "pixel size unknown: the file has no pixel size in its metadata" + hint +
-                     ". Pass it with --mpp (um/px), e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for 40x")
+                     ". Pass it with --mpp (um/px), e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for 40x, "
+                     "or estimate it from the image with --mpp auto")
 
 
 def _is_number(text: str | None) -> bool:

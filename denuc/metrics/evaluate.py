@@ -3,7 +3,9 @@
 ``evaluate(pairs, radius_um=3.0, protocol="denuc")`` matches the points of each image within a radius given in
 micrometres (converted to pixels with the image's pixel size), pools true positives, false positives and false
 negatives over the images, and returns a ``Report``: precision, recall and F1 per class, their mean, micro F1,
-class-agnostic detection scores and, optionally, bootstrap confidence intervals over images.
+class-agnostic detection scores and, optionally, bootstrap confidence intervals over images. Given ground-truth
+instance maps and predictions that carry outlines, it adds HoVer-Net's instance segmentation scores of the outlines
+(denuc.metrics.instance).
 
 The protocols and every rule below (unlabelled points, empty classes, ties) are specified in docs/evaluation.md.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from denuc.config import PROTOCOLS  # noqa: F401  (re-exported; named in config so the CLI lists them cheaply)
 from denuc.errors import InputError
 from denuc.metrics.crowding import CROWDED_MIN_NEIGHBOURS, CROWDED_RADIUS_UM, crowded_nuclei
+from denuc.metrics.instance import InstanceReport, InstanceScores, aggregate, instance_scores
 from denuc.metrics.matching import Candidates, candidate_pairs, greedy_match, hungarian_match, puma_match
 from denuc.nuclei import NOT_A_NUCLEUS, UNLABELLED, Nuclei
 
@@ -103,6 +106,8 @@ class Report:
             over all images, and the mean of those ("macro_f1_nuclei_average").
         crowded: detection recall over the crowded ground-truth nuclei, beside ``detection.recall``; None where
             there is no detection score (ocelot, puma).
+        instance: the instance segmentation scores of the predicted outlines, when ground-truth instance maps
+            were given; else None.
     """
 
     protocol: str
@@ -118,6 +123,7 @@ class Report:
     mean_f1_ci: tuple[float, float] | None = None
     puma_leaderboard: dict | None = None
     crowded: CrowdedRecall | None = None
+    instance: InstanceReport | None = None
 
     def to_dict(self) -> dict:
         """A JSON-serialisable summary (plain floats, ints, strings, lists and dicts)."""
@@ -137,6 +143,8 @@ class Report:
             out["mean_f1_ci"] = list(self.mean_f1_ci)
         if self.puma_leaderboard is not None:
             out["puma_leaderboard"] = self.puma_leaderboard
+        if self.instance is not None:
+            out["instance"] = self.instance.to_dict()
         return out
 
     def format_table(self) -> str:
@@ -175,6 +183,8 @@ class Report:
         if self.puma_leaderboard is not None:
             lines.append(f"PUMA leaderboard (per-image F1 averaged over images): macro F1 "
                          f"{self.puma_leaderboard['macro_f1_nuclei_average']:.4f}")
+        if self.instance is not None:
+            lines.append(self.instance.format_table())
         return "\n".join(lines)
 
 
@@ -184,6 +194,7 @@ def evaluate(
     protocol: str = "denuc",
     bootstrap: int = 0,
     seed: int = 0,
+    instance_maps: Mapping[str, np.ndarray] | None = None,
 ) -> Report:
     """Score predictions against ground truth over a set of images.
 
@@ -195,9 +206,14 @@ def evaluate(
         bootstrap: number of resamples of the images (with replacement) for 95% percentile intervals of the
             per-class F1, the mean F1 and the detection F1; 0 for none.
         seed: seed of the resampling, so intervals are reproducible.
+        instance_maps: ground-truth instance maps by image name ((H, W) ints, 0 background, in the ground
+            truth's pixel grid, as ``Dataset.instance_map`` gives them); with them, the predicted outlines are
+            rasterised and scored as HoVer-Net does (``Report.instance``).
 
     Raises InputError naming the image for a missing pixel size, conflicting pixel sizes, a predicted class
-    outside the ground-truth taxonomy (except for ``puma``, which scores the union), or invalid points.
+    outside the ground-truth taxonomy (except for ``puma``, which scores the union), or invalid points; with
+    ``instance_maps``, for an image without a map, a map of another size than the image, or predictions
+    without outlines.
     """
     if protocol not in PROTOCOLS:
         raise InputError("evaluate", f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
@@ -228,8 +244,11 @@ def evaluate(
     per_image = np.zeros((len(images), len(class_names), 4), dtype=np.int64)  # tp, fp, fn, ignored
     detection = np.zeros((len(images), 3), dtype=np.int64)  # tp, fp, fn
     crowded = np.zeros(2, dtype=np.int64)  # crowded ground-truth nuclei found, all of them
+    outline_scores: dict[str, InstanceScores] = {}
     for i, (name, pred, gt) in enumerate(images):
         pred = pred.subset(pred.labels != NOT_A_NUCLEUS)  # rejected by the classifier: not a prediction
+        if instance_maps is not None:
+            outline_scores[name] = _outline_scores(name, pred, gt, instance_maps)
         radius = radius_px[name]
         # One search for pairs within the radius serves detection and every class: each is a subset of them.
         image = _Image(pred, gt, radius, candidate_pairs(pred.xy, gt.xy, radius),
@@ -252,6 +271,8 @@ def evaluate(
         report.crowded = CrowdedRecall(*map(int, crowded))
     if protocol == "puma":
         report.puma_leaderboard = _puma_leaderboard(per_image, class_names)
+    if instance_maps is not None:
+        report.instance = aggregate(outline_scores)
     if bootstrap:
         _add_bootstrap_intervals(report, per_image, detection, bootstrap, seed)
     return report
@@ -334,6 +355,27 @@ def _class_counts(matcher: Matcher, image: _Image, k: int) -> list[int]:
     tp = len(matched)
     n_pred, n_gt = int(np.count_nonzero(image.pred_class == k)), int(np.count_nonzero(image.gt_class == k))
     return [tp, n_pred - tp - ignored, n_gt - tp, ignored]
+
+
+def _outline_scores(name: str, pred: Nuclei, gt: Nuclei, instance_maps: Mapping[str, np.ndarray]) -> InstanceScores:
+    """The instance segmentation scores of one image's predicted outlines against its ground-truth instance map.
+
+    The predictions are in the ground truth's pixel grid (``_pixel_size`` refuses two pixel sizes), so the
+    outlines are rasterised at the map's size as they are."""
+    from denuc.outlines import rasterise  # scikit-image: loaded only when outlines are scored
+
+    if name not in instance_maps:
+        raise InputError(name, "no ground-truth instance map for this image")
+    true = np.asarray(instance_maps[name])
+    if true.ndim != 2:
+        raise InputError(name, f"the ground-truth instance map must be 2-D, got shape {true.shape}")
+    height, width = true.shape
+    if gt.image_size is not None and tuple(gt.image_size) != (width, height):
+        raise InputError(name, f"the ground-truth instance map is {width}x{height} px but the image "
+                               f"{gt.image_size[0]}x{gt.image_size[1]} px")
+    if len(pred) and pred.outlines is None:
+        raise InputError(name, "the predictions carry no outlines, which the instance segmentation scores need")
+    return instance_scores(true, rasterise(pred, (width, height)))
 
 
 def _detection_counts(matcher: Matcher, image: _Image) -> tuple[list[int], np.ndarray]:

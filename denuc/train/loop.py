@@ -25,11 +25,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from denuc.config import ClassifierTrainConfig, DetectorTrainConfig
+from denuc.config import ClassifierTrainConfig, DetectorTrainConfig, OutlineTrainConfig
 from denuc.errors import InputError, OutputExistsError
 from denuc.io.atomic import atomic_path, write_json
 
-TrainConfig = DetectorTrainConfig | ClassifierTrainConfig
+TrainConfig = DetectorTrainConfig | ClassifierTrainConfig | OutlineTrainConfig
 
 RUN_OUTPUTS = ("last.pt", "best.safetensors", "model.safetensors", "log.json", "log.csv")
 """What a training run leaves in its folder (besides its config and caches): a folder holding any of them

@@ -1,0 +1,89 @@
+"""Outlines for detected nuclei: ``Outliner.from_pretrained("default-outlines").outline(image, nuclei, mpp)``.
+
+Any points will do (denuc's detector's, or another tool's): the outline head (``denuc.models.outline``) reads a
+small stem's features around each point at the working pixel size. Large images are done in tiles whose margin
+covers everything a point's outline reads, so the result does not depend on the tiling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from denuc import hub
+from denuc.config import OutlineConfig
+from denuc.errors import InputError
+from denuc.io.images import resample, scale_to
+from denuc.models.outline import OutlineHead, polygons
+from denuc.nuclei import Nuclei
+
+TILE = 1024  # working pixels per tile (the stem's features of a tile: 16 x 512^2 + 32 x 256^2 floats, 25 MB)
+
+
+class Outliner:
+    """An outline head and the device it runs on."""
+
+    def __init__(self, model: OutlineHead, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @property
+    def config(self) -> OutlineConfig:
+        return self.model.config
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike = "default-outlines", device: str = "cpu"
+                        ) -> "Outliner":
+        """Load an outline head: a shipped name (``denuc.hub``) or a file written by ``save_outline_head``."""
+        path = hub.resolve(path_or_name, kind="outline")
+        metadata = hub.read_metadata(path)
+        if hub.kind_of(metadata, path) != "outline":
+            raise InputError(path, "not a denuc outline head")
+        model = OutlineHead(OutlineConfig.from_json(metadata["config"]))
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except RuntimeError as error:
+            raise InputError(path, f"weights do not fit the outline head's config: {error}") from None
+        return cls(model, device)
+
+    @torch.inference_mode()
+    def radii(self, work: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        """Radii (n, rays) in working pixels of points ``xy`` (n, 2) of an RGB uint8 image ``work`` already at the
+        working pixel size. Tiles of TILE pixels, each read with a margin that holds everything its points'
+        outlines read (``OutlineConfig.reach`` plus the stem's receptive field)."""
+        out = np.zeros((len(xy), self.config.rays), dtype=np.float32)
+        if not len(xy):
+            return out
+        h, w = work.shape[:2]
+        margin = int(np.ceil(self.config.reach)) + 16
+        margin += -margin % 4
+        # each point belongs to the tile its pixel lies in (points just past the image: the nearest tile)
+        tile_x = np.clip(np.floor((xy[:, 0] + 0.5) / TILE), 0, (w - 1) // TILE).astype(int)
+        tile_y = np.clip(np.floor((xy[:, 1] + 0.5) / TILE), 0, (h - 1) // TILE).astype(int)
+        for ty, tx in sorted(set(zip(tile_y.tolist(), tile_x.tolist()))):
+            own = (tile_x == tx) & (tile_y == ty)
+            # regions start on multiples of 4 (TILE and margin are), so the stem's grid is the same in every tile
+            rx0, ry0 = max(0, tx * TILE - margin), max(0, ty * TILE - margin)
+            rx1, ry1 = min(w, (tx + 1) * TILE + margin), min(h, (ty + 1) * TILE + margin)
+            region = np.full((-(-(ry1 - ry0) // 4) * 4, -(-(rx1 - rx0) // 4) * 4, 3), 255, dtype=np.uint8)
+            region[:ry1 - ry0, :rx1 - rx0] = work[ry0:ry1, rx0:rx1]
+            pixels = torch.from_numpy(region).to(self.device).permute(2, 0, 1).float()[None]
+            fine, coarse = self.model.features(pixels)
+            local = torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)
+            out[own] = self.model.read((fine[0], coarse[0]), local).cpu().numpy()
+        return out
+
+    def outline(self, image: np.ndarray, nuclei: Nuclei, mpp: float) -> Nuclei:
+        """``nuclei`` (points in ``image``'s pixels, pixel size ``mpp``) with their ``outlines`` in the same
+        pixels. Outlines may overlap and reach past the image: ``denuc.outlines`` resolves and clips them."""
+        factor = scale_to(mpp, self.config.mpp)
+        work = resample(image, factor)
+        fx, fy = work.shape[1] / image.shape[1], work.shape[0] / image.shape[0]
+        xy = np.c_[(nuclei.xy[:, 0] + 0.5) * fx - 0.5, (nuclei.xy[:, 1] + 0.5) * fy - 0.5]
+        vertices = polygons(xy, self.radii(work, xy).astype(np.float64))
+        to_image = np.array([fx, fy])
+        return replace(nuclei, outlines=[(v + 0.5) / to_image - 0.5 for v in vertices])

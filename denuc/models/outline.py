@@ -1,0 +1,117 @@
+"""The outline head: a nucleus's star-convex outline, predicted at its detected point.
+
+StarDist predicts, densely, the distance from every pixel to its nucleus's boundary along N directions. Here only
+the detected points are asked (the decoupled design: the detector finds the points; everything else is read at
+them): a small stride-4 stem runs once over the image and an MLP reads its features on a lattice around each
+point. Its output ``radii`` (working pixels) along ``ray_angles`` turn into a polygon with ``polygons``. (A CNN on
+a patch per point was measured first: 0.5-3x the detector's time for 3,000 nuclei in a 1,024 px image, because
+neighbouring patches overlap several times over.)
+
+Directions follow the image frame: angle 0 points along +x, angles grow towards +y (clockwise on screen).
+Flipping or transposing a patch permutes the rays (``dihedral_ray_order``), which is how training augments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denuc.config import OutlineConfig
+
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255  # the detector's normalisation
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
+
+
+def ray_angles(rays: int) -> np.ndarray:
+    """The ``rays`` directions (radians), evenly spaced from 0."""
+    return 2 * np.pi * np.arange(rays) / rays
+
+
+class OutlineHead(nn.Module):
+    """A small stem run once over an image, giving features at strides 2 (``fine``) and 4 (``coarse``), and an MLP
+    that reads them on three lattices around each point (``OutlineConfig``: the fine map close to the point, where
+    the boundary of a small nucleus lies; the coarse map farther out) and predicts the point's radii (working
+    pixels, positive)."""
+
+    def __init__(self, config: OutlineConfig) -> None:
+        super().__init__()
+        self.config = config
+        c1, c2 = config.stem
+        self.fine = nn.Sequential(_conv(3, c1, stride=2), *_separable(c1))
+        self.coarse = nn.Sequential(_conv(c1, c2, stride=2), *_separable(c2))
+        steps = torch.arange(config.grid, dtype=torch.float32) - (config.grid - 1) / 2
+        lattice = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1).reshape(-1, 2)
+        self.register_buffer("fine_offsets", lattice * config.fine_spacing, persistent=False)
+        self.register_buffer("coarse_offsets", torch.cat([lattice * config.spacing, lattice * config.coarse_spacing]),
+                             persistent=False)
+        inputs = len(self.fine_offsets) * c1 + len(self.coarse_offsets) * c2
+        self.regress = nn.Sequential(nn.Linear(inputs, config.hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(config.hidden, config.rays))
+        self.register_buffer("mean", MEAN.clone(), persistent=False)
+        self.register_buffer("std", STD.clone(), persistent=False)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stride-2 and stride-4 features of images (B, 3, H, W) float RGB 0-255, H and W multiples of 4."""
+        fine = self.fine((images - self.mean) / self.std)
+        return fine, self.coarse(fine)
+
+    def read(self, features: tuple[torch.Tensor, torch.Tensor], xy: torch.Tensor) -> torch.Tensor:
+        """Radii (N, rays) of the points ``xy`` (N, 2, working pixels) of one image's features (fine (C1, H/2,
+        W/2), coarse (C2, H/4, W/4))."""
+        if not len(xy):
+            return xy.new_zeros((0, self.config.rays))
+        fine, coarse = features
+        x = torch.cat([_sample(fine, xy, self.fine_offsets, 2), _sample(coarse, xy, self.coarse_offsets, 4)], 1)
+        # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
+        return F.softplus(self.regress(x) + 4.0)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _separable(channels: int) -> list[nn.Module]:
+    """A depthwise 3x3 then a pointwise conv: a wider receptive field for a ninth of a full conv's arithmetic."""
+    return [nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True)]
+
+
+def _sample(features: torch.Tensor, xy: torch.Tensor, offsets: torch.Tensor, stride: int) -> torch.Tensor:
+    """Bilinear reads (N, M * C) of a stride-``stride`` map (C, h, w) at ``xy`` (N, 2) + ``offsets`` (M, 2), in
+    image pixels (feature cell j covers image pixels stride * j .. stride * (j + 1) - 1); zero outside."""
+    h, w = features.shape[-2:]
+    where = xy[:, None, :] + offsets[None]
+    grid = torch.stack([(where[..., 0] + 0.5) / (stride * w) * 2 - 1,
+                        (where[..., 1] + 0.5) / (stride * h) * 2 - 1], -1)
+    sampled = F.grid_sample(features[None], grid[None], mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[0]  # (C, N, M)
+    return sampled.permute(1, 2, 0).reshape(len(xy), -1)
+
+
+def dihedral_ray_order(rays: int, transpose: bool, flip_x: bool, flip_y: bool) -> np.ndarray:
+    """Index into a patch's radii giving the radii of the patch transformed by (transpose, then flip x, then flip
+    y): ray j of the transformed patch is ray ``order[j]`` of the original."""
+    j = np.arange(rays)
+    # each operation maps the direction of angle a to another; applying the inverses to the new ray's angle
+    # finds the original ray. In ray units (rays / 4 per right angle): flip y: a -> -a; flip x: a -> n/2 - a;
+    # transpose: a -> n/4 - a.
+    if flip_y:
+        j = (-j) % rays
+    if flip_x:
+        j = (rays // 2 - j) % rays
+    if transpose:
+        j = (rays // 4 - j) % rays
+    return j
+
+
+def polygons(xy: np.ndarray, radii: np.ndarray) -> list[np.ndarray]:
+    """Outline vertices (k = rays, 2) per nucleus from its centre ``xy`` (N, 2) and ``radii`` (N, rays), all in
+    the same pixels."""
+    angles = ray_angles(radii.shape[1])
+    directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (rays, 2)
+    vertices = xy[:, None, :] + radii[:, :, None] * directions[None]
+    return list(vertices)
