@@ -47,7 +47,7 @@ _DETECTOR_DATA = ("BRCAM2C train split (80 images) + CRCHisto train split (70 im
 
 @dataclass(frozen=True)
 class ShippedModel:
-    """One model in ``denuc/weights``: its tag, kind ("detector" or "bundle"), file and short aliases."""
+    """One model in ``denuc/weights``: its tag, kind ("detector", "bundle" or "outline"), file and short aliases."""
 
     tag: str
     kind: str
@@ -85,6 +85,18 @@ MODELS = (
         "positives as 'not a nucleus'", _RESEARCH_ONLY,
         "the 80-epoch ShuffleNetV2 1.0x detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from its "
         "backbone, 160 epochs; heads brcam2c and crchisto (CLASSIFIER_CARD.md)"),
+)
+
+_OUTLINE_DATA = ("CoNSeP train split (crops of 21 of its 27 train images, 40x) + MoNuSeg train split (40x): every "
+                 "nucleus outline, read at 0.5 um/px")
+_OUTLINE_LICENCE = ("non-commercial research use only (CoNSeP: Warwick TIA's research terms; MoNuSeg: CC BY-NC-SA "
+                    "4.0, both as the datasets' cards give them, not verified here)")
+MODELS += (
+    ShippedModel(
+        "outline/star32_stem16_32.consep_monuseg_e12", "outline", "outline_default.safetensors",
+        ("default-outlines",), _OUTLINE_DATA, _OUTLINE_LICENCE,
+        "star-convex outline head (32 rays) read at detected points from a small stride-2/4 stem; 12 epochs; "
+        "predict --outlines (docs/outlines.md)"),
 )
 
 _DEFAULT_OF_KIND = {"detector": "default", "bundle": "default-bundle", "outline": "default-outlines"}

@@ -48,6 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "settings) and discard their saved chunks; without it these are refused, and a slide "
                             "already done with the same model and settings is kept")
     p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
+    p.add_argument("--outlines", nargs="?", const="default-outlines", metavar="MODEL",
+                   help="also outline each nucleus and measure it (area, perimeter, shape, haematoxylin density): "
+                        "polygons in the GeoJSON, measurements in every table (docs/outlines.md); MODEL: an outline "
+                        "head (default: default-outlines)")
     p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="where the networks run: torch, onnx (ONNX Runtime, CPU: the detector and a convolutional "
@@ -137,9 +141,18 @@ def run(args: argparse.Namespace) -> int:
     model.with_test_time_views(args.tta)
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
+    outliner = None
+    if args.outlines is not None:
+        from denuc.inference.outline import Outliner
+
+        outliner = Outliner.from_pretrained(args.outlines, device=args.device)
+        if outliner.config.mpp != model.mpp:
+            raise InputError(args.outlines, f"works at {outliner.config.mpp} um/px and the model at {model.mpp}")
     model_id = model_fingerprint(model)
     described = describe(name)
     provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},
+                  "outlines": None if args.outlines is None else {
+                      k: describe(args.outlines)[k] for k in ("tag", "file", "sha256", "denuc_version")},
                   "detector_only": args.detector_only, "command": args.command_line}
     say = (lambda *a: None) if args.quiet else print
     own_file = resolve(name, kind="detector") if args.detector_only else None  # a bundle's detector has none
@@ -165,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                             slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
                             overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
                             embeddings=args.embeddings, progress=not args.quiet, model_name=name,
-                            model_id=model_id, provenance=provenance, mpp_estimate=estimate,
+                            model_id=model_id, provenance=provenance, mpp_estimate=estimate, outliner=outliner,
                             **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
                 finally:
                     for warning in caught:

@@ -39,12 +39,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from skimage.draw import polygon
 
 from denuc.datasets.base import Dataset, Sample, read_image_size
 from denuc.errors import InputError
 from denuc.io.csv import nuclei_from_columns
 from denuc.nuclei import UNLABELLED, Nuclei
+from denuc.outlines import rasterise
 
 ORGANS = {
     "TCGA-A7-A13E-01Z-00-DX1": "breast", "TCGA-AR-A1AK-01Z-00-DX1": "breast", "TCGA-AR-A1AS-01Z-00-DX1": "breast",
@@ -103,9 +103,10 @@ class MoNuSeg(Dataset):
         return Sample(name, image_path, nuclei, self.name)
 
     def instance_map(self, name: str) -> np.ndarray:
-        """The outlines filled in (``rasterise``)."""
+        """The outlines filled in by ``denuc.outlines.rasterise``, the rule every denuc instance map follows: a
+        pixel inside two outlines (the release has a few overlaps) goes to the nucleus whose centre is nearer."""
         nuclei = self.sample(name).nuclei
-        return rasterise(list(nuclei.outlines), nuclei.image_size)
+        return rasterise(nuclei, nuclei.image_size)
 
 
 def read_annotation_file(path: Path, image_size: tuple[int, int] | None = None) -> Nuclei:
@@ -136,17 +137,6 @@ def read_annotation_file(path: Path, image_size: tuple[int, int] | None = None) 
                                  lambda i: f"Region {region_ids[i]}", classes=(), mpp=mpp, image_size=image_size)
     return replace(nuclei, outlines=outlines)
 
-
-def rasterise(outlines: list[np.ndarray], image_size: tuple[int, int]) -> np.ndarray:
-    """Outlines (vertices at pixel centres) filled into an (H, W) int32 instance map, nucleus i as i + 1; where
-    outlines overlap, the later one wins (as filling them in file order does in HoVer-Net's and the challenge's
-    own conversions)."""
-    width, height = image_size
-    inst_map = np.zeros((height, width), dtype=np.int32)
-    for i, outline in enumerate(outlines):
-        rows, cols = polygon(outline[:, 1], outline[:, 0], (height, width))
-        inst_map[rows, cols] = i + 1
-    return inst_map
 
 
 def area_centroid(outline: np.ndarray) -> np.ndarray | None:

@@ -7,6 +7,7 @@ covers everything a point's outline reads, so the result does not depend on the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 
@@ -18,8 +19,9 @@ from denuc import hub
 from denuc.config import OutlineConfig
 from denuc.errors import InputError
 from denuc.io.images import resample, scale_to
-from denuc.models.outline import OutlineHead, polygons
+from denuc.models.outline import OutlineHead, polygons, trim_to_neighbours
 from denuc.nuclei import Nuclei
+from denuc.outlines import measure
 
 TILE = 1024  # working pixels per tile (the stem's features of a tile: 16 x 512^2 + 32 x 256^2 floats, 25 MB)
 
@@ -34,6 +36,14 @@ class Outliner:
     @property
     def config(self) -> OutlineConfig:
         return self.model.config
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights and config: whether a saved run used this outline head."""
+        digest = hashlib.sha256(self.config.to_json().encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike = "default-outlines", device: str = "cpu"
@@ -79,11 +89,22 @@ class Outliner:
 
     def outline(self, image: np.ndarray, nuclei: Nuclei, mpp: float) -> Nuclei:
         """``nuclei`` (points in ``image``'s pixels, pixel size ``mpp``) with their ``outlines`` in the same
-        pixels. Outlines may overlap and reach past the image: ``denuc.outlines`` resolves and clips them."""
+        pixels, trimmed where they would overlap (``trim_to_neighbours``); they may reach past the image
+        (``denuc.outlines.clip_outlines`` clips them)."""
         factor = scale_to(mpp, self.config.mpp)
         work = resample(image, factor)
         fx, fy = work.shape[1] / image.shape[1], work.shape[0] / image.shape[0]
         xy = np.c_[(nuclei.xy[:, 0] + 0.5) * fx - 0.5, (nuclei.xy[:, 1] + 0.5) * fy - 0.5]
-        vertices = polygons(xy, self.radii(work, xy).astype(np.float64))
+        vertices = polygons(xy, trim_to_neighbours(xy, self.radii(work, xy).astype(np.float64)))
         to_image = np.array([fx, fy])
         return replace(nuclei, outlines=[(v + 0.5) / to_image - 0.5 for v in vertices])
+
+    def outline_tile(self, tile: np.ndarray, nuclei: Nuclei) -> tuple[Nuclei, dict[str, np.ndarray]]:
+        """Outlines (tile pixels, trimmed where they would overlap) and measurements (``denuc.outlines.measure``,
+        at the working pixel size) of ``nuclei`` found in a ``tile`` already at the working pixel size. A nucleus
+        is measured on its tile's pixels: one reaching past the tile (possible only for one wider than the tile
+        overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
+        radii = trim_to_neighbours(nuclei.xy, self.radii(tile, nuclei.xy).astype(np.float64))
+        outlined = replace(nuclei, outlines=polygons(nuclei.xy, radii))
+        return outlined, measure(outlined, tile, self.config.mpp)
+

@@ -23,19 +23,26 @@ def shard_path(folder: Path, chunk: int) -> Path:
     return folder / f"chunk_{chunk:06d}.parquet"
 
 
-def write_shard(path: Path, parts: list[tuple[Tile, Nuclei, np.ndarray]], classes: list[NucleusClass],
-                embeddings: bool) -> None:
-    """One chunk's nuclei: (tile, owned nuclei, seam flags) per tile of the chunk (at least one)."""
-    found = concat([n for _, n, _ in parts])
+def write_shard(path: Path, parts: list[tuple[Tile, Nuclei, np.ndarray, dict[str, np.ndarray] | None]],
+                classes: list[NucleusClass], embeddings: bool) -> None:
+    """One chunk's nuclei: (tile, owned nuclei, seam flags, their measurements or None) per tile of the chunk
+    (at least one). Outlines (all of one vertex count: the outline head's rays) are a list column ``outline`` of
+    x0, y0, x1, y1, ...; measurements are columns ``m:<name>``."""
+    found = concat([n for _, n, _, _ in parts])
     columns = {
         "x": found.xy[:, 0], "y": found.xy[:, 1], "score": found.scores,
         "label": pa.array(found.labels.tolist(), pa.string()),
-        "row": np.concatenate([np.full(len(n), tile[0], np.int32) for tile, n, _ in parts]),
-        "col": np.concatenate([np.full(len(n), tile[1], np.int32) for tile, n, _ in parts]),
-        "seam": np.concatenate([seam for _, _, seam in parts]),
+        "row": np.concatenate([np.full(len(n), tile[0], np.int32) for tile, n, _, _ in parts]),
+        "col": np.concatenate([np.full(len(n), tile[1], np.int32) for tile, n, _, _ in parts]),
+        "seam": np.concatenate([seam for _, _, seam, _ in parts]),
     }
     for j, _ in enumerate(classes):
         columns[f"p{j}"] = found.probs[:, j]
+    if found.outlines is not None:
+        columns["outline"] = pa.array([o.astype(np.float32).ravel() for o in found.outlines],
+                                      pa.list_(pa.float32()))
+        for name in parts[0][3]:
+            columns[f"m:{name}"] = np.concatenate([values[name] for _, _, _, values in parts])
     if embeddings:
         with atomic_path(path.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
             np.save(f, found.embeddings.astype(np.float16))
@@ -51,14 +58,24 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def shard_nuclei(table: pa.Table, classes: list[NucleusClass]) -> Nuclei:
-    """A shard's rows as Nuclei (level-0 pixels)."""
+    """A shard's rows as Nuclei (level-0 pixels), with their outlines when the shard has them."""
+    outlines = None
+    if "outline" in table.column_names:
+        outlines = [np.asarray(o, dtype=np.float64).reshape(-1, 2) for o in table["outline"].to_numpy(
+            zero_copy_only=False)]
     return Nuclei(
         xy=np.stack([table["x"].to_numpy(), table["y"].to_numpy()], axis=1),
         labels=np.asarray(table["label"].to_pylist(), dtype=object),
         scores=table["score"].to_numpy(),
         probs=np.stack([table[f"p{j}"].to_numpy() for j in range(len(classes))], axis=1) if classes else None,
         classes=classes,
+        outlines=outlines,
     )
+
+
+def shard_measurements(table: pa.Table) -> dict[str, np.ndarray]:
+    """A shard's per-nucleus measurements (``write_shard``'s ``m:<name>`` columns), by name."""
+    return {name[2:]: table[name].to_numpy() for name in table.column_names if name.startswith("m:")}
 
 
 def embedding_dim(shards: list[Path]) -> int:

@@ -56,8 +56,17 @@ from PIL import Image
 import denuc
 from denuc.errors import DiskFullError, InputError, OutputExistsError
 from denuc.inference.mpp import MppEstimate, check_plausibility
+from denuc.inference.outline import Outliner
 from denuc.inference.pipeline import Pipeline
-from denuc.inference.shards import embedding_dim, read_shard, seam_duplicates, shard_nuclei, shard_path, write_shard
+from denuc.inference.shards import (
+    embedding_dim,
+    read_shard,
+    seam_duplicates,
+    shard_measurements,
+    shard_nuclei,
+    shard_path,
+    write_shard,
+)
 from denuc.inference.slide_grid import Grid, Tile, tissue_tiles
 from denuc.inference.tissue import METHOD as TISSUE_METHOD
 from denuc.inference.tissue import TissueMask, detect_tissue
@@ -65,6 +74,7 @@ from denuc.io.atomic import atomic_path, deferred_interrupt, free_bytes
 from denuc.io.overlay import PNG_COMPRESS_LEVEL, Overview
 from denuc.io.slides import Slide
 from denuc.io.tables import EmbeddingWriter, NucleusTableWriter
+from denuc.outlines import MEASUREMENTS, clip_outlines
 
 THUMBNAIL_MIN_MPP = 2.0  # um per thumbnail pixel: about a nucleus radius, so overview dots can sit on nuclei
 THUMBNAIL_MAX_SIDE = 4096
@@ -117,6 +127,7 @@ def predict_slide(
     on_chunk: Callable[[int], None] | None = None,
     stem: str | None = None,
     mpp_estimate: MppEstimate | None = None,
+    outliner: Outliner | None = None,
 ) -> dict:
     """Detect (and classify) the nuclei of a slide and write the outputs listed in the module docstring.
 
@@ -129,6 +140,8 @@ def predict_slide(
     the outputs (default: the slide file's stem). What an earlier run left is refused unless ``resume``
     or ``overwrite`` (module docstring): an ``OutputExistsError`` naming the file. ``mpp_estimate``: the
     slide's ``estimate_mpp`` (``inference.mpp.open_for_run``), recorded and checked against ``slide.mpp``.
+    ``outliner``: also outline and measure each nucleus (``Outliner.outline_tile``); the tables then hold the
+    measurements and the GeoJSON polygons.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -144,6 +157,7 @@ def predict_slide(
         "mpp": slide.mpp, "model": model_id or model_fingerprint(model), "device": str(model.detector.device.type),
         "runtime": model.detector.runtime, "tissue_mask": tissue_mask, "embeddings": embeddings,
         "batch_size": batch_size, "chunk_tiles": chunk_tiles, "denuc": denuc.__version__,
+        "outlines": None if outliner is None else outliner.fingerprint(),
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     done = None if overwrite else _completed_summary(paths, fingerprint, embeddings, slide.path)
@@ -184,12 +198,13 @@ def predict_slide(
 
         todo = [k for k in range(len(chunks)) if not shard_path(partial, k).is_file()]
         _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
-                    embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings)
+                    embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings,
+                    outliner=outliner)
     timings["assemble_outputs"] = -time.perf_counter()
     staged = output_paths(partial, stem)  # written beside the shards, renamed into place together at the end
     try:
         summary = _assemble(slide, model, grid, chunks, partial, staged, mask, picture, embeddings=embeddings,
-                            mpp_estimate=mpp_estimate)
+                            mpp_estimate=mpp_estimate, outlines=outliner is not None)
     except BaseException as error:
         for path in staged.values():  # the shards stay for --resume; a part of the outputs would only take space
             path.unlink(missing_ok=True)
@@ -359,7 +374,8 @@ def _read_ahead(read: Callable[[Tile], np.ndarray], tiles: Iterable[Tile], worke
 
 def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]], todo: list[int],
                 partial: Path, *, batch_size: int, workers: int, embeddings: bool, progress: bool,
-                on_chunk: Callable[[int], None] | None, stem: str, timings: dict[str, float]) -> None:
+                on_chunk: Callable[[int], None] | None, stem: str, timings: dict[str, float],
+                outliner: Outliner | None = None) -> None:
     """Predict the chunks ``todo`` and save each as a shard; add seconds per stage to ``timings``."""
     from tqdm.auto import tqdm
 
@@ -377,7 +393,7 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
 
     reader = _read_ahead(read, (t for k in todo for t in chunks[k]), workers, depth=max(2 * batch_size, 2 * workers))
     radius = model.detector.config.nms_radius_um / model.mpp
-    clock = dict.fromkeys(("waiting_for_tiles", "model", "ownership", "shard_writes"), 0.0)
+    clock = dict.fromkeys(("waiting_for_tiles", "model", "outlines", "ownership", "shard_writes"), 0.0)
     try:
         for done, k in enumerate(todo, start=len(chunks) - len(todo) + 1):
             parts = []
@@ -388,13 +404,22 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
                 t1 = time.perf_counter()
                 found = model.predict_tiles(pixels, embeddings=embeddings)
                 t2 = time.perf_counter()
-                for tile, nuclei in zip(batch, found):
+                measured = [None] * len(batch)
+                if outliner is not None:
+                    found, measured = zip(*(outliner.outline_tile(tile_pixels, nuclei)
+                                            for tile_pixels, nuclei in zip(pixels, found)))
+                t3 = time.perf_counter()
+                for tile, nuclei, values in zip(batch, found, measured):
                     owned, seam = grid.owned(tile, nuclei, slide.dimensions, radius)
-                    parts.append((tile, owned, seam))
+                    if values is not None:
+                        mine = grid.ownership(tile, nuclei.xy, radius)[0]
+                        values = {name: v[mine] for name, v in values.items()}
+                    parts.append((tile, owned, seam, values))
                     nuclei_found += len(owned)
                 clock["waiting_for_tiles"] += t1 - t0
                 clock["model"] += t2 - t1
-                clock["ownership"] += time.perf_counter() - t2
+                clock["outlines"] += t3 - t2
+                clock["ownership"] += time.perf_counter() - t3
                 bar.update(len(batch))
                 bar.set_postfix(nuclei=nuclei_found, refresh=False)
             t0 = time.perf_counter()
@@ -410,7 +435,7 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
 
 def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]], partial: Path,
               paths: dict[str, Path], mask: TissueMask, picture: np.ndarray, *, embeddings: bool,
-              mpp_estimate: MppEstimate | None) -> dict:
+              mpp_estimate: MppEstimate | None, outlines: bool = False) -> dict:
     """Stream the shards into the final tables, embeddings and pictures; return the counting part of the
     summary, with the plausibility check's warnings."""
     shards = [shard_path(partial, k) for k in range(len(chunks))]
@@ -425,7 +450,8 @@ def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]
     dim = embedding_dim(shards) if embeddings else 0
     vectors = EmbeddingWriter(paths["_embeddings.npy"], count, dim) if embeddings else contextlib.nullcontext()
     scores = []  # the detection scores, for the plausibility check
-    with NucleusTableWriter(paths[".csv"].with_suffix(""), classes, slide.mpp) as tables, vectors:
+    names = MEASUREMENTS if outlines else ()
+    with NucleusTableWriter(paths[".csv"].with_suffix(""), classes, slide.mpp, names) as tables, vectors:
         offset = 0
         for path in shards:
             table = read_shard(path)
@@ -433,7 +459,10 @@ def _assemble(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]
             keep = ~np.isin(np.arange(offset, offset + n), dropped)
             offset += n
             nuclei = shard_nuclei(table, classes).subset(keep)
-            ids = tables.write(nuclei)
+            values = {name: v[keep] for name, v in shard_measurements(table).items()}
+            if outlines:
+                nuclei = clip_outlines(nuclei, slide.dimensions)
+            ids = tables.write(nuclei, values)
             scores.append(nuclei.scores)
             if embeddings:
                 vectors.write(ids, np.load(path.with_suffix(".npy"))[keep])

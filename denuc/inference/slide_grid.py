@@ -82,23 +82,34 @@ class Grid:
         return np.asarray(Image.fromarray(region).resize((width, height), Image.Resampling.BICUBIC, box=box,
                                                          reducing_gap=None))
 
-    def owned(self, tile: Tile, found: Nuclei, level0_size: tuple[int, int],
-              radius: float) -> tuple[Nuclei, np.ndarray]:
-        """The nuclei ``found`` in a tile (tile pixels) that the tile owns, moved to level-0 pixels, and which of
-        them lie within ``radius`` working pixels of a border shared with another tile (where the neighbour may
-        have placed the same nucleus)."""
+    def ownership(self, tile: Tile, xy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        """Which points ``xy`` (tile pixels) of a tile the tile owns, and which lie within ``radius`` working
+        pixels of a border shared with another tile (where the neighbour may have placed the same nucleus)."""
         row, col = tile
-        u, v = found.xy[:, 0] + self.xs[col], found.xy[:, 1] + self.ys[row]
+        u, v = xy[:, 0] + self.xs[col], xy[:, 1] + self.ys[row]
         (xlo, xhi), (ylo, yhi) = self.xbounds[col], self.ybounds[row]
         width, height = self.extent
         owned = ((u >= xlo) & (u < xhi) & (v >= ylo) & (v < yhi)
                  & (u >= -0.5) & (u <= width - 0.5) & (v >= -0.5) & (v <= height - 0.5))
         seam = np.minimum.reduce([u - xlo, xhi - u, v - ylo, yhi - v]) <= radius if len(u) else np.zeros(0, bool)
-        kept = found.subset(owned)
-        level0 = np.stack([(u[owned] + 0.5) / self.scale - 0.5, (v[owned] + 0.5) / self.scale - 0.5], axis=1)
-        kept.xy = np.clip(level0, -0.5, np.array(level0_size) - 0.5).reshape(-1, 2)
-        return kept, seam[owned]
+        return owned, seam
 
+    def owned(self, tile: Tile, found: Nuclei, level0_size: tuple[int, int],
+              radius: float) -> tuple[Nuclei, np.ndarray]:
+        """The nuclei ``found`` in a tile (tile pixels) that the tile owns (``ownership``), moved to level-0 pixels
+        with their outlines, and their seam flags."""
+        owned, seam = self.ownership(tile, found.xy, radius)
+        kept = found.subset(owned)
+        origin = np.array([self.xs[tile[1]], self.ys[tile[0]]], dtype=np.float64)
+
+        def to_level0(xy: np.ndarray) -> np.ndarray:
+            return (xy + origin + 0.5) / self.scale - 0.5
+
+        kept.xy = np.clip(to_level0(kept.xy), -0.5, np.array(level0_size) - 0.5).reshape(-1, 2)
+        if kept.outlines is not None:
+            kept.outlines = np.array([None if o is None else to_level0(o) for o in kept.outlines] + [None],
+                                     dtype=object)[:-1]
+        return kept, seam[owned]
 
 def tissue_tiles(grid: Grid, mask: TissueMask, level0_size: tuple[int, int]) -> list[Tile]:
     """Tiles, row by row, whose owned area touches the mask (grown by one mask pixel, not to miss edges)."""

@@ -115,3 +115,32 @@ def polygons(xy: np.ndarray, radii: np.ndarray) -> list[np.ndarray]:
     directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (rays, 2)
     vertices = xy[:, None, :] + radii[:, :, None] * directions[None]
     return list(vertices)
+
+
+def trim_to_neighbours(xy: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """``radii`` (N, rays) shortened so that no outline crosses the perpendicular bisector between its centre and
+    a neighbour's: each pixel then lies in at most one outline, the nearer centre's (the rule of
+    ``denuc.outlines.rasterise``), and outlines stay star-convex. Exact at the vertices; an edge between two
+    vertices may cut a bisector's corner by a fraction of a pixel."""
+    if len(xy) < 2:
+        return radii
+    from scipy.spatial import cKDTree
+
+    angles = ray_angles(radii.shape[1])
+    directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (rays, 2)
+    reach = 2 * float(radii.max())
+    trimmed = radii.copy()
+    pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray")
+    if not len(pairs):
+        return radii
+    i, j = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
+    order = np.argsort(i, kind="stable")
+    i, j = i[order], j[order]
+    delta = xy[j] - xy[i]  # (P, 2)
+    along = delta @ directions.T  # (P, rays): how far each ray advances towards the neighbour
+    # the ray from centre i along d meets the bisector at t = |delta|^2 / (2 d . delta), where d . delta > 0
+    with np.errstate(divide="ignore"):
+        t = np.where(along > 0, (delta ** 2).sum(1, keepdims=True) / (2 * along), np.inf)
+    starts = np.r_[0, np.nonzero(np.diff(i))[0] + 1]
+    trimmed[i[starts]] = np.minimum(trimmed[i[starts]], np.minimum.reduceat(t, starts, axis=0))
+    return trimmed
