@@ -72,12 +72,9 @@ from denuc.io.slides import open_slide  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATASETS = SHARED / "datasets"
 SLIDES = {"CMU-1-Small-Region.svs": 0.499, "TCGA-CR-7395-01A-01-TS1.svs": None}
-"""True pixel sizes: CMU-1's metadata; the TCGA slide has none (its nuclei suggest about 2 um/px, issue 29)."""
+"""True pixel sizes: CMU-1's metadata; the TCGA slide has none (its nuclei suggest 0.7-1.4 um/px:
+results/mpp/explain_TCGA-CR-7395-01A-01-TS1.json)."""
 SCALES = (0.25, 0.5, 1.0)  # the benchmark's pixel sizes
-COARSE_SCALES = (1.4, 2.0)
-"""Also in the fit (sharp copies only: blur at the native size all but vanishes when shrunk 3-8 times), so that
-the model has seen pixel sizes up to 2 um/px (before them it put the TCGA slide, about 1-2 um/px, at 0.32), and
-in the benchmark's held-out check of that range."""
 RESULTS = Path(__file__).resolve().parent / "results" / "mpp"
 MODEL_PATH = Path(__file__).resolve().parents[1] / "denuc" / "weights" / "mpp_estimator.json"
 ORDER = ("brcam2c", "crchisto", "consep", "monuseg")
@@ -344,11 +341,9 @@ def calibration(true: np.ndarray, estimates: np.ndarray, confidence: np.ndarray)
 
 def run_fit(args, detector: Detector) -> None:
     dev = [item for item in images(args.consep_per_source, args.limit) if item["dev"]]
-    print(f"--fit: measuring {len(dev)} dev images at {SCALES} um/px, sharp and blurred, and at {COARSE_SCALES}",
-          flush=True)
+    print(f"--fit: measuring {len(dev)} dev images at {SCALES} um/px, sharp and blurred", flush=True)
     cache = Cache(args.cache)
-    rows = (measure(dev, cache, detector) + measure(dev, cache, detector, blur=True)
-            + measure(dev, cache, detector, COARSE_SCALES))
+    rows = measure(dev, cache, detector) + measure(dev, cache, detector, blur=True)
     names = sorted({r["name"] for r in rows})
     fold = dict(zip(names, np.random.default_rng(0).integers(0, 5, len(names))))
     sharp = np.array([r["blur"] == 0 for r in rows])
@@ -370,13 +365,12 @@ def run_fit(args, detector: Detector) -> None:
     result = {"rule": RULE, "chosen": chosen, "l2": L2,
               "dev_images": {d: sum(1 for i in dev if i["dataset"] == d) for d in ORDER},
               "blur": "each dev image also as a copy blurred by a Gaussian of 0.5-2 native pixels (drawn per image)",
-              "scales": list(SCALES), "coarse_scales_sharp_only": list(COARSE_SCALES), "approaches": design}
+              "scales": list(SCALES), "approaches": design}
     if chosen in USES:
         model = fit_logit(rows, USES[chosen])
         model.provenance = {"fitted_by": "python benchmarks/bench_mpp.py --fit", "detector": "default",
                             "data": "train splits: " + ", ".join(f"{d} {n}" for d, n in result["dev_images"].items())
-                                    + f" images, each at {', '.join(map(str, SCALES))} um/px, sharp and blurred, "
-                                    + f"and at {', '.join(map(str, COARSE_SCALES))}",
+                                    + f" images, each at {', '.join(map(str, SCALES))} um/px, sharp and blurred",
                             "approach": chosen, "l2": L2}
         with atomic_path(MODEL_PATH) as tmp:
             Path(tmp).write_text(model.to_json() + "\n")
@@ -423,12 +417,8 @@ def run_benchmark(args, detector: Detector) -> None:
             [summarise(candidate_probabilities(r["evidence"], model))[0] for r in blurred_rows]))
         out["held_out_0.5_sharp"] = table(sharp_rows, np.array(
             [summarise(candidate_probabilities(r["evidence"], model))[0] for r in sharp_rows]))
-    coarse = measure(held_out, cache, detector, COARSE_SCALES)
-    out["held_out_coarse"] = table(coarse, np.array([summarise(candidate_probabilities(r["evidence"], model))[0]
-                                                     for r in coarse]))
     print_table("all images", out["all"])
     print_table("held-out images (val/test splits)", out["held_out"])
-    print_table(f"held-out images at {COARSE_SCALES} um/px", out["held_out_coarse"])
     # estimate_mpp end to end on a few images: the same figures as from the cached evidence, and its own time
     checks = []
     for r in rows[::max(1, len(rows) // args.end_to_end)][:args.end_to_end]:

@@ -5,15 +5,18 @@ For each image of the split: the detector's points (``Detector.detect`` at the d
 the command line uses on this device), then ``Outliner.outline``, clipped to the image; scored with
 ``denuc.metrics.evaluate`` against ``Dataset.instance_map``. The same outline head is also run at the ground-truth
 centres ("oracle points"), which separates the outlines' quality (SQ) from the detector's (DQ). Times: median over
-images of detection and of outlining (+ clipping), measured one after the other on the same image.
+images of detection and of outlining (+ clipping), measured one after the other on the same image; with --slide,
+the detector's and the outline head's seconds in ``predict --detector-only --outlines`` on a whole slide.
 
     python benchmarks/bench_outlines.py --outlines default-outlines --split test \
-        --dataset consep=../shared/datasets/consep --dataset monuseg=../shared/datasets/monuseg
+        --dataset consep=../shared/datasets/consep --dataset monuseg=../shared/datasets/monuseg \
+        --slide ../shared/slides/CMU-1-Small-Region.svs
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +27,9 @@ from common import RESULTS, write_result
 import denuc.datasets as datasets
 from denuc.inference.detect import Detector
 from denuc.inference.outline import Outliner
+from denuc.inference.pipeline import Pipeline
+from denuc.inference.slide import predict_slide
+from denuc.io.slides import open_slide
 from denuc.metrics.evaluate import evaluate
 from denuc.outlines import clip_outlines
 
@@ -35,6 +41,10 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto")
     parser.add_argument("--split", default="test")
     parser.add_argument("--dataset", action="append", required=True, help="NAME=ROOT (consep, monuseg)")
+    parser.add_argument("--slide", action="append", default=[],
+                        help="also time predict --detector-only --outlines on this slide: the summary's seconds in "
+                             "the detector and in outlining, per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "outlines" / "outlines_test.json"))
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)  # MoNuSeg's known degenerate outlines, missing pixel size
@@ -71,9 +81,24 @@ def main() -> None:
                         "outline_over_detect": float(np.sum(outline_s) / np.sum(detect_s)),
                         "nuclei_per_image_median": float(np.median(counts))},
         }
-        print(name, results[name])
-    write_result(Path(args.out), {"split": args.split, "runtime": detector.runtime, "results": results},
-                 [args.detector, args.outlines])
+        print(name, {k: v for k, v in results[name]["detected_points"].items() if k != "per_image"},
+              results[name]["seconds"])
+    slides = {path: time_slide(Path(path), detector, outliner, args.rounds) for path in args.slide}
+    for path, timing in slides.items():
+        print(path, timing)
+    write_result(Path(args.out), {"split": args.split, "runtime": detector.runtime, "results": results,
+                                  "slides": slides}, [args.detector, args.outlines])
+
+
+def time_slide(path: Path, detector: Detector, outliner: Outliner, rounds: int) -> dict:
+    """Seconds in the detector and in outlining (``predict_slide``'s own timing) per round, and their ratio."""
+    with tempfile.TemporaryDirectory() as out, open_slide(path) as slide:
+        runs = [predict_slide(slide, Pipeline(detector), out, overwrite=True, progress=False, outliner=outliner)
+                for _ in range(rounds)]
+    detect = [r["timing_s"]["model"] for r in runs]
+    outline = [r["timing_s"]["outlines"] for r in runs]
+    return {"nuclei": runs[0]["nuclei"], "detect_s": detect, "outline_s": outline,
+            "outline_over_detect_median": float(np.median(np.array(outline) / np.array(detect)))}
 
 
 if __name__ == "__main__":

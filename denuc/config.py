@@ -81,7 +81,7 @@ class DatasetSpec:
         return cls(name, root)
 
 
-def _check_schedule(cfg: "DetectorTrainConfig | ClassifierTrainConfig | OutlineTrainConfig") -> None:
+def _check_schedule(cfg: "DetectorTrainConfig | ClassifierTrainConfig | OutlineTrainConfig | PretrainConfig") -> None:
     """The numbers every training recipe needs: whole counts of at least 1, a positive finite learning rate."""
     for name in ("epochs", "iters_per_epoch", "batch_size", "crop_size"):
         if not hasattr(cfg, name):  # an outline head trains on patches of its own size, not crops
@@ -321,4 +321,90 @@ class OutlineTrainConfig:
         data = dict(data)
         data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
         data["model"] = OutlineConfig(**data.get("model", {}))
+        return cls(**data)
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretraining of an encoder on unlabelled H&E (``denuc pretrain``; docs/pretraining.md).
+
+    MUSE's nucleus-level self-distillation (NuLo): a student and its exponential moving average, the teacher,
+    see two views of one tissue region at different pixel sizes; the student learns to give, for the region and
+    for each nucleus found in it by ``detector``, what the teacher gives for the other view (DINO's centred and
+    sharpened targets). The teacher's encoder is the result: a weights file of the whole ``encoder`` network.
+    """
+
+    images: list[str] = field(default_factory=list)  # slides and images (folders already expanded)
+    images_mpp: float | None = None  # pixel size (um/px) of the images whose files state none
+    datasets: list[DatasetSpec] = field(default_factory=list)  # their train splits' images; labels unused
+    encoder: str = "timm:regnetx_002"
+    encoder_weights: str | None = None  # start from these weights (None: random initialisation)
+    encoder_layers: list[int] | list[str] | None = None  # the levels read at nuclei (None: the encoder's default)
+    encoder_kwargs: dict = field(default_factory=lambda: {"num_classes": 0})
+    detector: str = "default"  # finds the nuclei of each region (once: they are cached in the run folder)
+    mpp: float = 0.5  # one view's pixel size: the classifier's working resolution
+    other_mpp: tuple[float, float] = (0.25, 1.0)  # the other view's: log-uniform in this range
+    crop_size: int = 224  # side of both views in pixels
+    region_um: float = 512.0  # slides are cut into square regions of this side; each region's nuclei are cached
+    min_tissue: float = 0.5  # a slide region is used when at least this fraction of it is tissue
+    regions_per_source: int = 200  # at most this many regions of one slide or image (drawn at random)
+    max_nuclei: int = 64  # nuclei per view pair in the nucleus-level loss (drawn at random among those matched)
+    epochs: int = 100
+    iters_per_epoch: int = 500
+    batch_size: int = 32  # view pairs per step (per process under torchrun)
+    lr: float = 6.25e-5  # DINO's 0.0005 x total batch / 256: scale it with batch_size x processes
+    weight_decay: float = 0.04
+    warmup_iters: int = 1000
+    momentum_teacher: float = 0.996  # the teacher's EMA momentum, raised to 1 along a cosine over the run
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04  # the teacher's temperature rises linearly from this ...
+    teacher_temp_warmup_epochs: int = 10  # ... to teacher_temp over these epochs (DINO: 30 of 100-300)
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    prototypes: int = 4096  # outputs of each head (DINO: 65536)
+    head_hidden: int = 1024
+    head_bottleneck: int = 256
+    image_loss_weight: float = 1.0
+    nucleus_loss_weight: float = 1.0
+    color_jitter: float = 0.2  # stain (HED), brightness and contrast jitter of each view
+    stain_vector_jitter: float = 0.05  # noise on the H and E colour vectors of each view (0: off)
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+
+    def __post_init__(self) -> None:
+        _check_schedule(self)
+        self.other_mpp = tuple(self.other_mpp)
+        low, high = self.other_mpp
+        if not (0 < low <= high and self.mpp > 0):
+            raise ValueError(f"pixel sizes must be > 0 with other_mpp low <= high, got mpp {self.mpp}, "
+                             f"other_mpp {self.other_mpp}")
+        if self.images_mpp is not None and not self.images_mpp > 0:
+            raise ValueError(f"images_mpp must be > 0, got {self.images_mpp}")
+        for name in ("regions_per_source", "max_nuclei", "prototypes", "head_hidden", "head_bottleneck"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_tissue <= 1 or not self.region_um > 0:
+            raise ValueError(f"min_tissue must be in [0, 1] and region_um > 0, got {self.min_tissue}, "
+                             f"{self.region_um}")
+        if not 0 < self.momentum_teacher <= 1 or not 0 <= self.center_momentum < 1:
+            raise ValueError("momentum_teacher must be in (0, 1] and center_momentum in [0, 1)")
+        if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
+            raise ValueError("temperatures must be > 0")
+        if not (isinstance(self.teacher_temp_warmup_epochs, int) and self.teacher_temp_warmup_epochs >= 0):
+            raise ValueError(f"teacher_temp_warmup_epochs must be a whole number >= 0, got "
+                             f"{self.teacher_temp_warmup_epochs}")
+        if min(self.image_loss_weight, self.nucleus_loss_weight) < 0 or \
+                self.image_loss_weight + self.nucleus_loss_weight == 0:
+            raise ValueError("loss weights must be >= 0, not both 0")
+        for name in ("color_jitter", "stain_vector_jitter"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PretrainConfig":
+        data = dict(data)
+        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
         return cls(**data)

@@ -53,9 +53,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "a_file").write_text("not a folder")
     (root / "no_slides").mkdir()
     (root / "folder.safetensors").mkdir()
+    (root / "brcam2c").mkdir()  # a BRCA-M2C copy's split list: points, no outlines
+    (root / "brcam2c" / "brca_ds_train.txt").write_text("img.png\n")
     return {"model": root / "tiny.safetensors", "a": root / "a" / "img.png", "b": root / "b" / "img.png",
             "other": root / "other.png", "corrupt": root / "corrupt.png", "file": root / "a_file",
-            "empty": root / "no_slides", "folder": root / "folder.safetensors", "points": SAMPLE_POINTS, "root": root}
+            "empty": root / "no_slides", "folder": root / "folder.safetensors", "points": SAMPLE_POINTS, "root": root,
+            "brcam2c": root / "brcam2c"}
 
 
 def mounted_tmpfs(folder: Path, options: str) -> Iterator[Path]:
@@ -134,6 +137,9 @@ USER_ERRORS: list[tuple[str, Callable[[dict], list], str]] = [
                                                        "--out", f["file"]], "pass --overwrite"),
     ("tune-offsets a malformed --dataset", lambda f: ["tune-offsets", "default-bundle", "--dataset", "x",
                                                       "--out", f["root"] / "t.safetensors"], "--dataset"),
+    ("train-outlines a dataset without outlines", lambda f: ["train-outlines", "--dataset", f"brcam2c={f['brcam2c']}",
+                                                               "--run-dir", f["root"] / "outlines"],
+     "brcam2c has no instance outlines"),
 ]
 if not torch.cuda.is_available():
     USER_ERRORS.append(("predict --device cuda without a GPU", lambda f: predict(f, f["a"]) + ["--device", "cuda"],

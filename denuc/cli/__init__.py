@@ -15,7 +15,7 @@ from denuc import __version__
 from denuc.errors import InputError, describe_os_error
 
 SUBCOMMANDS = ["predict", "detect", "classify", "evaluate", "models", "train-detector", "train-classifier",
-               "tune-offsets", "export-backbone"]
+               "train-outlines", "pretrain", "tune-offsets", "export-backbone"]
 """In the order the overview lists them: using the models first, then training them."""
 
 OVERVIEW = """\
@@ -33,7 +33,7 @@ examples:
   denuc COMMAND --help                           the options of a command
 
 documentation: README.md and docs/ in denuc's source: slides.md (predict), formats.md (the files read and
-written), evaluation.md (evaluate), classifier.md and encoders.md (training your own models)."""
+written), evaluation.md (evaluate), classifier.md, encoders.md and pretraining.md (training your own models)."""
 
 
 def main(argv: list[str] | None = None) -> int:

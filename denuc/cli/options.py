@@ -5,6 +5,7 @@ output (--out) made before any work: one rule for all, an existing output is ref
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from collections.abc import Callable
@@ -141,3 +142,24 @@ def dataset_specs(values: list[str]) -> list[DatasetSpec]:
         raise InputError("--dataset", f"each dataset name may appear once, got {names}; put your images in one "
                                       "points folder")
     return specs
+
+
+def encoder_kwargs(text: str | None, encoder: str) -> dict:
+    """--encoder-kwargs: JSON architecture overrides; without it ``{"num_classes": 0}`` for a timm encoder (no
+    classifier layer), none for the others."""
+    if text is None:
+        return {"num_classes": 0} if encoder.startswith("timm:") else {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError("--encoder-kwargs", f"not JSON: {error}") from None
+    if not isinstance(kwargs, dict):
+        raise InputError("--encoder-kwargs", f"must be a JSON object of keyword arguments, got {text}")
+    return kwargs
+
+
+def encoder_layers(text: str | None) -> list[int] | list[str] | None:
+    """--layers: comma-separated feature levels, indices (timm) or node names (torchvision); None: the default."""
+    if not text:
+        return None
+    return [int(v) if v.lstrip("-").isdigit() else v for v in text.split(",")]

@@ -140,7 +140,7 @@ def predict_slide(
     the outputs (default: the slide file's stem). What an earlier run left is refused unless ``resume``
     or ``overwrite`` (module docstring): an ``OutputExistsError`` naming the file. ``mpp_estimate``: the
     slide's ``estimate_mpp`` (``inference.mpp.open_for_run``), recorded and checked against ``slide.mpp``.
-    ``outliner``: also outline and measure each nucleus (``Outliner.outline_tile``); the tables then hold the
+    ``outliner``: also outline and measure each nucleus (``Outliner.outline_tiles``); the tables then hold the
     measurements and the GeoJSON polygons.
     """
     started = time.perf_counter()
@@ -406,8 +406,7 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
                 t2 = time.perf_counter()
                 measured = [None] * len(batch)
                 if outliner is not None:
-                    found, measured = zip(*(outliner.outline_tile(tile_pixels, nuclei)
-                                            for tile_pixels, nuclei in zip(pixels, found)))
+                    found, measured = zip(*outliner.outline_tiles(pixels, found))
                 t3 = time.perf_counter()
                 for tile, nuclei, values in zip(batch, found, measured):
                     owned, seam = grid.owned(tile, nuclei, slide.dimensions, radius)

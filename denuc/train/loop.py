@@ -25,13 +25,13 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from denuc.config import ClassifierTrainConfig, DetectorTrainConfig, OutlineTrainConfig
+from denuc.config import ClassifierTrainConfig, DetectorTrainConfig, OutlineTrainConfig, PretrainConfig
 from denuc.errors import InputError, OutputExistsError
 from denuc.io.atomic import atomic_path, write_json
 
-TrainConfig = DetectorTrainConfig | ClassifierTrainConfig | OutlineTrainConfig
+TrainConfig = DetectorTrainConfig | ClassifierTrainConfig | OutlineTrainConfig | PretrainConfig
 
-RUN_OUTPUTS = ("last.pt", "best.safetensors", "model.safetensors", "log.json", "log.csv")
+RUN_OUTPUTS = ("last.pt", "best.safetensors", "model.safetensors", "encoder.safetensors", "log.json", "log.csv")
 """What a training run leaves in its folder (besides its config and caches): a folder holding any of them
 holds a run, which a new run would overwrite."""
 
@@ -133,7 +133,8 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
         validate: Callable[[nn.Module], dict[str, float]] | None,
         save_best: Callable[[nn.Module, int, dict[str, float | None]], None],
         steps_per_epoch: int | None = None, key: str = "model", train_mode: Callable[[], None] | None = None,
-        resume: bool = False, progress: bool = True, epochs_this_run: int | None = None) -> list[dict]:
+        resume: bool = False, progress: bool = True, epochs_this_run: int | None = None,
+        after_step: Callable[[], None] | None = None, main_process: bool = True) -> list[dict]:
     """Train ``model`` for ``cfg.epochs`` epochs in ``run_dir``, or continue them from its ``last.pt``
     (``resume``); returns the history, one row per epoch so far.
 
@@ -149,6 +150,8 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
             validation split then pick less of a lucky epoch).
         train_mode: puts the model in training mode at each epoch's start (default ``model.train()``).
         epochs_this_run: stop after this many epochs (a time-boxed job; continue it with ``resume``).
+        after_step: called after each optimiser step (a teacher's moving average follows the student).
+        main_process: False in the other processes of a distributed run: they train, the main one writes.
     """
     steps = steps_per_epoch or cfg.iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -159,7 +162,8 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
         ema = modules["ema"] = weight_average(model, cfg.ema_decay)
     scored = ema.module if ema is not None else model
     first, best, history = restore(run_dir, cfg, modules, optimizer, scheduler, rng) if resume else (0, -1.0, [])
-    write_json(run_dir / "config.json", cfg.to_dict())
+    if main_process:
+        write_json(run_dir / "config.json", cfg.to_dict())
     stop = cfg.epochs if epochs_this_run is None else min(cfg.epochs, first + epochs_this_run)
     for epoch in range(first, stop):
         started = time.perf_counter()
@@ -174,6 +178,8 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
+            if after_step is not None:
+                after_step()
             values = {name: value.item() if torch.is_tensor(value) else float(value) for name, value in losses.items()}
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -186,8 +192,10 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
         if validate is None or scores["mean"] > best:  # without validation every epoch is kept: the last remains
             if validate is not None:
                 best = scores["mean"]
-            save_best(scored, epoch + 1, scores)
-        save_epoch(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng, epoch, best, history, progress)
+            if main_process:
+                save_best(scored, epoch + 1, scores)
+        if main_process:
+            save_epoch(run_dir, cfg.to_dict(), modules, optimizer, scheduler, rng, epoch, best, history, progress)
     return history
 
 

@@ -1,0 +1,131 @@
+"""Pretrained (`denuc pretrain`) against random initialisation of the shipped bundle's compact encoder: a linear
+probe on BRCAM2C (issue 32). The rule was written before the runs: results/pretrain/rule.txt.
+
+    python benchmarks/bench_pretrain.py [--epochs 4 --iters-per-epoch 60 --batch-size 16 --crop-size 128]
+        [--runs runs/bench_pretrain] [--out benchmarks/results/pretrain/linear_probe.json]
+
+1. Pretrain torchvision:shufflenet_v2_x1_0 (levels maxpool, stage2-4) on the train splits of BRCAM2C and
+   CRCHisto, labels unused (the nuclei come from the shipped default detector).
+2. `train-classifier --mode frozen` on BRCAM2C, the same recipe and seed, from random weights and from the
+   pretrained ones (the detections of the first run are reused by the second: same detector, same images).
+3. Score each classifier at BRCAM2C validation's ground-truth points (bench_classification.at_ground_truth:
+   argmax over the 3 classes) and end to end (its own validation score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from bench_classification import at_ground_truth, summary
+from common import RESULTS, write_result
+
+from denuc.config import ClassifierConfig, ClassifierTrainConfig, DatasetSpec, PretrainConfig
+from denuc.datasets import get_dataset
+from denuc.inference.pipeline import Pipeline
+from denuc.io.images import read_image
+from denuc.metrics.evaluate import evaluate
+from denuc.nuclei import UNLABELLED
+from denuc.train.classifier import train_classifier
+from denuc.train.pretrain import pretrain
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+ENCODER = "torchvision:shufflenet_v2_x1_0"
+LAYERS = ["maxpool", "stage2", "stage3", "stage4"]
+
+
+def ground_truth_points(bundle: Path, root: Path, split: str = "val") -> dict:
+    """Mean class F1 of the bundle's classifier at the ground-truth points of BRCAM2C's ``split`` (3 um)."""
+    model = Pipeline.from_pretrained(bundle, taxonomy="brcam2c")
+    pairs = []
+    for sample in get_dataset("brcam2c", root).samples(split):
+        labels = at_ground_truth(model, sample, read_image(sample.image_path))
+        labels[sample.nuclei.labels == UNLABELLED] = UNLABELLED
+        pairs.append((sample.name, replace(sample.nuclei, labels=labels), sample.nuclei))
+    return summary(evaluate(pairs, radius_um=3.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--iters-per-epoch", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--crop-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4, help="(default: the rule's run's, above the command's "
+                                                                  "default for its batch)")
+    parser.add_argument("--teacher-temp", type=float, default=PretrainConfig.teacher_temp,
+                        help="also the warm-up's starting temperature when lower than the default's")
+    parser.add_argument("--momentum-teacher", type=float, default=PretrainConfig.momentum_teacher)
+    parser.add_argument("--prototypes", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench_pretrain"))
+    parser.add_argument("--nuclei-cache", type=Path, help="a nuclei_*.npz of an earlier run with the same detector")
+    parser.add_argument("--note", default="the run the rule decides on",
+                        help="what this run is (e.g. an exploratory setting chosen after the rule's run)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pretrain" / "linear_probe.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    brcam2c, crchisto = SHARED / "brcam2c", SHARED / "crchisto"
+
+    cfg = PretrainConfig(datasets=[DatasetSpec("brcam2c", str(brcam2c)), DatasetSpec("crchisto", str(crchisto))],
+                         encoder=ENCODER, encoder_layers=LAYERS, encoder_kwargs={}, crop_size=args.crop_size,
+                         batch_size=args.batch_size, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+                         warmup_iters=args.iters_per_epoch, teacher_temp_warmup_epochs=1,
+                         prototypes=args.prototypes, head_hidden=512, threads=args.threads, lr=args.lr,
+                         teacher_temp=args.teacher_temp,
+                         warmup_teacher_temp=min(args.teacher_temp, PretrainConfig.warmup_teacher_temp),
+                         momentum_teacher=args.momentum_teacher)
+    run = args.runs / "pretrain"
+    if args.nuclei_cache is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copy(args.nuclei_cache, run / args.nuclei_cache.name)
+    started = time.perf_counter()
+    weights = pretrain(cfg, run, overwrite=True, progress=True)
+    pretrain_seconds = time.perf_counter() - started
+
+    arms = {}
+    for name, init in (("random_init", None), ("pretrained", str(weights.resolve()))):
+        probe = ClassifierTrainConfig(datasets=[DatasetSpec("brcam2c", str(brcam2c))], mode="frozen",
+                                      model=ClassifierConfig(encoder=ENCODER, encoder_weights=init,
+                                                             encoder_layers=LAYERS, encoder_kwargs={}),
+                                      threads=args.threads)
+        folder = args.runs / name
+        if name == "pretrained":  # the same detector's points on the same images as the first arm's
+            folder.mkdir(parents=True, exist_ok=True)
+            for cached in (args.runs / "random_init").glob("detections_*.safetensors"):
+                shutil.copy(cached, folder / cached.name)
+        started = time.perf_counter()
+        bundle = train_classifier(probe, folder, overwrite=True, progress=False)
+        seconds = time.perf_counter() - started
+        log = json.loads((folder / "log.json").read_text())
+        best = max(log, key=lambda row: row["val_f1_mean"])
+        arms[name] = {"encoder_weights": init, "seconds": seconds,
+                      "end_to_end_val_mean_f1_of_selected_epoch": best["val_f1_mean"], "selected_epoch": best["epoch"],
+                      "ground_truth_points_val": ground_truth_points(bundle, brcam2c)}
+        print(name, json.dumps({k: v for k, v in arms[name].items() if k != "ground_truth_points_val"}),
+              "GT-point mean F1", round(arms[name]["ground_truth_points_val"]["mean_f1"], 4), flush=True)
+
+    gain = arms["pretrained"]["ground_truth_points_val"]["mean_f1"] - \
+        arms["random_init"]["ground_truth_points_val"]["mean_f1"]
+    history = json.loads((run / "log.json").read_text())
+    write_result(args.out, {
+        "study": "issue 32: nucleus-level self-distillation pretraining vs random init, linear probe on BRCAM2C",
+        "note": args.note,
+        "rule": (RESULTS / "pretrain" / "rule.txt").read_text(),
+        "pretraining": {"config": cfg.to_dict(), "steps": cfg.epochs * cfg.iters_per_epoch,
+                        "seconds": pretrain_seconds, "log": history},
+        "probe_recipe": ClassifierTrainConfig(mode="frozen").to_dict() | {"datasets": ["brcam2c"]},
+        "arms": arms,
+        "primary": {"metric": "BRCAM2C val mean class F1 at ground-truth points", "gain": gain,
+                    "wins_by_rule": gain >= 0.05},
+    }, models=["default"])
+    print(f"gain {gain:+.4f}: {'wins' if gain >= 0.05 else 'does not win'} by the rule")
+
+
+if __name__ == "__main__":
+    main()
