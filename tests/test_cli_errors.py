@@ -94,6 +94,8 @@ USER_ERRORS: list[tuple[str, Callable[[dict], list], str]] = [
      "not allowed with argument"),
     ("predict without inputs", lambda f: predict(f), "error: no slides given"),
     ("predict --cluster without inputs", lambda f: predict(f) + ["--cluster", "local:1"], "error: no slides given"),
+    ("predict --outlines --cluster", lambda f: predict(f, f["a"]) + ["--cluster", "local:1", "--outlines"],
+     "--outlines: not supported with --manifest or --cluster"),
     ("predict --out an existing file", lambda f: ["predict", f["a"], "--out", f["file"]], "is a file; --out takes"),
     ("predict --out under a file", lambda f: ["predict", f["a"], "--out", f["file"] / "out"], "is a file, so"),
     ("predict a missing file", lambda f: predict(f, f["root"] / "missing.svs", "--mpp", "0.5"), "file not found"),

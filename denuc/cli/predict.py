@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cluster or args.manifest:
         if args.taxonomy is not None:
             raise InputError("--taxonomy", "not supported with --manifest or --cluster yet: run without them")
+        if args.outlines is not None:
+            raise InputError("--outlines", "not supported with --manifest or --cluster yet: run without them")
         return predict_cohort.run(args)
     jobs = [(path, args.mpp, None) for path in collect_inputs(args.inputs)]
     if args.sample:
