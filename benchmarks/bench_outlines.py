@@ -6,7 +6,8 @@ the command line uses on this device), then ``Outliner.outline``, clipped to the
 ``denuc.metrics.evaluate`` against ``Dataset.instance_map``. The same outline head is also run at the ground-truth
 centres ("oracle points"), which separates the outlines' quality (SQ) from the detector's (DQ). Times: median over
 images of detection and of outlining (+ clipping), measured one after the other on the same image; with --slide,
-the detector's and the outline head's seconds in ``predict --detector-only --outlines`` on a whole slide.
+the detector's and the outline head's seconds in ``predict --detector-only --outlines`` on a whole slide. Both
+networks run in ``--runtime`` (default auto: ONNX Runtime on a CPU).
 
     python benchmarks/bench_outlines.py --outlines default-outlines --split test \
         --dataset consep=../shared/datasets/consep --dataset monuseg=../shared/datasets/monuseg \
@@ -50,7 +51,7 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)  # MoNuSeg's known degenerate outlines, missing pixel size
 
     detector = Detector.from_pretrained(args.detector, runtime=args.runtime)
-    outliner = Outliner.from_pretrained(args.outlines)
+    outliner = Outliner.from_pretrained(args.outlines, runtime=args.runtime)
     results = {}
     for spec in args.dataset:
         name, root = spec.split("=", 1)

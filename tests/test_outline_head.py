@@ -346,3 +346,12 @@ def test_train_outlines_refuses_a_dataset_without_outlines_in_one_line(tmp_path:
     assert done.stderr.splitlines() == [f"denuc train-outlines: error: {root}: brcam2c has no instance outlines to "
                                         "train an outline head on"]
     assert not (tmp_path / "run").exists()
+
+
+def test_onnx_stem_gives_the_torch_radii() -> None:
+    """The stem in ONNX Runtime (the CPU default) and in PyTorch give the same outlines."""
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[:300, :260]
+    xy = np.random.default_rng(0).uniform(0, 250, (40, 2))
+    torch_radii = Outliner.from_pretrained("default-outlines", runtime="torch").radii(image, xy)
+    onnx_radii = Outliner.from_pretrained("default-outlines", runtime="onnx").radii(image, xy)
+    assert np.abs(torch_radii - onnx_radii).max() < 1e-3

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.outlines is not None:
         from denuc.inference.outline import Outliner
 
-        outliner = Outliner.from_pretrained(args.outlines, device=args.device)
+        outliner = Outliner.from_pretrained(args.outlines, device=args.device, runtime=args.runtime)
         if outliner.config.mpp != model.mpp:
             raise InputError(args.outlines, f"works at {outliner.config.mpp} um/px and the model at {model.mpp}")
     model_id = model_fingerprint(model)
