@@ -18,9 +18,46 @@ MPP_AUTO = "auto"
 ``inference.mpp``, docs/pixel_size.md)."""
 
 
+class _ModelConfig:
+    """JSON of a model's config dataclass, as it travels in the weights' metadata; ``_what`` names it in errors."""
+
+    _what = "model"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls._what} config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+class _TrainConfig:
+    """A training recipe as the plain dict its run folder keeps (``config.json``, ``last.pt``), and back:
+    ``datasets`` are ``DatasetSpec``s, ``model`` (when ``_model`` names its class) that model's config."""
+
+    _model: type | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
+        if cls._model is not None:
+            data["model"] = cls._model(**data.get("model", {}))
+        return cls(**data)
+
+
 @dataclass
-class DetectorConfig:
+class DetectorConfig(_ModelConfig):
     """Architecture and inference settings of a point detector."""
+
+    _what = "detector"
 
     backbone: str = "shufflenet_v2_x0_5"  # shufflenet_v2_x{0_5,1_0,1_5,2_0} or resnet50
     neck_channels: int = 64
@@ -51,18 +88,6 @@ class DetectorConfig:
         return (f"{self.backbone} (neck {self.neck_channels} ch, {self.head_convs} "
                 f"{'separable ' if self.head_separable else ''}head convs, head stride {self.head_stride}, "
                 f"{self.mpp} um/px)")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DetectorConfig":
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown detector config keys {sorted(unknown)}")
-        return cls(**data)
 
 
 @dataclass
@@ -98,8 +123,10 @@ SAMPLINGS = ("image", "dataset")
 
 
 @dataclass
-class DetectorTrainConfig:
+class DetectorTrainConfig(_TrainConfig):
     """Training of a point detector (the paper's defaults where it gives them)."""
+
+    _model = DetectorConfig
 
     datasets: list[DatasetSpec] = field(default_factory=list)
     model: DetectorConfig = field(default_factory=DetectorConfig)
@@ -141,25 +168,17 @@ class DetectorTrainConfig:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {list(SAMPLINGS)}, got {self.sampling!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DetectorTrainConfig":
-        data = dict(data)
-        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
-        data["model"] = DetectorConfig(**data.get("model", {}))
-        return cls(**data)
-
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(_ModelConfig):
     """A nucleus classifier: the image encoder whose dense features are read at nucleus points, and the head.
 
     ``encoder`` is a name understood by ``denuc.models.encoders.create_encoder`` (a built-in foundation model,
     ``timm:<model>`` or ``torchvision:<model>``); ``encoder_weights`` the local file its weights come from (None:
     random initialisation, or weights stored in the model file itself).
     """
+
+    _what = "classifier"
 
     encoder: str = "timm:regnetx_002"
     encoder_weights: str | None = None
@@ -169,17 +188,6 @@ class ClassifierConfig:
     mlp_hidden: int = 256
     mpp: float = 0.5  # working resolution (um/px); must match the detector's in a Pipeline
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ClassifierConfig":
-        data = json.loads(text)
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown classifier config keys {sorted(unknown)}")
-        return cls(**data)
-
 
 CLASSIFIER_MODES = ("frozen", "lora", "full", "joint")
 PROTOCOLS = ("denuc", "ocelot", "puma", "hungarian")  # point-matching protocols (``denuc.metrics.evaluate``)
@@ -187,13 +195,15 @@ HEADS = ("linear", "mlp")  # classification heads (``denuc.models.heads.create_h
 
 
 @dataclass
-class ClassifierTrainConfig:
+class ClassifierTrainConfig(_TrainConfig):
     """Training of a nucleus classifier on the labelled ground truth of one or more datasets.
 
     Modes: ``frozen`` (features extracted once and cached, only the head trains: the paper's "Linear"),
     ``lora`` (low-rank adapters on the encoder's linear and convolution layers), ``full`` (every weight), and
     ``joint``: the end-to-end baseline, one network for detection and classification (``train_joint``).
     """
+
+    _model = ClassifierConfig
 
     datasets: list[DatasetSpec] = field(default_factory=list)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -242,22 +252,14 @@ class ClassifierTrainConfig:
                 raise ValueError(f"{name} re-colours training crops; mode 'frozen' trains on cached features of "
                                  "the unaugmented images: use mode 'lora' or 'full'")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ClassifierTrainConfig":
-        data = dict(data)
-        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
-        data["model"] = ClassifierConfig(**data.get("model", {}))
-        return cls(**data)
-
 
 @dataclass
-class OutlineConfig:
+class OutlineConfig(_ModelConfig):
     """A nucleus outline head: the nucleus's star-convex outline, its distance to the boundary along ``rays``
     evenly spaced directions (StarDist's representation), predicted only at detected points: a small dense stem
     (strides 2 and 4) runs once over the image, and a small MLP reads its features on lattices around each point."""
+
+    _what = "outline"
 
     rays: int = 32  # directions, from +x (angle 0) turning towards +y; a multiple of 4 (flips and rot90 permute them)
     stem: tuple[int, int] = (16, 32)  # channels of the stem's stride-2 and stride-4 features
@@ -280,21 +282,12 @@ class OutlineConfig:
         """How far from its point (working pixels) a nucleus's outline is read."""
         return (self.grid - 1) / 2 * self.coarse_spacing + 4
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "OutlineConfig":
-        data = json.loads(text)
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown outline config keys {sorted(unknown)}")
-        return cls(**data)
-
 
 @dataclass
-class OutlineTrainConfig:
+class OutlineTrainConfig(_TrainConfig):
     """Training of an outline head on the instance outlines of datasets that have them (CoNSeP, MoNuSeg)."""
+
+    _model = OutlineConfig
 
     datasets: list[DatasetSpec] = field(default_factory=list)
     model: OutlineConfig = field(default_factory=OutlineConfig)
@@ -313,19 +306,9 @@ class OutlineTrainConfig:
     def __post_init__(self) -> None:
         _check_schedule(self)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "OutlineTrainConfig":
-        data = dict(data)
-        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
-        data["model"] = OutlineConfig(**data.get("model", {}))
-        return cls(**data)
-
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(_TrainConfig):
     """Self-supervised pretraining of an encoder on unlabelled H&E (``denuc pretrain``; docs/pretraining.md).
 
     MUSE's nucleus-level self-distillation (NuLo): a student and its exponential moving average, the teacher,
@@ -399,12 +382,3 @@ class PretrainConfig:
         for name in ("color_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PretrainConfig":
-        data = dict(data)
-        data["datasets"] = [DatasetSpec(**d) for d in data.get("datasets", [])]
-        return cls(**data)

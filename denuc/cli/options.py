@@ -46,6 +46,7 @@ PROBABILITY = number(float, 0, 1)
 DECAY = number(float, 0, 1, open_low=True, open_high=True)
 POSITIVE = number(float, 0, open_low=True)
 NON_NEGATIVE = number(int, 0)  # a count that may be 0: worker threads, bootstrap resamples; a seed
+NON_NEGATIVE_REAL = number(float, 0)  # a weight or a decay that may be 0
 
 
 def pixel_size(text: str) -> float | str:
@@ -61,23 +62,25 @@ def pixel_size(text: str) -> float | str:
 
 RECIPE_NUMBERS = {"epochs": COUNT, "iters_per_epoch": COUNT, "batch_size": COUNT, "crop_size": number(int, 64),
                   "lora_rank": COUNT, "seed": number(int, 0), "threads": number(int, 0), "lr": POSITIVE,
-                  "weight_decay": number(float, 0)}
+                  "weight_decay": NON_NEGATIVE_REAL, "warmup_iters": NON_NEGATIVE}
 """The checked type of each recipe number the training commands take."""
 
 
 def add_training_options(p: argparse.ArgumentParser, train: object, helps: dict[str, str], *, dataset_help: str,
-                         run_dir_help: str) -> None:
-    """--dataset, --run-dir, --resume / --overwrite, --quiet, and one option per field of ``train`` named in
-    ``helps`` (a key of ``RECIPE_NUMBERS``; its help text may show the default, the dataclass's value, with
-    ``%(default)s``)."""
-    p.add_argument("--dataset", action="append", required=True, metavar="NAME=ROOT", help=dataset_help)
+                         run_dir_help: str, dataset_required: bool = True,
+                         overwrite_help: str = "start again in a --run-dir that holds a trained run (its model, "
+                                               "checkpoint and logs are deleted); without --resume or --overwrite "
+                                               "such a folder is refused") -> None:
+    """--dataset (``dataset_required``, else it defaults to none), --run-dir, --resume / --overwrite, --quiet, and
+    one option per field of ``train`` named in ``helps`` (a key of ``RECIPE_NUMBERS``; its help text may show the
+    default, the dataclass's value, with ``%(default)s``)."""
+    p.add_argument("--dataset", action="append", required=dataset_required, default=[], metavar="NAME=ROOT",
+                   help=dataset_help)
     p.add_argument("--run-dir", type=Path, required=True, help=run_dir_help)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the interrupted run in --run-dir exactly (same options)")
-    again.add_argument("--overwrite", action="store_true",
-                       help="start again in a --run-dir that holds a trained run (its model, checkpoint and logs "
-                            "are deleted); without --resume or --overwrite such a folder is refused")
+    again.add_argument("--overwrite", action="store_true", help=overwrite_help)
     for name, text in helps.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=RECIPE_NUMBERS[name], default=getattr(train, name),
                        help=text)

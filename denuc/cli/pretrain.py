@@ -19,16 +19,14 @@ from denuc.cli.options import (
     COUNT,
     FRACTION,
     NON_NEGATIVE,
+    NON_NEGATIVE_REAL,
     POSITIVE,
-    RECIPE_NUMBERS,
+    add_training_options,
     dataset_specs,
     device,
     encoder_kwargs,
     encoder_layers,
-    number,
 )
-
-NON_NEGATIVE_FLOAT = number(float, 0)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,18 +39,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", nargs="+", action="extend", type=Path, default=[], metavar="PATH",
                    help="slides (SVS, NDPI, MRXS, tiled TIFF, DICOM, ...), images, or folders of them (searched "
                         "recursively); never your validation or test images")
-    p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT",
-                   help="also the train split's images of an annotated dataset, labels unused, e.g. "
-                        "brcam2c=/data/brcam2c (repeatable)")
+    add_training_options(p, cfg, {
+        "epochs": "epochs to train (default: %(default)s)",
+        "iters_per_epoch": "optimiser steps per epoch (default: %(default)s)",
+        "batch_size": "view pairs per step, per process (default: %(default)s)",
+        "crop_size": "side of each view in pixels (default: %(default)s)",
+        "lr": "peak AdamW learning rate, after a linear warm-up, then a cosine (default: %(default)s)",
+        "weight_decay": "AdamW weight decay (default: %(default)s)",
+        "warmup_iters": "steps of learning-rate warm-up (default: %(default)s)",
+        "seed": "seed of the initialisation and of the views (default: %(default)s)",
+        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
+    }, dataset_required=False,
+        dataset_help="also the train split's images of an annotated dataset, labels unused, e.g. "
+                     "brcam2c=/data/brcam2c (repeatable)",
+        run_dir_help="the encoder weights (encoder.safetensors), checkpoint, logs and found nuclei go here",
+        overwrite_help="start again in a --run-dir that holds a run (its weights, checkpoint and logs are deleted; "
+                       "the nuclei found are kept); without --resume or --overwrite it is refused")
     p.add_argument("--mpp", type=POSITIVE, help="pixel size (um/px) of the --images whose files state none")
-    p.add_argument("--run-dir", type=Path, required=True,
-                   help="the encoder weights (encoder.safetensors), checkpoint, logs and found nuclei go here")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the interrupted run in --run-dir exactly (same options)")
-    again.add_argument("--overwrite", action="store_true",
-                       help="start again in a --run-dir that holds a run (its weights, checkpoint and logs are "
-                            "deleted; the nuclei found are kept); without --resume or --overwrite it is refused")
     p.add_argument("--encoder", default=cfg.encoder,
                    help="uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model> "
                         "(default: %(default)s)")
@@ -67,19 +70,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "default: %(default)s)")
     p.add_argument("--workers", type=NON_NEGATIVE, default=0,
                    help="processes that read and augment the views (default: %(default)s, in the training one)")
-    helps = {"epochs": "epochs to train (default: %(default)s)",
-             "iters_per_epoch": "optimiser steps per epoch (default: %(default)s)",
-             "batch_size": "view pairs per step, per process (default: %(default)s)",
-             "crop_size": "side of each view in pixels (default: %(default)s)",
-             "lr": "peak AdamW learning rate, after a linear warm-up, then a cosine (default: %(default)s)",
-             "weight_decay": "AdamW weight decay (default: %(default)s)",
-             "seed": "seed of the initialisation and of the views (default: %(default)s)",
-             "threads": "CPU threads for torch (default: %(default)s, torch's choice)"}
-    for name, text in helps.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=RECIPE_NUMBERS[name], default=getattr(cfg, name),
-                       help=text)
-    p.add_argument("--warmup-iters", type=NON_NEGATIVE, default=cfg.warmup_iters,
-                   help="steps of learning-rate warm-up (default: %(default)s)")
     p.add_argument("--view-mpp", type=POSITIVE, default=cfg.mpp,
                    help="pixel size of the first view: the classifier's working resolution (default: %(default)s)")
     p.add_argument("--other-mpp", type=POSITIVE, nargs=2, default=list(cfg.other_mpp), metavar=("LOW", "HIGH"),
@@ -94,15 +84,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="outputs of each DINO head (default: %(default)s)")
     p.add_argument("--momentum-teacher", type=POSITIVE, default=cfg.momentum_teacher,
                    help="the teacher's starting EMA momentum, raised to 1 along a cosine (default: %(default)s)")
-    p.add_argument("--image-loss-weight", type=NON_NEGATIVE_FLOAT, default=cfg.image_loss_weight,
+    p.add_argument("--image-loss-weight", type=NON_NEGATIVE_REAL, default=cfg.image_loss_weight,
                    help="weight of the image-level loss (default: %(default)s)")
-    p.add_argument("--nucleus-loss-weight", type=NON_NEGATIVE_FLOAT, default=cfg.nucleus_loss_weight,
+    p.add_argument("--nucleus-loss-weight", type=NON_NEGATIVE_REAL, default=cfg.nucleus_loss_weight,
                    help="weight of the nucleus-level loss (default: %(default)s)")
     p.add_argument("--color-jitter", type=FRACTION, default=cfg.color_jitter, metavar="J",
                    help="strength of each view's stain (HED), brightness and contrast jitter (default: %(default)s)")
     p.add_argument("--stain-vector-jitter", type=FRACTION, default=cfg.stain_vector_jitter, metavar="S",
                    help="noise on the H and E colour vectors each view is rebuilt with (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars nor per-epoch rows")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.images and not args.dataset:
         raise InputError("", "nothing to learn from: give --images (slides, images, folders) or --dataset")
     images = [str(path.resolve()) for path in collect_inputs(args.images)]
-    specs = dataset_specs(args.dataset) if args.dataset else []
+    specs = dataset_specs(args.dataset)
     try:
         cfg = PretrainConfig(
             images=images, images_mpp=args.mpp, datasets=specs, encoder=args.encoder,

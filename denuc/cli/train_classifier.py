@@ -12,7 +12,15 @@ import argparse
 import json
 from pathlib import Path
 
-from denuc.cli.options import DECAY, FRACTION, PROBABILITY, add_training_options, dataset_specs
+from denuc.cli.options import (
+    DECAY,
+    FRACTION,
+    PROBABILITY,
+    add_training_options,
+    dataset_specs,
+    encoder_kwargs,
+    encoder_layers,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -79,16 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from denuc.train.joint import train_joint
 
     specs = dataset_specs(args.dataset)
-    if args.encoder_kwargs is not None:
-        try:
-            kwargs = json.loads(args.encoder_kwargs)
-        except json.JSONDecodeError as error:
-            raise InputError("--encoder-kwargs", f"not JSON: {error}") from None
-    else:
-        kwargs = dict(ClassifierConfig().encoder_kwargs) if args.encoder.startswith("timm:") else {}
-    layers = None
-    if args.layers:
-        layers = [int(v) if v.lstrip("-").isdigit() else v for v in args.layers.split(",")]
+    kwargs = encoder_kwargs(args.encoder_kwargs, args.encoder)
+    layers = encoder_layers(args.layers)
     weights = None if args.weights is None else str(Path(args.weights).resolve())
     try:
         cfg = ClassifierTrainConfig(

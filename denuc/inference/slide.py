@@ -409,11 +409,11 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
                     found, measured = zip(*outliner.outline_tiles(pixels, found))
                 t3 = time.perf_counter()
                 for tile, nuclei, values in zip(batch, found, measured):
-                    owned, seam = grid.owned(tile, nuclei, slide.dimensions, radius)
+                    mine, seam = grid.ownership(tile, nuclei.xy, radius)
+                    owned = grid.to_level0(tile, nuclei.subset(mine), slide.dimensions)
                     if values is not None:
-                        mine = grid.ownership(tile, nuclei.xy, radius)[0]
                         values = {name: v[mine] for name, v in values.items()}
-                    parts.append((tile, owned, seam, values))
+                    parts.append((tile, owned, seam[mine], values))
                     nuclei_found += len(owned)
                 clock["waiting_for_tiles"] += t1 - t0
                 clock["model"] += t2 - t1

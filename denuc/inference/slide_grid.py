@@ -8,7 +8,7 @@ half of every overlap nearest to it (``tiling.ownership_bounds``), so a nucleus 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -94,22 +94,17 @@ class Grid:
         seam = np.minimum.reduce([u - xlo, xhi - u, v - ylo, yhi - v]) <= radius if len(u) else np.zeros(0, bool)
         return owned, seam
 
-    def owned(self, tile: Tile, found: Nuclei, level0_size: tuple[int, int],
-              radius: float) -> tuple[Nuclei, np.ndarray]:
-        """The nuclei ``found`` in a tile (tile pixels) that the tile owns (``ownership``), moved to level-0 pixels
-        with their outlines, and their seam flags."""
-        owned, seam = self.ownership(tile, found.xy, radius)
-        kept = found.subset(owned)
+    def to_level0(self, tile: Tile, nuclei: Nuclei, level0_size: tuple[int, int]) -> Nuclei:
+        """``nuclei`` of a tile (tile pixels) moved to level-0 pixels, with their outlines; points clipped to the
+        slide."""
         origin = np.array([self.xs[tile[1]], self.ys[tile[0]]], dtype=np.float64)
 
-        def to_level0(xy: np.ndarray) -> np.ndarray:
+        def move(xy: np.ndarray) -> np.ndarray:
             return (xy + origin + 0.5) / self.scale - 0.5
 
-        kept.xy = np.clip(to_level0(kept.xy), -0.5, np.array(level0_size) - 0.5).reshape(-1, 2)
-        if kept.outlines is not None:
-            kept.outlines = np.array([None if o is None else to_level0(o) for o in kept.outlines] + [None],
-                                     dtype=object)[:-1]
-        return kept, seam[owned]
+        outlines = None if nuclei.outlines is None else [None if o is None else move(o) for o in nuclei.outlines]
+        return replace(nuclei, xy=np.clip(move(nuclei.xy), -0.5, np.array(level0_size) - 0.5).reshape(-1, 2),
+                       outlines=outlines)
 
 def tissue_tiles(grid: Grid, mask: TissueMask, level0_size: tuple[int, int]) -> list[Tile]:
     """Tiles, row by row, whose owned area touches the mask (grown by one mask pixel, not to miss edges)."""
