@@ -8,6 +8,7 @@ then chosen on the validation splits (without one, the last epoch is kept with i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from denuc.cli.options import DECAY, FRACTION, POSITIVE, PROBABILITY, add_training_options, dataset_specs
 
@@ -42,9 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--head-stride", type=int, choices=(4, 8), help=f"(default: {model.head_stride})")
     p.add_argument("--head-separable", action="store_const", const=True,
                    help="depthwise-separable 3x3 convs in the head: a faster network (DETECTOR_CARD.md)")
-    p.add_argument("--mpp", type=POSITIVE, help=f"working resolution of the model in um/px (default: {model.mpp})")
+    p.add_argument("--mpp", type=POSITIVE, help=f"working resolution of the model in um/px (default: {model.mpp}; "
+                                                    "with --init, that model's)")
     p.add_argument("--init", help="fine-tune: start from this detector (a shipped name such as 'default', or a "
-                                  ".safetensors file); the model's architecture and pixel size are its own")
+                                  ".safetensors file); the model's architecture is its own, and its "
+                                  "pixel size unless --mpp is given")
     p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
                    help="strength of the stain (HED), brightness and contrast jitter, in [0, 1) "
                         "(default: %(default)s)")
@@ -80,10 +83,13 @@ def run(args: argparse.Namespace) -> int:
     architecture = {k: v for k, v in (("backbone", args.backbone), ("head_stride", args.head_stride),
                                       ("head_separable", args.head_separable), ("mpp", args.mpp)) if v is not None}
     if args.init is not None:
-        if architecture:
+        # the weights' shapes are the initial model's; only its working resolution may change (--mpp: fine-tune
+        # at another pixel size, e.g. a finer one for crowded nuclei)
+        fixed = [k for k in architecture if k != "mpp"]
+        if fixed:
             raise InputError("--init", f"a fine-tuned model keeps the architecture of {args.init}: "
-                                       f"drop {', '.join('--' + k.replace('_', '-') for k in architecture)}")
-        model = Detector.from_pretrained(args.init).config
+                                       f"drop {', '.join('--' + k.replace('_', '-') for k in fixed)}")
+        model = dataclasses.replace(Detector.from_pretrained(args.init).config, **architecture)
     else:
         model = DetectorConfig(**{"backbone": DEFAULT_BACKBONE, **architecture})
     specs = dataset_specs(args.dataset)

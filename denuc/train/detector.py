@@ -8,6 +8,7 @@ splits. One epoch is ``iters_per_epoch`` batches of random crops (not a pass ove
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,12 @@ def validate(detector: Detector, items: list[SplitImage], radius_um: float = 3.0
 
 def initial_model(cfg: DetectorTrainConfig) -> PointDetector:
     """The network a run starts from: random, with an ImageNet backbone (``backbone_weights``), or a trained
-    denuc detector (``init``, for fine-tuning), whose architecture must be the run's."""
+    denuc detector (``init``, for fine-tuning), whose architecture must be the run's (the working pixel size may
+    differ: the network is convolutional, fine-tuning adapts it to nuclei of another size in pixels)."""
     model = PointDetector(cfg.model, imagenet_weights=cfg.backbone_weights)
     if cfg.init is not None:
         start = Detector.from_pretrained(cfg.init).model
-        ours, theirs = cfg.model, start.config
+        ours, theirs = cfg.model, dataclasses.replace(start.config, mpp=cfg.model.mpp)
         if ours.architecture() != theirs.architecture():
             raise InputError(cfg.init, f"is a {theirs.architecture()} detector; the run asks for {ours.architecture()}")
         model.load_state_dict(start.state_dict())
