@@ -2,13 +2,16 @@
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
         [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|reinhard-cmu1]
-        [--out benchmarks/results/classification/classification.json]
+        [--datasets brcam2c,crchisto] [--out benchmarks/results/classification/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
 then classifier with the dataset's own head), and the points are scored per class (F1), as the mean class F1
 and as class-agnostic detection F1. Then the same classifier at the ground-truth coordinates (the upper bound
 of classification: every point is a true nucleus, so the class is the argmax over the taxonomy alone;
-unlabelled ground truth is not scored). Prints a table and saves every figure as JSON; models already in the
+unlabelled ground truth is not scored). A dataset without a head of its own name (e.g. MoNuSeg: no classes) is
+run with the bundle's first head and scored for detection only. Bundles are also scored as the detector alone
+(``detector_alone``): the recall the "not a nucleus" class costs is ``detector_alone.recall`` minus
+``end_to_end.detection.recall``. Prints a table and saves every figure as JSON; models already in the
 output file (same split, radius and re-staining) are kept, so models can be scored one run at a time; the
 provenance of the runs that scored them is kept too (``earlier_runs``).
 """
@@ -35,7 +38,6 @@ from denuc.nuclei import UNLABELLED
 from denuc.train.joint import JointModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-DATASETS = {"brcam2c": SHARED / "brcam2c", "crchisto": SHARED / "crchisto"}
 REFERENCES = {  # published BRCAM2C test figures (3 um), from the dataset notes
     "brcam2c": {"MCSpatNet": {"lymphocyte": 0.6315, "tumour": 0.7856, "stromal": 0.5466, "mean_f1": 0.6546},
                 "DeNuC (UNI2-H, 40x)": {"lymphocyte": 0.6973, "tumour": 0.8510, "stromal": 0.6108,
@@ -59,8 +61,8 @@ def at_ground_truth(model: Pipeline, sample, image: np.ndarray) -> np.ndarray:
     return names[probs[:, : len(names)].argmax(1)] if len(gt) else np.zeros(0, dtype=object)
 
 
-def bench(name: str, path: str, split: str, radius_um: float, joint: bool = False, views: int = 1,
-          restain: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str], joint: bool = False,
+          views: int = 1, restain: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only).
     ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``);
     ``restain``: applied to every image first (another lab's colours)."""
@@ -69,26 +71,39 @@ def bench(name: str, path: str, split: str, radius_um: float, joint: bool = Fals
         result["test_time_views"] = views
     if Path(path).is_file():
         result["bundle_bytes"] = Path(path).stat().st_size
-    for dataset, root in DATASETS.items():
+    for dataset in datasets:
+        own_head = True
         if joint:
             model = JointModel.load(path)
             predict = lambda image, sample: model.predict(image, sample.nuclei.mpp, dataset)  # noqa: E731
         else:
-            model = Pipeline.from_pretrained(path, taxonomy=dataset)
+            model = Pipeline.from_pretrained(path)
+            own_head = dataset in model.classifier.taxonomies
+            model.classifier.use_taxonomy(dataset if own_head else model.classifier.taxonomy)
             model.with_test_time_views(views)
             predict = lambda image, sample: model.predict(image, mpp=sample.nuclei.mpp)  # noqa: E731
-        started = time.perf_counter()
-        end_to_end, upper = [], []
-        for sample in get_dataset(dataset, root).samples(split):
+        seconds = 0.0
+        end_to_end, upper, alone = [], [], []
+        for sample in get_dataset(dataset, SHARED / dataset).samples(split):
             image = read_image(sample.image_path)
             image = image if restain is None else restain(image)
+            started = time.perf_counter()
             end_to_end.append((sample.name, predict(image, sample), sample.nuclei))
+            seconds += time.perf_counter() - started
             if not joint:
+                alone.append((sample.name, Pipeline(model.detector).predict(image, mpp=sample.nuclei.mpp),
+                              sample.nuclei))
+            if not joint and own_head:
                 labels = np.where(sample.nuclei.labels == UNLABELLED, UNLABELLED, at_ground_truth(model, sample, image))
                 upper.append((sample.name, replace(sample.nuclei, labels=labels), sample.nuclei))
-        seconds = time.perf_counter() - started
         e2e = evaluate(end_to_end, radius_um=radius_um)
-        entry = {"images": len(end_to_end), "seconds": seconds, "end_to_end": summary(e2e)}
+        entry = {"images": len(end_to_end), "seconds": seconds,
+                 "end_to_end": summary(e2e) if own_head else {"detection": e2e.detection.to_dict()}}
+        if not joint:
+            entry["head"] = model.classifier.taxonomy
+            entry["detector_alone"] = evaluate(alone, radius_um=radius_um).detection.to_dict()
+            print(f"{'':10s} {dataset:9s} detection recall: detector alone {entry['detector_alone']['recall']:.4f}, "
+                  f"after 'not a nucleus' {e2e.detection.recall:.4f}", flush=True)
         per_class = "  ".join(f"{k} {c.f1:.4f}" for k, c in e2e.classes.items())
         print(f"{name:10s} {dataset:9s} end to end: {per_class}  mean F1 {e2e.mean_f1:.4f}  "
               f"detection F1 {e2e.detection.f1:.4f}", flush=True)
@@ -128,6 +143,8 @@ def main() -> None:
                         help="re-stain every image first to CMU-1-Small-Region.svs's colours: Macenko's stain "
                              "vectors, or Reinhard's CIELAB statistics of each image's tissue "
                              "(bench_stain_shift.py; needs torchstain and OpenSlide)")
+    parser.add_argument("--datasets", default="brcam2c,crchisto",
+                        help="comma-separated: brcam2c, crchisto, consep, monuseg (../shared/datasets)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS / "classification" / "classification.json")
     args = parser.parse_args()
@@ -135,6 +152,7 @@ def main() -> None:
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
     joints = dict(item.split("=", 1) for item in args.joint)
     restain = None if args.restain == "none" else restainer(args.restain)
+    datasets = args.datasets.split(",")
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
                "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
@@ -147,9 +165,11 @@ def main() -> None:
             results["earlier_runs"] = earlier.get("earlier_runs", []) + (
                 [earlier["provenance"]] if "provenance" in earlier else [])
     for name, path in models.items():
-        results["models"][name] = bench(name, path, args.split, args.radius_um, views=args.tta, restain=restain)
+        results["models"][name] = bench(name, path, args.split, args.radius_um, datasets, views=args.tta,
+                                         restain=restain)
     for name, path in joints.items():
-        results["models"][name] = bench(name, path, args.split, args.radius_um, joint=True, restain=restain)
+        results["models"][name] = bench(name, path, args.split, args.radius_um, datasets, joint=True,
+                                         restain=restain)
     write_result(args.out, results, models=[*models.values(), *joints.values()],
                  kind="bundle")
     print(f"saved {args.out}")
