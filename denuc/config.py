@@ -209,6 +209,10 @@ class ClassifierTrainConfig(_TrainConfig):
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     mode: str = "frozen"
     detector: str = "default"  # its false positives on the training images are the "not a nucleus" examples
+    # a bundle (shipped name or file) to add heads to: its detector, frozen encoder and other heads are kept as they
+    # are and heads are trained for ``datasets`` only (one of the same name is replaced); mode "frozen", and
+    # ``model`` and ``detector`` are the bundle's (``train_classifier`` records them)
+    base: str | None = None
     negatives: bool = True
     match_radius_um: float = 3.0  # a detection farther than this from every ground-truth point is a negative
     class_balanced: bool = False  # weight the loss by inverse class frequency
@@ -237,6 +241,8 @@ class ClassifierTrainConfig(_TrainConfig):
             raise ValueError(f"unknown classifier training mode {self.mode!r}; choose from {list(CLASSIFIER_MODES)}")
         if self.offsets not in ("none", "nucleus", "all"):
             raise ValueError(f"unknown offsets {self.offsets!r}; choose from ['none', 'nucleus', 'all']")
+        if self.base is not None and self.mode != "frozen":
+            raise ValueError(f"a base bundle's encoder stays frozen: mode must be 'frozen', got {self.mode!r}")
         for name in ("color_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

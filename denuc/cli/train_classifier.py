@@ -4,6 +4,8 @@ Modes: frozen (the encoder's features are computed once and cached; only the hea
 pass over the cached points), lora or full (an epoch is --iters-per-epoch batches of random crops), or joint
 (the end-to-end baseline: one network detects and classifies). After each epoch the classifier is scored end
 to end on the datasets' validation splits and the best epoch is kept (without one, the last epoch).
+--base adds heads for new taxonomies to an existing bundle (frozen mode): its detector, encoder and other heads
+are kept as they are.
 """
 
 from __future__ import annotations
@@ -46,20 +48,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
     }, dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)",
         run_dir_help="checkpoints, logs, caches and the bundle (model.safetensors) go here")
-    p.add_argument("--encoder", default=model.encoder,
-                   help="uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model> "
-                        "(default: %(default)s)")
+    p.add_argument("--base", default=None, metavar="BUNDLE",
+                   help="a bundle (shipped name or file) to add heads to: one per --dataset taxonomy, replacing a "
+                        "head of the same name; its detector, encoder (frozen: --mode frozen) and other heads are "
+                        "kept as they are (default: a new classifier)")
+    # None when not given: with --base, the options below come from the bundle and giving one is refused
+    p.add_argument("--encoder", default=None,
+                   help=f"uni2-h, uni, virchow2, h-optimus-0, timm:<model> or torchvision:<model> "
+                        f"(default: {model.encoder})")
     p.add_argument("--weights", default=None, help="the encoder's weights file (default: random initialisation)")
     p.add_argument("--encoder-kwargs", default=None, metavar="JSON",
                    help=f"architecture overrides (default {json.dumps(model.encoder_kwargs)} for timm models, "
                         "none otherwise)")
     p.add_argument("--layers", default=None, help="comma-separated feature levels (default: the encoder's)")
-    p.add_argument("--head", default=model.head, choices=HEADS, help="(default: %(default)s)")
+    p.add_argument("--head", default=None, choices=HEADS, help=f"(default: {model.head})")
     p.add_argument("--mode", default=train.mode, choices=CLASSIFIER_MODES,
                    help="frozen encoder + head, LoRA, full fine-tuning, or the joint end-to-end baseline "
                         "(default: %(default)s)")
-    p.add_argument("--detector", default=train.detector,
-                   help="detector for the negatives and the bundle (default: %(default)s)")
+    p.add_argument("--detector", default=None,
+                   help=f"detector for the negatives and the bundle (default: {train.detector})")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
@@ -81,21 +88,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from denuc import hub
     from denuc.config import ClassifierConfig, ClassifierTrainConfig
     from denuc.errors import InputError
     from denuc.train.classifier import train_classifier
     from denuc.train.joint import train_joint
 
+    model, train = ClassifierConfig(), ClassifierTrainConfig()
+    if args.base is not None:
+        if args.mode != "frozen":
+            raise InputError("--base", f"trains heads on the bundle's frozen encoder: use --mode frozen, not "
+                                       f"{args.mode}")
+        given = [option for option, value in (("--encoder", args.encoder), ("--weights", args.weights),
+                                              ("--encoder-kwargs", args.encoder_kwargs), ("--layers", args.layers),
+                                              ("--head", args.head), ("--detector", args.detector))
+                 if value is not None]
+        if given:
+            raise InputError("--base", f"the encoder, its levels, the head kind and the detector come from the "
+                                       f"bundle: drop {', '.join(given)}")
+    # a shipped name stays a name; a file is recorded by its absolute path (a resumed run finds it from anywhere)
+    base = args.base if args.base is None or hub.shipped(args.base, "bundle") else str(Path(args.base).resolve())
     specs = dataset_specs(args.dataset)
-    kwargs = encoder_kwargs(args.encoder_kwargs, args.encoder)
+    encoder = args.encoder or model.encoder
+    kwargs = encoder_kwargs(args.encoder_kwargs, encoder)
     layers = encoder_layers(args.layers)
     weights = None if args.weights is None else str(Path(args.weights).resolve())
     try:
         cfg = ClassifierTrainConfig(
             datasets=specs,
-            model=ClassifierConfig(encoder=args.encoder, encoder_weights=weights, encoder_layers=layers,
-                                   encoder_kwargs=kwargs, head=args.head),
-            mode=args.mode, detector=args.detector, negatives=not args.no_negatives,
+            model=ClassifierConfig(encoder=encoder, encoder_weights=weights, encoder_layers=layers,
+                                   encoder_kwargs=kwargs, head=args.head or model.head),
+            mode=args.mode, detector=args.detector or train.detector, base=base, negatives=not args.no_negatives,
             class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,
             iters_per_epoch=args.iters_per_epoch,
             batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,

@@ -11,19 +11,27 @@ or to every output ("all": also each class's share of the decisions, which fits 
 mix - only worth it when that mix is the target's). The run directory holds ``last.pt`` (resumable),
 ``log.csv`` / ``log.json``, the detections and (frozen mode) the feature cache, ``best.safetensors`` and
 ``model.safetensors``: the bundle of the detector and the selected classifier, offsets folded into its heads.
+
+With ``cfg.base`` (frozen mode), an existing bundle gets heads for new taxonomies: its detector and encoder are
+used as they are, heads are trained (and their offsets tuned) for the training datasets only, and the bundle
+saved holds the base's other heads and tensors bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
+from denuc import hub
 from denuc.config import ClassifierTrainConfig
 from denuc.errors import InputError
 from denuc.inference.classify import Classifier
@@ -94,25 +102,52 @@ def merge_lora(classifier: Classifier) -> Classifier:
     return merged
 
 
+def add_heads(base: str, classes: dict[str, list[NucleusClass]]) -> tuple[Pipeline, bool, dict]:
+    """The bundle ``base`` (a shipped name or a file) with a fresh head for each taxonomy of ``classes``, replacing
+    a head of the same name; its detector, encoder and other heads as they are. Also what keeps those unchanged
+    in a bundle saved from it: whether the base stores float16 (shipped bundles do), and the offsets (metadata
+    "class_offsets") folded into the heads kept."""
+    path = hub.resolve(base, kind="bundle")
+    found = Pipeline.from_pretrained(path)
+    if found.classifier is None:
+        raise InputError(base, "a detector-only model has no classifier to add heads to: give a bundle")
+    old = found.classifier
+    classifier = Classifier(old.config, old.encoder, old.taxonomies | classes, embed_encoder=old.embed_encoder)
+    kept = [name for name in old.taxonomies if name not in classes]
+    for name in kept:
+        classifier.heads[name] = old.heads[name]
+    with safe_open(str(path), framework="pt") as f:
+        half = any(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+        offsets = json.loads(f.metadata().get("class_offsets", "{}"))
+    return Pipeline(found.detector, classifier), half, {name: offsets[name] for name in kept if name in offsets}
+
+
 def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
                      epochs_this_run: int | None = None, overwrite: bool = False) -> Path:
     """Train (or resume) a classifier in ``run_dir``; returns the bundle ``model.safetensors`` (the detector
     ``cfg.detector`` + the classifier of the best validation epoch), or ``best.safetensors`` when
     ``epochs_this_run`` stopped it early. ``overwrite=True`` starts again in a folder that holds a trained run
-    (refused otherwise)."""
+    (refused otherwise). With ``cfg.base``, the detector and classifier are that bundle's (``add_heads``)."""
     if cfg.mode == "joint":
         raise ValueError("the joint baseline trains with denuc.train.joint.train_joint")
     run_dir, rng = loop.start(run_dir, cfg, resume, overwrite)
     classes = taxonomies(cfg)
-    try:
-        classifier = Classifier.create(cfg.model, classes)
-    except ValueError as error:  # an unknown encoder or layer: the user's choice
-        raise InputError(cfg.model.encoder, str(error)) from None
+    half, base_metadata = False, {}
+    if cfg.base is not None:
+        base, half, offsets = add_heads(cfg.base, classes)
+        detector, classifier = base.detector, base.classifier
+        base_metadata = {"class_offsets": offsets}
+        cfg = replace(cfg, model=classifier.config, detector=cfg.base)  # what the run uses, recorded and resumed
+    else:
+        try:
+            classifier = Classifier.create(cfg.model, classes)
+        except ValueError as error:  # an unknown encoder or layer: the user's choice
+            raise InputError(cfg.model.encoder, str(error)) from None
+        detector = Detector.from_pretrained(cfg.detector)
     if cfg.mode == "lora":
         add_lora(classifier, cfg.lora_rank, cfg.lora_alpha)
     if cfg.mode != "frozen":
         classifier.embed_encoder = True  # trained weights live in the bundle
-    detector = Detector.from_pretrained(cfg.detector)
     if abs(detector.config.mpp - cfg.model.mpp) > 1e-9:
         raise InputError(cfg.detector, f"the detector works at {detector.config.mpp} um/px, the classifier at "
                                        f"{cfg.model.mpp}")
@@ -121,7 +156,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     val = point_images(cfg, detector, "val", run_dir, progress)
     weights = class_weights(train, classes, cfg.class_balanced)
     templates = stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
-    trainable = classifier.heads.parameters() if cfg.mode == "frozen" else \
+    # frozen: the heads of the training datasets (a base bundle's other heads stay as they are)
+    trainable = [p for name in classes for p in classifier.heads[name].parameters()] if cfg.mode == "frozen" else \
         [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_points = cfg.batch_size * 128  # frozen: points per batch of cached features
@@ -166,8 +202,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     def save_best(scored: Classifier, epoch: int, scores: dict) -> None:
         chosen = merge_lora(scored) if cfg.mode == "lora" else scored
         Pipeline(detector, copy.deepcopy(chosen)).save(
-            run_dir / "best.safetensors", extra_metadata={"epoch": epoch, "val_f1": scores,
-                                                           "train_config": cfg.to_dict()})
+            run_dir / "best.safetensors", half=half,
+            extra_metadata={"epoch": epoch, "val_f1": scores, "train_config": cfg.to_dict(), **base_metadata})
 
     history = loop.fit(cfg, run_dir, rng, classifier, optimizer, batches=batches, step=step,
                        validate=validate if val else None, save_best=save_best,
