@@ -2,7 +2,7 @@
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
         [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|reinhard-cmu1]
-        [--datasets brcam2c,crchisto] [--out benchmarks/results/classification/classification.json]
+        [--datasets brcam2c,crchisto] [--detector NAME] [--out benchmarks/results/classification/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
 then classifier with the dataset's own head), and the points are scored per class (F1), as the mean class F1
@@ -11,7 +11,10 @@ of classification: every point is a true nucleus, so the class is the argmax ove
 unlabelled ground truth is not scored). A dataset without a head of its own name (e.g. MoNuSeg: no classes) is
 run with the bundle's first head and scored for detection only. Bundles are also scored as the detector alone
 (``detector_alone``): the recall the "not a nucleus" class costs is ``detector_alone.recall`` minus
-``end_to_end.detection.recall``. Prints a table and saves every figure as JSON; models already in the
+``end_to_end.detection.recall``. ``--detector`` replaces the bundle's own detector by another one (e.g. one at
+another working resolution), as ``denuc detect`` then ``denuc classify --nuclei`` would: its points are classified
+by the bundle (``classify_given_nuclei``), those called "not a nucleus" dropped. Prints a table and saves every
+figure as JSON; models already in the
 output file (same split, radius and re-staining) are kept, so models can be scored one run at a time; the
 provenance of the runs that scored them is kept too (``earlier_runs``).
 """
@@ -31,8 +34,11 @@ import torch
 from common import RESULTS, write_result
 
 from denuc.datasets import get_dataset
+from denuc.inference.detect import Detector
+from denuc.inference.given_nuclei import classify_given_nuclei
 from denuc.inference.pipeline import Pipeline
 from denuc.io.images import read_image, resample
+from denuc.io.slides import open_slide
 from denuc.metrics.evaluate import Report, evaluate
 from denuc.nuclei import UNLABELLED, Nuclei
 from denuc.train.joint import JointModel
@@ -62,11 +68,15 @@ def at_ground_truth(model: Pipeline, sample, image: np.ndarray) -> np.ndarray:
 
 
 def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str], joint: bool = False,
-          views: int = 1, restain: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+          views: int = 1, restain: Callable[[np.ndarray], np.ndarray] | None = None, detector: str | None = None
+          ) -> dict:
     """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only).
     ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``);
     ``restain``: applied to every image first (another lab's colours)."""
     result = {"bundle": path, "kind": "joint" if joint else "bundle", "datasets": {}}
+    if detector is not None:
+        result["detector"] = detector
+        other = Detector.from_pretrained(detector, runtime="auto")
     if views != 1:
         result["test_time_views"] = views
     if Path(path).is_file():
@@ -82,6 +92,8 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
             model.classifier.use_taxonomy(dataset if own_head else model.classifier.taxonomy)
             model.with_test_time_views(views)
             predict = lambda image, sample: model.predict(image, mpp=sample.nuclei.mpp)  # noqa: E731
+            if detector is not None:
+                predict = lambda image, sample: classify_detected(model, other, sample)  # noqa: E731
         seconds = 0.0
         end_to_end, upper, alone = [], [], []
         for sample in get_dataset(dataset, SHARED / dataset).samples(split):
@@ -94,8 +106,9 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
                 found = Nuclei(xy=found.xy, scores=found.scores, mpp=found.mpp)
             end_to_end.append((sample.name, found, sample.nuclei))
             if not joint:
-                alone.append((sample.name, Pipeline(model.detector).predict(image, mpp=sample.nuclei.mpp),
-                              sample.nuclei))
+                found_alone = Pipeline(model.detector if detector is None else other).predict(
+                    image, mpp=sample.nuclei.mpp)
+                alone.append((sample.name, found_alone, sample.nuclei))
             if not joint and own_head:
                 labels = np.where(sample.nuclei.labels == UNLABELLED, UNLABELLED, at_ground_truth(model, sample, image))
                 upper.append((sample.name, replace(sample.nuclei, labels=labels), sample.nuclei))
@@ -117,6 +130,14 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
             print(f"{'':10s} {dataset:9s} at GT points: {per_class}  mean F1 {gt.mean_f1:.4f}", flush=True)
         result["datasets"][dataset] = entry
     return result
+
+
+def classify_detected(model: Pipeline, detector: Detector, sample) -> Nuclei:
+    """``detector``'s nuclei of a sample classified by ``model``'s classifier; those it rejects dropped."""
+    found = detector.detect(sample.image_path, mpp=sample.nuclei.mpp)
+    with open_slide(sample.image_path, mpp=sample.nuclei.mpp) as slide:
+        named, rejected = classify_given_nuclei(slide, model, found)
+    return named.subset(~rejected)
 
 
 def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -148,12 +169,16 @@ def main() -> None:
                              "(bench_stain_shift.py; needs torchstain and OpenSlide)")
     parser.add_argument("--datasets", default="brcam2c,crchisto",
                         help="comma-separated: brcam2c, crchisto, consep, monuseg (../shared/datasets)")
+    parser.add_argument("--detector", default=None,
+                        help="detect with this detector instead of each bundle's own (bundles only, no --restain)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS / "classification" / "classification.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
     joints = dict(item.split("=", 1) for item in args.joint)
+    if args.detector is not None and args.restain != "none":
+        parser.error("--detector classifies the image files as they are: no --restain with it")
     restain = None if args.restain == "none" else restainer(args.restain)
     datasets = args.datasets.split(",")
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
@@ -169,7 +194,7 @@ def main() -> None:
                 [earlier["provenance"]] if "provenance" in earlier else [])
     for name, path in models.items():
         results["models"][name] = bench(name, path, args.split, args.radius_um, datasets, views=args.tta,
-                                         restain=restain)
+                                         restain=restain, detector=args.detector)
     for name, path in joints.items():
         results["models"][name] = bench(name, path, args.split, args.radius_um, datasets, joint=True,
                                          restain=restain)
