@@ -162,6 +162,27 @@ def test_radii_do_not_depend_on_the_tiling(sample: np.ndarray, monkeypatch) -> N
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4)
 
 
+def test_tiles_at_a_finer_pixel_size_get_the_outlines_of_their_nuclei(sample: np.ndarray) -> None:
+    """A detector working at 0.33 um/px hands the head tiles at that pixel size: they are resampled to the head's,
+    and the outlines and measurements come back in tile pixels and um, as for tiles at the head's own size."""
+    outliner = Outliner.from_pretrained("default-outlines")
+    truth = read_points(SAMPLE_POINTS)
+    tile = np.ascontiguousarray(sample[:256, :256])
+    inside = truth.subset((truth.xy < 240).all(1) & (truth.xy > 16).all(1))
+    ((own, own_values),) = outliner.outline_tiles(tile[None], [inside])
+    ((same, _),) = outliner.outline_tiles(tile[None], [inside], SAMPLE_MPP)
+    for a, b in zip(own.outlines, same.outlines):  # the head's own pixel size given explicitly: nothing changes
+        np.testing.assert_array_equal(a, b)
+    fine = np.asarray(Image.fromarray(tile).resize((384, 384), Image.Resampling.BICUBIC))
+    scaled = inside.scaled(1.5)
+    ((finer, finer_values),) = outliner.outline_tiles(fine[None], [scaled], SAMPLE_MPP / 1.5)
+    assert len(finer) == len(inside) > 50
+    for point, outline in zip(finer.xy, finer.outlines):
+        assert points_in_poly(point[None], outline)[0]
+    ratio = finer_values["area_um2"] / own_values["area_um2"]
+    assert abs(np.nanmedian(ratio) - 1) < 0.1 and np.nanmean(np.abs(ratio - 1) < 0.25) > 0.8
+
+
 def test_save_and_load_give_the_same_head(sample: np.ndarray, tmp_path: Path) -> None:
     torch.manual_seed(1)
     config = OutlineConfig(rays=16, stem=(8, 16), hidden=32)

@@ -148,8 +148,6 @@ def run(args: argparse.Namespace) -> int:
         from denuc.inference.outline import Outliner
 
         outliner = Outliner.from_pretrained(args.outlines, device=args.device, runtime=args.runtime)
-        if outliner.config.mpp != model.mpp:
-            raise InputError(args.outlines, f"works at {outliner.config.mpp} um/px and the model at {model.mpp}")
     model_id = model_fingerprint(model)
     described = describe(name)
     provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},

@@ -92,9 +92,7 @@ class Outliner:
             # regions start on multiples of 4 (TILE and margin are), so the stem's grid is the same in every tile
             rx0, ry0 = max(0, tx * TILE - margin), max(0, ty * TILE - margin)
             rx1, ry1 = min(w, (tx + 1) * TILE + margin), min(h, (ty + 1) * TILE + margin)
-            region = np.full((-(-(ry1 - ry0) // 4) * 4, -(-(rx1 - rx0) // 4) * 4, 3), 255, dtype=np.uint8)
-            region[:ry1 - ry0, :rx1 - rx0] = work[ry0:ry1, rx0:rx1]
-            pixels = torch.from_numpy(region).to(self.device).permute(2, 0, 1).float()[None]
+            pixels = torch.from_numpy(_pad_to_4(work[ry0:ry1, rx0:rx1])).to(self.device).permute(2, 0, 1).float()[None]
             fine, coarse = self.features(pixels)
             local = torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)
             out[own] = self.model.read((fine[0], coarse[0]), local).cpu().numpy()
@@ -113,18 +111,36 @@ class Outliner:
         return replace(nuclei, outlines=[(v + 0.5) / to_image - 0.5 for v in vertices])
 
     @torch.inference_mode()
-    def outline_tiles(self, tiles: np.ndarray, found: list[Nuclei]) -> list[tuple[Nuclei, dict[str, np.ndarray]]]:
-        """Per tile of a batch (B, H, W, 3) uint8 at the working pixel size (H, W multiples of 4), its ``found``
-        nuclei (tile pixels) with outlines (trimmed where they would overlap) and their measurements
-        (``denuc.outlines.measure``, at the working pixel size). The stem runs once over the batch. A nucleus is
-        measured on its tile's pixels: one reaching past the tile (possible only for one wider than the tile
-        overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
-        pixels = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device).permute(0, 3, 1, 2).float()
+    def outline_tiles(self, tiles: np.ndarray, found: list[Nuclei], mpp: float | None = None
+                      ) -> list[tuple[Nuclei, dict[str, np.ndarray]]]:
+        """Per tile of a batch (B, H, W, 3) uint8 of pixel size ``mpp`` (default: the head's working pixel size;
+        H, W multiples of 4), its ``found`` nuclei (tile pixels) with outlines (trimmed where they would overlap)
+        and their measurements (``denuc.outlines.measure``). The stem runs once over the batch. Tiles at another
+        pixel size (a detector working at a finer resolution) are resampled to the head's for the stem; outlines
+        stay in tile pixels. A nucleus is measured on its tile's pixels: one reaching past the tile (possible only
+        for one wider than the tile overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
+        mpp = self.config.mpp if mpp is None else mpp
+        work = np.stack([_pad_to_4(resample(tile, scale_to(mpp, self.config.mpp))) for tile in tiles])
+        # tile pixels -> working pixels (the resampled size, not the factor: sizes are rounded)
+        fx, fy = round(tiles.shape[2] * scale_to(mpp, self.config.mpp)) / tiles.shape[2], \
+            round(tiles.shape[1] * scale_to(mpp, self.config.mpp)) / tiles.shape[1]
+        pixels = torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float()
         fine, coarse = self.features(pixels)
         out = []
         for k, nuclei in enumerate(found):
-            local = torch.from_numpy(nuclei.xy).float().to(self.device)
-            radii = self.model.read((fine[k], coarse[k]), local).cpu().numpy().astype(np.float64)
+            local = np.c_[(nuclei.xy[:, 0] + 0.5) * fx - 0.5, (nuclei.xy[:, 1] + 0.5) * fy - 0.5]
+            radii = self.model.read((fine[k], coarse[k]), torch.from_numpy(local).float().to(self.device))
+            radii = radii.cpu().numpy().astype(np.float64) / np.sqrt(fx * fy)
             outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, radii)))
-            out.append((outlined, measure(outlined, tiles[k], self.config.mpp)))
+            out.append((outlined, measure(outlined, tiles[k], mpp)))
         return out
+
+
+def _pad_to_4(image: np.ndarray) -> np.ndarray:
+    """``image`` padded with white on the right and bottom to multiples of 4 pixels (the stem's stride)."""
+    h, w = image.shape[:2]
+    if h % 4 == 0 and w % 4 == 0:
+        return image
+    padded = np.full((-(-h // 4) * 4, -(-w // 4) * 4, 3), 255, dtype=np.uint8)
+    padded[:h, :w] = image
+    return padded

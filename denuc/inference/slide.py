@@ -406,7 +406,7 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
                 t2 = time.perf_counter()
                 measured = [None] * len(batch)
                 if outliner is not None:
-                    found, measured = zip(*outliner.outline_tiles(pixels, found))
+                    found, measured = zip(*outliner.outline_tiles(pixels, found, model.mpp))
                 t3 = time.perf_counter()
                 for tile, nuclei, values in zip(batch, found, measured):
                     mine, seam = grid.ownership(tile, nuclei.xy, radius)
