@@ -102,7 +102,8 @@ MODELS += (
         "detector/shufflenet_v2_x1_0.default_ft10_four_mpp033", "detector", "detector_precise.safetensors",
         ("precise",), _FOUR_DATASETS_DATA, _FOUR_DATASETS_LICENCE,
         "`default` fine-tuned at 0.33 um/px on four datasets (10 epochs, best by validation at 8): crowded and small "
-        "nuclei (40x colon, lymphocyte clusters); about 2x default's time (DETECTOR_CARD.md)"),
+        "nuclei (40x colon, lymphocyte clusters); 1.4x default's time on whole slides, 4x on small images "
+        "(DETECTOR_CARD.md)"),
 )
 
 _OUTLINE_DATA = ("CoNSeP train split (crops of 21 of its 27 train images, 40x) + MoNuSeg train split (40x): every "
