@@ -12,11 +12,9 @@ unlabelled ground truth is not scored). A dataset without a head of its own name
 run with the bundle's first head and scored for detection only. Bundles are also scored as the detector alone
 (``detector_alone``): the recall the "not a nucleus" class costs is ``detector_alone.recall`` minus
 ``end_to_end.detection.recall``. ``--detector`` replaces the bundle's own detector by another one (e.g. one at
-another working resolution), as ``denuc detect`` then ``denuc classify --nuclei`` would: its points are classified
-by the bundle (``classify_given_nuclei``), those called "not a nucleus" dropped. Prints a table and saves every
-figure as JSON; models already in the
-output file (same split, radius and re-staining) are kept, so models can be scored one run at a time; the
-provenance of the runs that scored them is kept too (``earlier_runs``).
+another working resolution), as ``denuc predict --detector`` does (``Pipeline.with_detector``). Prints a table and
+saves every figure as JSON; models already in the output file (same split, radius and re-staining) are kept, so
+models can be scored one run at a time; the provenance of the runs that scored them is kept too (``earlier_runs``).
 """
 
 from __future__ import annotations
@@ -35,10 +33,8 @@ from common import RESULTS, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
-from denuc.inference.given_nuclei import classify_given_nuclei
 from denuc.inference.pipeline import Pipeline
 from denuc.io.images import read_image, resample
-from denuc.io.slides import open_slide
 from denuc.metrics.evaluate import Report, evaluate
 from denuc.nuclei import UNLABELLED, Nuclei
 from denuc.train.joint import JointModel
@@ -60,7 +56,7 @@ def summary(report: Report) -> dict:
 
 def at_ground_truth(model: Pipeline, sample, image: np.ndarray) -> np.ndarray:
     """Labels the classifier gives the ground-truth points (argmax over the taxonomy, "not a nucleus" ignored)."""
-    work = resample(image, sample.nuclei.mpp / model.mpp)
+    work = resample(image, sample.nuclei.mpp / model.classifier.config.mpp)
     gt = sample.nuclei.scaled(work.shape[1] / image.shape[1])
     ((probs, _),) = model.classifier.classify_tiles(work[None], [gt.xy])
     names = np.array([c.name for c in model.classes], dtype=object)
@@ -90,10 +86,10 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
             model = Pipeline.from_pretrained(path)
             own_head = dataset in model.classifier.taxonomies
             model.classifier.use_taxonomy(dataset if own_head else model.classifier.taxonomy)
+            if detector is not None:
+                model = model.with_detector(other)
             model.with_test_time_views(views)
             predict = lambda image, sample: model.predict(image, mpp=sample.nuclei.mpp)  # noqa: E731
-            if detector is not None:
-                predict = lambda image, sample: classify_detected(model, other, sample)  # noqa: E731
         seconds = 0.0
         end_to_end, upper, alone = [], [], []
         for sample in get_dataset(dataset, SHARED / dataset).samples(split):
@@ -106,8 +102,7 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
                 found = Nuclei(xy=found.xy, scores=found.scores, mpp=found.mpp)
             end_to_end.append((sample.name, found, sample.nuclei))
             if not joint:
-                found_alone = Pipeline(model.detector if detector is None else other).predict(
-                    image, mpp=sample.nuclei.mpp)
+                found_alone = Pipeline(model.detector).predict(image, mpp=sample.nuclei.mpp)
                 alone.append((sample.name, found_alone, sample.nuclei))
             if not joint and own_head:
                 labels = np.where(sample.nuclei.labels == UNLABELLED, UNLABELLED, at_ground_truth(model, sample, image))
@@ -130,14 +125,6 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
             print(f"{'':10s} {dataset:9s} at GT points: {per_class}  mean F1 {gt.mean_f1:.4f}", flush=True)
         result["datasets"][dataset] = entry
     return result
-
-
-def classify_detected(model: Pipeline, detector: Detector, sample) -> Nuclei:
-    """``detector``'s nuclei of a sample classified by ``model``'s classifier; those it rejects dropped."""
-    found = detector.detect(sample.image_path, mpp=sample.nuclei.mpp)
-    with open_slide(sample.image_path, mpp=sample.nuclei.mpp) as slide:
-        named, rejected = classify_given_nuclei(slide, model, found)
-    return named.subset(~rejected)
 
 
 def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -178,7 +165,7 @@ def main() -> None:
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
     joints = dict(item.split("=", 1) for item in args.joint)
     if args.detector is not None and args.restain != "none":
-        parser.error("--detector classifies the image files as they are: no --restain with it")
+        parser.error("--detector is measured on the images as they are: no --restain with it")
     restain = None if args.restain == "none" else restainer(args.restain)
     datasets = args.datasets.split(",")
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,

@@ -21,11 +21,13 @@ from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SAMPLE_POINTS
 from PIL import Image
 
 from denuc.cli import main
+from denuc.inference.detect import Detector
 from denuc.inference.given_nuclei import classify_given_nuclei
 from denuc.inference.pipeline import Pipeline
 from denuc.inference.slide import predict_slide
 from denuc.io import read_points
 from denuc.io.foreign import read_nuclei
+from denuc.io.images import resample
 from denuc.io.slides import open_slide, write_pyramidal_tiff
 
 DATA = Path(__file__).parent / "data" / "foreign"
@@ -91,6 +93,30 @@ def test_at_predicts_own_points_classify_gives_predicts_classes(tmp_path: Path, 
     assert len(found) and not rejected.any()  # predict kept only what the classifier calls a nucleus
     assert named.labels.tolist() == found.labels.tolist()
     np.testing.assert_allclose(named.probs, found.probs, rtol=0, atol=1e-12)
+
+
+def test_a_finer_detector_before_the_bundles_classifier(tmp_path: Path, model: Pipeline) -> None:
+    """``with_detector``: precise (0.33 um/px) finds the nuclei, tiles enlarged so that, resampled to the
+    classifier's 0.5 um/px, they are the bundle's own 384 px; the classifier sees each tile at its own pixel size
+    (the same probabilities as the classifier run on the tile resampled by hand), and classify at the composed
+    pipeline's points gives its classes, as for the bundle's own detector."""
+    composed = Pipeline.from_pretrained("default-bundle", runtime="torch").with_detector(
+        Detector.from_pretrained("precise", runtime="torch"))
+    assert composed.mpp == 0.33 and composed.classes == model.classes
+    assert composed.detector.config.tile_size * 0.33 >= model.detector.config.tile_size * 0.5
+    tile = np.ascontiguousarray(np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[:384, :384])
+    points = np.array([[100.0, 120.0], [300.5, 40.25]])
+    ((probs, _),) = composed.classify_tiles(tile[None], [points])
+    by_hand = np.full((256, 256, 3), 255, dtype=np.uint8)
+    by_hand[:253, :253] = resample(tile, 0.33 / 0.5)
+    ((expected, _),) = model.classifier.classify_tiles(by_hand[None], [(points + 0.5) * 253 / 384 - 0.5])
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
+    with open_slide(SAMPLE_IMAGE, mpp=SAMPLE_MPP) as slide:
+        predict_slide(slide, composed, tmp_path, progress=False)
+        found = read_points(tmp_path / f"{SAMPLE_IMAGE.stem}.csv")
+        named, rejected = classify_given_nuclei(slide, composed, found)
+    assert len(found) > 300 and not rejected.any()
+    assert named.labels.tolist() == found.labels.tolist()
 
 
 def test_drop_rejected_leaves_out_and_lists_what_the_classifier_rejects(tmp_path: Path, capsys) -> None:

@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector-only", action="store_true",
                    help="detect only, as `denuc detect` does with the same --model (a bundle's own detector for a "
                         "bundle): no classifier, every nucleus unlabelled")
+    p.add_argument("--detector", metavar="MODEL",
+                   help="detect with this detector instead of the bundle's own; the bundle's classifier labels its "
+                        "nuclei (e.g. --detector precise: crowded 40x tissue)")
     p.add_argument("--taxonomy",
                    help="the classifier head, i.e. which classes nuclei get (the default bundle's heads: "
                         f"{_default_taxonomies()}; default: the bundle's first)")
@@ -117,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
     if args.taxonomy is not None and args.detector_only:
         raise InputError("--taxonomy", "chooses a classifier head, and --detector-only runs no classifier: drop "
                                        "one of them")
+    if args.detector is not None and args.detector_only:
+        raise InputError("--detector", "replaces a bundle's detector before its classifier; for a detector alone "
+                                       "use --model with --detector-only")
     if args.cluster or args.manifest:
+        if args.detector is not None:
+            raise InputError("--detector", "not supported with --manifest or --cluster yet: run without it")
         if args.taxonomy is not None:
             raise InputError("--taxonomy", "not supported with --manifest or --cluster yet: run without them")
         if args.outlines is not None:
@@ -140,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(name, f"--taxonomy {args.taxonomy!r}: no such classifier head; this model has "
                                        + (", ".join(heads) if heads else "none (it is a detector alone)"))
         model = Pipeline.from_pretrained(name, device=args.device, runtime=args.runtime, taxonomy=args.taxonomy)
+        if args.detector is not None:
+            if model.classifier is None:
+                raise InputError(name, "--detector replaces a bundle's detector, and this model has no classifier")
+            model = model.with_detector(Detector.from_pretrained(args.detector, device=args.device,
+                                                                 runtime=args.runtime))
     model.with_test_time_views(args.tta)
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
@@ -153,9 +166,12 @@ def run(args: argparse.Namespace) -> int:
     provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},
                   "outlines": None if args.outlines is None else {
                       k: describe(args.outlines)[k] for k in ("tag", "file", "sha256", "denuc_version")},
+                  "detector": None if args.detector is None else {
+                      k: describe(args.detector)[k] for k in ("tag", "file", "sha256", "denuc_version")},
                   "detector_only": args.detector_only, "command": args.command_line}
     say = (lambda *a: None) if args.quiet else print
-    own_file = resolve(name, kind="detector") if args.detector_only else None  # a bundle's detector has none
+    own_file = (resolve(args.detector, kind="detector") if args.detector is not None  # a bundle's detector has none
+                else resolve(name, kind="detector") if args.detector_only else None)
 
     def estimator() -> Detector:
         return estimating_detector(model.detector, own_file)

@@ -55,7 +55,7 @@ def classify_given_nuclei(slide: Slide, model: Pipeline, nuclei: Nuclei, *, batc
             points = [working[index] - (grid.xs[c], grid.ys[r])
                       for (r, c), index in zip(batch, members[first:first + batch_size])]
             for index, (tile_probs, _) in zip(members[first:first + batch_size],
-                                              model.classifier.classify_tiles(pixels, points)):
+                                              model.classify_tiles(pixels, points)):
                 probs[index] = tile_probs
             bar.update(len(batch))
     finally:
