@@ -20,7 +20,7 @@ from denuc.config import OutlineConfig
 from denuc.errors import InputError
 from denuc.inference.detect import choose_runtime
 from denuc.inference.runtime import OnnxOutlineStem
-from denuc.io.images import resample, scale_to
+from denuc.io.images import pad_to_multiple, resample, resample_tiles, scale_to
 from denuc.models.outline import OutlineHead, polygons, trim_to_neighbours
 from denuc.nuclei import Nuclei
 from denuc.outlines import measure
@@ -92,7 +92,8 @@ class Outliner:
             # regions start on multiples of 4 (TILE and margin are), so the stem's grid is the same in every tile
             rx0, ry0 = max(0, tx * TILE - margin), max(0, ty * TILE - margin)
             rx1, ry1 = min(w, (tx + 1) * TILE + margin), min(h, (ty + 1) * TILE + margin)
-            pixels = torch.from_numpy(_pad_to_4(work[ry0:ry1, rx0:rx1])).to(self.device).permute(2, 0, 1).float()[None]
+            region = pad_to_multiple(work[ry0:ry1, rx0:rx1], 4)
+            pixels = torch.tensor(region, device=self.device).permute(2, 0, 1).float()[None]  # a copy: may be a view
             fine, coarse = self.features(pixels)
             local = torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)
             out[own] = self.model.read((fine[0], coarse[0]), local).cpu().numpy()
@@ -120,27 +121,14 @@ class Outliner:
         stay in tile pixels. A nucleus is measured on its tile's pixels: one reaching past the tile (possible only
         for one wider than the tile overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
         mpp = self.config.mpp if mpp is None else mpp
-        work = np.stack([_pad_to_4(resample(tile, scale_to(mpp, self.config.mpp))) for tile in tiles])
-        # tile pixels -> working pixels (the resampled size, not the factor: sizes are rounded)
-        fx, fy = round(tiles.shape[2] * scale_to(mpp, self.config.mpp)) / tiles.shape[2], \
-            round(tiles.shape[1] * scale_to(mpp, self.config.mpp)) / tiles.shape[1]
+        work, fxy = resample_tiles(tiles, scale_to(mpp, self.config.mpp), 4)
         pixels = torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float()
         fine, coarse = self.features(pixels)
         out = []
         for k, nuclei in enumerate(found):
-            local = np.c_[(nuclei.xy[:, 0] + 0.5) * fx - 0.5, (nuclei.xy[:, 1] + 0.5) * fy - 0.5]
-            radii = self.model.read((fine[k], coarse[k]), torch.from_numpy(local).float().to(self.device))
-            radii = radii.cpu().numpy().astype(np.float64) / np.sqrt(fx * fy)
+            local = torch.from_numpy((nuclei.xy + 0.5) * fxy - 0.5).float().to(self.device)
+            radii = self.model.read((fine[k], coarse[k]), local).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
             outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, radii)))
             out.append((outlined, measure(outlined, tiles[k], mpp)))
         return out
 
-
-def _pad_to_4(image: np.ndarray) -> np.ndarray:
-    """``image`` padded with white on the right and bottom to multiples of 4 pixels (the stem's stride)."""
-    h, w = image.shape[:2]
-    if h % 4 == 0 and w % 4 == 0:
-        return image
-    padded = np.full((-(-h // 4) * 4, -(-w // 4) * 4, 3), 255, dtype=np.uint8)
-    padded[:h, :w] = image
-    return padded

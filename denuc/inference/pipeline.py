@@ -24,7 +24,7 @@ from denuc.inference.classify import Classifier
 from denuc.inference.detect import BUNDLE_DETECTOR, Detector, choose_runtime, read_tensors
 from denuc.inference.tiling import predict_image
 from denuc.io.atomic import atomic_path
-from denuc.io.images import resample, scale_to
+from denuc.io.images import resample_tiles, scale_to
 from denuc.nuclei import Nuclei, NucleusClass
 
 _CLASSIFIER = "classifier."
@@ -150,14 +150,8 @@ class Pipeline:
         factor = scale_to(self.mpp, self.classifier.config.mpp)
         if factor == 1.0:
             return self.classifier.classify_tiles(tiles, points)
-        height, width = tiles.shape[1:3]
-        size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        work = np.full((len(tiles), -(-size[0] // 32) * 32, -(-size[1] // 32) * 32, 3), 255, dtype=np.uint8)
-        for k, tile in enumerate(tiles):
-            work[k, :size[0], :size[1]] = resample(tile, factor)
-        fy, fx = size[0] / height, size[1] / width
-        return self.classifier.classify_tiles(work, [np.c_[(p[:, 0] + 0.5) * fx - 0.5, (p[:, 1] + 0.5) * fy - 0.5]
-                                                     for p in points])
+        work, fxy = resample_tiles(tiles, factor, 32)
+        return self.classifier.classify_tiles(work, [(p + 0.5) * fxy - 0.5 for p in points])
 
     def name_classes(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """From the classifier's (n, classes + 1) probabilities (the last column "not a nucleus"): each point's most

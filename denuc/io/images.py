@@ -77,6 +77,27 @@ def scale_to(mpp: float, target_mpp: float) -> float:
     return 1.0 if abs(factor - 1.0) <= RESAMPLE_TOLERANCE else factor
 
 
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """An RGB uint8 ``image`` padded with white on the right and bottom to multiples of ``multiple`` pixels (a
+    network's stride); unchanged when it already is."""
+    h, w = image.shape[:2]
+    if h % multiple == 0 and w % multiple == 0:
+        return image
+    padded = np.full((-(-h // multiple) * multiple, -(-w // multiple) * multiple, 3), 255, dtype=np.uint8)
+    padded[:h, :w] = image
+    return padded
+
+
+def resample_tiles(tiles: np.ndarray, factor: float, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each tile of a (B, H, W, 3) uint8 batch resampled by ``factor`` and padded to multiples of ``multiple``;
+    and (fx, fy), what takes tile pixel coordinates to the resampled tiles' (``(xy + 0.5) * fxy - 0.5``; from the
+    rounded sizes, not the factor)."""
+    work = np.stack([pad_to_multiple(resample(tile, factor), multiple) for tile in tiles])
+    height, width = tiles.shape[1:3]
+    fxy = np.array([round(width * factor) / width, round(height * factor) / height]) if factor != 1.0 else np.ones(2)
+    return work, fxy
+
+
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
     """Resize an RGB uint8 image by ``factor`` (antialiased bicubic); factor 1 returns it unchanged."""
     if abs(factor - 1.0) < 1e-6:
