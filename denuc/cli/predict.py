@@ -12,7 +12,7 @@ from pathlib import Path
 
 from denuc.cli import predict_cohort
 from denuc.cli.detect import SAMPLE
-from denuc.cli.options import COUNT, NON_NEGATIVE, device, output_folder, pixel_size
+from denuc.cli.options import COUNT, NON_NEGATIVE, PROBABILITY, device, output_folder, pixel_size
 from denuc.config import MPP_AUTO, RUNTIMES
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -36,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", metavar="MODEL",
                    help="detect with this detector instead of the bundle's own; the bundle's classifier labels its "
                         "nuclei (e.g. --detector precise: crowded 40x tissue)")
+    p.add_argument("--threshold", type=PROBABILITY,
+                   help="the detector's score threshold in [0, 1] (default: the model's, chosen on validation; "
+                        "per-dataset optima in DETECTOR_CARD.md)")
     p.add_argument("--taxonomy",
                    help="the classifier head, i.e. which classes nuclei get (the default bundle's heads: "
                         f"{_default_taxonomies()}; default: the bundle's first)")
@@ -124,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--detector", "replaces a bundle's detector before its classifier; for a detector alone "
                                        "use --model with --detector-only")
     if args.cluster or args.manifest:
-        if args.detector is not None:
-            raise InputError("--detector", "not supported with --manifest or --cluster yet: run without it")
+        for option, value in (("--detector", args.detector), ("--threshold", args.threshold)):
+            if value is not None:
+                raise InputError(option, "not supported with --manifest or --cluster yet: run without it")
         if args.taxonomy is not None:
             raise InputError("--taxonomy", "not supported with --manifest or --cluster yet: run without them")
         if args.outlines is not None:
@@ -154,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
             model = model.with_detector(Detector.from_pretrained(args.detector, device=args.device,
                                                                  runtime=args.runtime))
     model.with_test_time_views(args.tta)
+    if args.threshold is not None:
+        model.detector.with_settings(score_threshold=args.threshold)
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
     outliner = None
