@@ -119,6 +119,25 @@ def test_a_finer_detector_before_the_bundles_classifier(tmp_path: Path, model: P
     assert named.labels.tolist() == found.labels.tolist()
 
 
+def test_keeping_rejected_detections_keeps_every_detected_point(model: Pipeline) -> None:
+    """``reject`` off (``predict --keep-rejected``): every point the detector finds, classified; on, the same minus
+    those the classifier calls "not a nucleus" (the same points, the same classes)."""
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
+    detected = Pipeline(model.detector).predict(image, mpp=SAMPLE_MPP)
+    kept, dropped = [], []
+    for reject, out in ((False, kept), (True, dropped)):
+        model.reject = reject
+        out.append(model.predict(image, mpp=SAMPLE_MPP))
+    model.reject = True
+    (kept,), (dropped,) = kept, dropped
+    np.testing.assert_array_equal(kept.xy, detected.xy)
+    assert set(kept.labels) <= {c.name for c in model.classes}
+    assert len(dropped) < len(kept)  # the sample has detections the classifier rejects
+    index = {tuple(p): k for k, p in enumerate(kept.xy)}
+    same = [index[tuple(p)] for p in dropped.xy]
+    assert kept.labels[same].tolist() == dropped.labels.tolist()
+
+
 def test_drop_rejected_leaves_out_and_lists_what_the_classifier_rejects(tmp_path: Path, capsys) -> None:
     # points on a grid, away from the annotated nuclei: some of them the classifier calls "not a nucleus"
     annotated = read_points(SAMPLE_POINTS).xy

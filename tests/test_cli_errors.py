@@ -104,6 +104,8 @@ USER_ERRORS: list[tuple[str, Callable[[dict], list], str]] = [
      "argument --threshold: must be a number in [0, 1]"),
     ("predict --threshold --cluster", lambda f: predict(f, f["a"]) + ["--cluster", "local:1", "--threshold", "0.2"],
      "--threshold: not supported with --manifest or --cluster"),
+    ("predict --keep-rejected with a detector model",
+     lambda f: predict(f, f["a"], "--mpp", "0.5") + ["--keep-rejected"], "this model has no classifier"),
     ("predict --out an existing file", lambda f: ["predict", f["a"], "--out", f["file"]], "is a file; --out takes"),
     ("predict --out under a file", lambda f: ["predict", f["a"], "--out", f["file"] / "out"], "is a file, so"),
     ("predict a missing file", lambda f: predict(f, f["root"] / "missing.svs", "--mpp", "0.5"), "file not found"),

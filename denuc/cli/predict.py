@@ -54,6 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "settings) and discard their saved chunks; without it these are refused, and a slide "
                             "already done with the same model and settings is kept")
     p.add_argument("--embeddings", action="store_true", help="also save the classifier's per-nucleus features")
+    p.add_argument("--keep-rejected", action="store_true",
+                   help="keep the detections the classifier calls 'not a nucleus', labelled with their most probable "
+                        "class: for images unlike the training data, where that class rejects true nuclei "
+                        "(CLASSIFIER_CARD.md)")
     p.add_argument("--outlines", nargs="?", const="default-outlines", metavar="MODEL",
                    help="also outline each nucleus and measure it (area, perimeter, shape, haematoxylin density): "
                         "polygons in the GeoJSON, measurements in every table (docs/outlines.md); MODEL: an outline "
@@ -127,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--detector", "replaces a bundle's detector before its classifier; for a detector alone "
                                        "use --model with --detector-only")
     if args.cluster or args.manifest:
-        for option, value in (("--detector", args.detector), ("--threshold", args.threshold)):
+        for option, value in (("--detector", args.detector), ("--threshold", args.threshold),
+                              ("--keep-rejected", args.keep_rejected or None)):
             if value is not None:
                 raise InputError(option, "not supported with --manifest or --cluster yet: run without it")
         if args.taxonomy is not None:
@@ -162,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         model.detector.with_settings(score_threshold=args.threshold)
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
+    if args.keep_rejected and model.classifier is None:
+        raise InputError(name, "--keep-rejected keeps what the classifier rejects, and this model has no classifier")
+    model.reject = not args.keep_rejected
     outliner = None
     if args.outlines is not None:
         from denuc.inference.outline import Outliner

@@ -38,6 +38,10 @@ class Pipeline:
     def __init__(self, detector: Detector, classifier: Classifier | None = None) -> None:
         self.detector = detector
         self.classifier = None if classifier is None else classifier.eval().to(detector.device)
+        # drop the detections the classifier calls "not a nucleus" (an inference setting, not saved in bundles;
+        # off: keep them, labelled with their most probable class, for images unlike the training data, where the
+        # rejection costs more recall: CLASSIFIER_CARD.md)
+        self.reject = True
 
     @property
     def mpp(self) -> float:
@@ -125,8 +129,9 @@ class Pipeline:
 
         H and W must be multiples of 32. Point NMS is applied within each tile; ownership between overlapping
         tiles is the caller's business (see ``denuc.inference.tiling.iter_tiles``). With a classifier, detections
-        it calls "not a nucleus" are dropped; the others get the most probable class and ``probs``, the
-        class probabilities given that the point is a nucleus (renormalised without "not a nucleus").
+        it calls "not a nucleus" are dropped (unless ``self.reject`` is off); the others get the most probable class
+        and ``probs``, the class probabilities given that the point is a nucleus (renormalised without "not a
+        nucleus").
         """
         found = self.detector.detect_tiles(tiles)
         if self.classifier is None:
@@ -134,6 +139,7 @@ class Pipeline:
         results = []
         for nuclei, (probs, features) in zip(found, self.classify_tiles(tiles, [n.xy for n in found])):
             labels, class_probs, rejected = self.name_classes(probs)
+            rejected &= self.reject
             kept = nuclei.subset(~rejected)
             kept.probs = class_probs[~rejected]
             kept.labels = labels[~rejected]

@@ -92,6 +92,8 @@ def model_fingerprint(model: Pipeline) -> str:
     """SHA-256 of the model's weights, configuration and classes: resumed work must come from the same model."""
     digest = hashlib.sha256(model.detector.config.to_json().encode())
     digest.update(str(getattr(model.classifier, "test_time_views", None)).encode())  # an inference setting
+    if not model.reject:  # an inference setting too (only when off, so earlier runs' fingerprints still hold)
+        digest.update(b"keep rejected")
     digest.update(json.dumps([[c.name, list(c.color)] for c in model.classes]).encode())
     modules = [model.detector.model]
     if model.classifier is not None:
