@@ -157,15 +157,13 @@ def main() -> None:
     parser.add_argument("--datasets", default="brcam2c,crchisto",
                         help="comma-separated: brcam2c, crchisto, consep, monuseg (../shared/datasets)")
     parser.add_argument("--detector", default=None,
-                        help="detect with this detector instead of each bundle's own (bundles only, no --restain)")
+                        help="detect with this detector instead of each bundle's own (bundles only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS / "classification" / "classification.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
     joints = dict(item.split("=", 1) for item in args.joint)
-    if args.detector is not None and args.restain != "none":
-        parser.error("--detector is measured on the images as they are: no --restain with it")
     restain = None if args.restain == "none" else restainer(args.restain)
     datasets = args.datasets.split(",")
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
