@@ -66,14 +66,23 @@ RECIPE_NUMBERS = {"epochs": COUNT, "iters_per_epoch": COUNT, "batch_size": COUNT
 """The checked type of each recipe number the training commands take."""
 
 
+OPTIMISER_HELPS = {
+    "lr": "peak learning rate of AdamW, reached after a linear warm-up, then a cosine decay (default: %(default)s)",
+    "weight_decay": "AdamW weight decay (default: %(default)s)",
+    "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
+}
+"""The help texts of the options every training command has (``add_training_options`` adds them)."""
+
+
 def add_training_options(p: argparse.ArgumentParser, train: object, helps: dict[str, str], *, dataset_help: str,
                          run_dir_help: str, dataset_required: bool = True,
                          overwrite_help: str = "start again in a --run-dir that holds a trained run (its model, "
                                                "checkpoint and logs are deleted); without --resume or --overwrite "
                                                "such a folder is refused") -> None:
-    """--dataset (``dataset_required``, else it defaults to none), --run-dir, --resume / --overwrite, --quiet, and
-    one option per field of ``train`` named in ``helps`` (a key of ``RECIPE_NUMBERS``; its help text may show the
-    default, the dataclass's value, with ``%(default)s``)."""
+    """--dataset (``dataset_required``, else it defaults to none), --run-dir, --resume / --overwrite, --quiet,
+    --lr, --weight-decay, --threads (``OPTIMISER_HELPS``), and one option per field of ``train`` named in ``helps``
+    (a key of ``RECIPE_NUMBERS``; its help text may show the default, the dataclass's value, with
+    ``%(default)s``)."""
     p.add_argument("--dataset", action="append", required=dataset_required, default=[], metavar="NAME=ROOT",
                    help=dataset_help)
     p.add_argument("--run-dir", type=Path, required=True, help=run_dir_help)
@@ -81,7 +90,7 @@ def add_training_options(p: argparse.ArgumentParser, train: object, helps: dict[
     again.add_argument("--resume", action="store_true",
                        help="continue the interrupted run in --run-dir exactly (same options)")
     again.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    for name, text in helps.items():
+    for name, text in (helps | OPTIMISER_HELPS).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=RECIPE_NUMBERS[name], default=getattr(train, name),
                        help=text)
     p.add_argument("--quiet", action="store_true", help="no progress bars nor per-epoch rows")

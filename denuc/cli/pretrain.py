@@ -44,11 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "iters_per_epoch": "optimiser steps per epoch (default: %(default)s)",
         "batch_size": "view pairs per step, per process (default: %(default)s)",
         "crop_size": "side of each view in pixels (default: %(default)s)",
-        "lr": "peak AdamW learning rate, after a linear warm-up, then a cosine (default: %(default)s)",
-        "weight_decay": "AdamW weight decay (default: %(default)s)",
         "warmup_iters": "steps of learning-rate warm-up (default: %(default)s)",
         "seed": "seed of the initialisation and of the views (default: %(default)s)",
-        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
     }, dataset_required=False,
         dataset_help="also the train split's images of an annotated dataset, labels unused, e.g. "
                      "brcam2c=/data/brcam2c (repeatable)",

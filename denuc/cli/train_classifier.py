@@ -41,11 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "crop_size": "lora / full / joint: side of the square training crops, in pixels at the working "
                      "resolution (default: %(default)s)",
         "lora_rank": "lora: rank of the adapters (default: %(default)s)",
-        "lr": "peak learning rate of AdamW, reached after a linear warm-up, then a cosine decay "
-              "(default: %(default)s)",
-        "weight_decay": "AdamW weight decay (default: %(default)s)",
         "seed": "seed of the crops, batches and the heads' initialisation (default: %(default)s)",
-        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
     }, dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat: one head per dataset's taxonomy)",
         run_dir_help="checkpoints, logs, caches and the bundle (model.safetensors) go here")
     p.add_argument("--base", default=None, metavar="BUNDLE",

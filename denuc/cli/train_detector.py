@@ -29,11 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "iters_per_epoch": "batches (iterations) per epoch (default: %(default)s)",
         "batch_size": "crops per batch (default: %(default)s)",
         "crop_size": "side of the square training crops, in pixels at the working resolution (default: %(default)s)",
-        "lr": "peak learning rate of AdamW, reached after a linear warm-up, then a cosine decay (default: "
-              "%(default)s)",
-        "weight_decay": "AdamW weight decay (default: %(default)s)",
         "seed": "seed of the crops and of the weights' initialisation (default: %(default)s)",
-        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
     }, dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)",
         run_dir_help="checkpoints (last.pt), logs (log.json, log.csv), the best epoch (best.safetensors) and the "
                      "tuned model (model.safetensors) go here")

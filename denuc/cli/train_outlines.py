@@ -27,11 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "iters_per_epoch": "batches (iterations) per epoch (default: %(default)s)",
         "batch_size": "nuclei per batch, drawn from 8 random crops: a multiple of 8, rounded down, at least 8 "
                       "(default: %(default)s)",
-        "lr": "peak learning rate of AdamW, reached after a linear warm-up, then a cosine decay (default: "
-              "%(default)s)",
-        "weight_decay": "AdamW weight decay (default: %(default)s)",
         "seed": "seed of the crops and of the weights' initialisation (default: %(default)s)",
-        "threads": "CPU threads for torch (default: %(default)s, torch's choice)",
     }, dataset_help="a dataset with nucleus outlines, consep=ROOT or monuseg=ROOT (repeat for joint training)",
         run_dir_help="checkpoints (last.pt), logs (log.json, log.csv) and the best epoch (best.safetensors) go here")
 
