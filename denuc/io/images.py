@@ -94,8 +94,7 @@ def resample_tiles(tiles: np.ndarray, factor: float, multiple: int) -> tuple[np.
     rounded sizes, not the factor)."""
     work = np.stack([pad_to_multiple(resample(tile, factor), multiple) for tile in tiles])
     height, width = tiles.shape[1:3]
-    fxy = np.array([round(width * factor) / width, round(height * factor) / height]) if factor != 1.0 else np.ones(2)
-    return work, fxy
+    return work, np.array([round(width * factor) / width, round(height * factor) / height])
 
 
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
