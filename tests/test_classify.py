@@ -138,6 +138,18 @@ def test_keeping_rejected_detections_keeps_every_detected_point(model: Pipeline)
     assert kept.labels[same].tolist() == dropped.labels.tolist()
 
 
+def test_predict_threshold_and_keep_rejected_reach_the_model(tmp_path: Path) -> None:
+    """``predict --threshold`` sets the detector's score threshold, ``--keep-rejected`` keeps what the classifier
+    rejects: fewer nuclei with a higher threshold, more when the rejected are kept, on the bundled sample."""
+    def count(*options: str) -> int:
+        out = tmp_path / "-".join(options or ("plain",))
+        assert main(["predict", "--sample", "--runtime", "torch", "--quiet", "--out", str(out), *options]) == 0
+        return len(read_points(out / "sample_brcam2c.csv"))
+
+    plain = count()
+    assert count("--threshold", "0.9") < plain < count("--keep-rejected")
+
+
 def test_drop_rejected_leaves_out_and_lists_what_the_classifier_rejects(tmp_path: Path, capsys) -> None:
     # points on a grid, away from the annotated nuclei: some of them the classifier calls "not a nucleus"
     annotated = read_points(SAMPLE_POINTS).xy

@@ -502,6 +502,15 @@ def test_train_detector_command_fine_tunes_a_shipped_detector_on_own_points(tmp_
     assert main(common + ["--run-dir", str(tmp_path / "tuned")]) == 0
     tuned = Detector.from_pretrained(tmp_path / "tuned" / "model.safetensors")
     assert tuned.config.backbone == Detector.from_pretrained("fast").config.backbone
+    # --mpp with --init: the same network fine-tuned at another working resolution, starting from its weights
+    assert main(common + ["--run-dir", str(tmp_path / "finer"), "--mpp", "0.33"]) == 0
+    finer = Detector.from_pretrained(tmp_path / "finer" / "model.safetensors").config
+    assert finer.mpp == 0.33 and finer.backbone == tuned.config.backbone
+    from denuc.train.detector import initial_model
+
+    start = initial_model(DetectorTrainConfig(model=finer, init="fast"))
+    for ours, theirs in zip(start.state_dict().values(), Detector.from_pretrained("fast").model.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     # without a val folder: the last epoch, with the settings it started from (nothing to choose them on)
     shutil.rmtree(mine / "val")
     assert main(common + ["--run-dir", str(tmp_path / "no_val")]) == 0
