@@ -1,7 +1,7 @@
 """Detection + classification on the BRCAM2C and CRCHisto test splits (`denuc` protocol, 3 um), end to end.
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
-        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|reinhard-cmu1]
+        [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|macenko-tcga|...]
         [--datasets brcam2c,crchisto] [--detector NAME] [--out benchmarks/results/classification/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
@@ -128,13 +128,15 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
 
 
 def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The re-staining ``--restain`` names: to CMU-1's colours by Macenko's transfer (its stain vectors and
-    maximal concentrations) or by Reinhard's (each image's own tissue statistics in CIELAB mapped to CMU-1's;
-    per image, where bench_stain_shift.py pools a split)."""
-    from bench_stain_shift import macenko_normaliser, read_slide_region, restain, tissue_statistics
+    """The re-staining ``--restain`` names: to a slide's colours by Macenko's transfer (its stain vectors and
+    maximal concentrations) or by Reinhard's (each image's own tissue statistics in CIELAB mapped to the slide's;
+    per image, where bench_stain_shift.py pools a split). The slide: CMU-1 (``-cmu1``) or the TCGA slide
+    (``-tcga``, its level 1), both in ../shared/slides."""
+    from bench_stain_shift import TCGA_SLIDE, macenko_normaliser, read_slide_region, restain, tissue_statistics
 
-    slide = read_slide_region()
-    if name == "macenko-cmu1":
+    method, source = name.split("-")
+    slide = read_slide_region() if source == "cmu1" else read_slide_region(TCGA_SLIDE, level=1)
+    if method == "macenko":
         normaliser = macenko_normaliser([slide])
         return lambda image: normaliser.normalize(image, stains=False)[0]
     target = tissue_statistics([slide])
@@ -150,10 +152,11 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=1, help="test-time views of the bundles (1, 2, 4, 8)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--radius-um", type=float, default=3.0)
-    parser.add_argument("--restain", choices=("none", "macenko-cmu1", "reinhard-cmu1"), default="none",
-                        help="re-stain every image first to CMU-1-Small-Region.svs's colours: Macenko's stain "
-                             "vectors, or Reinhard's CIELAB statistics of each image's tissue "
-                             "(bench_stain_shift.py; needs torchstain and OpenSlide)")
+    parser.add_argument("--restain", default="none",
+                        choices=("none", "macenko-cmu1", "reinhard-cmu1", "macenko-tcga", "reinhard-tcga"),
+                        help="re-stain every image first to the colours of CMU-1-Small-Region.svs (-cmu1) or of "
+                             "the TCGA slide (-tcga): Macenko's stain vectors, or Reinhard's CIELAB statistics of "
+                             "each image's tissue (bench_stain_shift.py; needs torchstain and OpenSlide)")
     parser.add_argument("--datasets", default="brcam2c,crchisto",
                         help="comma-separated: brcam2c, crchisto, consep, monuseg (../shared/datasets)")
     parser.add_argument("--detector", default=None,

@@ -38,6 +38,7 @@ from denuc.train.stain import lab_to_rgb, rgb_to_lab
 from denuc.train.stain import tissue_statistics as lab_statistics
 
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
+TCGA_SLIDE = SLIDE.with_name("TCGA-CR-7395-01A-01-TS1.svs")
 TRAIN_IMAGES_FOR_STATISTICS = 30
 
 
@@ -63,10 +64,11 @@ def macenko_normaliser(images: list[np.ndarray]) -> "torchstain.normalizers.HENo
     return normaliser
 
 
-def read_slide_region() -> np.ndarray:
-    """The whole of CMU-1-Small-Region.svs as RGB (it is small: 2220 x 2967)."""
-    slide = openslide.OpenSlide(SLIDE)
-    return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+def read_slide_region(path: Path = SLIDE, level: int = 0) -> np.ndarray:
+    """The whole of one level of a small slide as RGB: CMU-1-Small-Region.svs (level 0: 2220 x 2967) by default,
+    or TCGA_SLIDE (level 1: 2221 x 1783)."""
+    slide = openslide.OpenSlide(path)
+    return np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]).convert("RGB"))
 
 
 def main() -> None:
