@@ -8,9 +8,9 @@ short aliases. Every name a user gives goes through ``resolve``; ``load`` return
 What ``default`` means: the default *detector* (``detector/shufflenet_v2_x1_0.e80_randstainna_ft12``), in
 ``denuc detect``, ``denuc predict --detector-only``, ``Detector.from_pretrained`` and ``load``. A ``Pipeline``
 (detector + classifier) asked for ``default`` gets the default *bundle*, ``default-bundle``: ``denuc predict``
-and ``Pipeline.from_pretrained()`` classify nuclei with the bundle's own detector (the 80-epoch run the
-classifier was trained with; ``resolve(name, kind="bundle")``). Everywhere a detector runs alone, ``default``
-is the same weights with the same tiles.
+and ``Pipeline.from_pretrained()`` classify nuclei with the bundle's detector: since 0.5.0 the ``default``
+detector's weights, on 384 px tiles (the classifier's context; ``resolve(name, kind="bundle")``). Everywhere a
+detector runs alone, ``default`` is the same weights on 256 px tiles.
 
 Importing this module loads neither torch nor the models, so the command line and lower layers can name and
 describe models cheaply. ``python -m denuc.hub`` lists the shipped models.
@@ -79,17 +79,18 @@ MODELS = (
         "ShuffleNetV2 1.0x, 20 epochs with RandStainNA from the start: the most tolerant of another lab's colours, "
         "1-4 points less F1 on ours"),
     ShippedModel(
-        "bundle/shufflenet_v2_x1_0.det_e80_cls_e160_consep", "bundle", "bundle_default.safetensors",
+        "bundle/shufflenet_v2_x1_0.det_default_cls_e160_consep", "bundle", "bundle_default.safetensors",
         ("default-bundle",),
-        "BRCAM2C train split (80 images: lymphocyte, tumour, stromal) + CRCHisto train split (70 images: "
+        "classifier: BRCAM2C train split (80 images: lymphocyte, tumour, stromal) + CRCHisto train split (70 images: "
         "epithelial, fibroblast, inflammatory, others) at 0.5 um/px, with the 80-epoch detector's false "
         "positives as 'not a nucleus'; the consep head on the frozen encoder: CoNSeP train split (crops of 21 of "
-        "its 27 train images, 40x: other, inflammatory, epithelial, spindle)",
+        "its 27 train images, 40x: other, inflammatory, epithelial, spindle); detector: the `default` detector's "
+        "(BRCAM2C + CRCHisto train splits, every nucleus centre)",
         "non-commercial research use only (CRCHisto: research use only; CoNSeP: Warwick TIA's research terms; "
         "BRCAM2C is BSD-3)",
-        "the 80-epoch ShuffleNetV2 1.0x detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from its "
-        "backbone, 160 epochs; heads brcam2c and crchisto, and consep (linear, frozen encoder, 20 epochs) "
-        "(CLASSIFIER_CARD.md)"),
+        "the `default` detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from the 80-epoch "
+        "detector's backbone, 160 epochs; heads brcam2c and crchisto, and consep (linear, frozen encoder, 20 "
+        "epochs); the detector chosen for other labs' colours (CLASSIFIER_CARD.md)"),
 )
 
 _FOUR_DATASETS_DATA = ("`default` fine-tuned on the train splits of BRCAM2C (80 images), CRCHisto (70), CoNSeP "
