@@ -57,8 +57,8 @@ class Pipeline:
         """A shipped model name (``denuc.hub``) or a model file; detector-only files (a bare detector) are
         accepted too and give a detection-only pipeline.
 
-        "default" here means the default bundle ("default-bundle": the 80-epoch detector it was trained with,
-        and its classifier); for the default detector alone, ``Pipeline(Detector.from_pretrained("default"))``.
+        "default" here means the default bundle ("default-bundle": the ``default`` detector's weights on 384 px
+        tiles, and its classifier); for the default detector alone, ``Pipeline(Detector.from_pretrained("default"))``.
         ``taxonomy`` picks the classifier head of a bundle with several (default: the first saved);
         ``runtime`` is where the networks run: "torch", or "onnx" (CPU) for the detector and a convolutional
         classifier encoder (see ``denuc.inference.runtime``), or "auto": ONNX Runtime on a CPU, else PyTorch.
