@@ -94,9 +94,8 @@ class Outliner:
             rx1, ry1 = min(w, (tx + 1) * TILE + margin), min(h, (ty + 1) * TILE + margin)
             region = pad_to_multiple(work[ry0:ry1, rx0:rx1], 4)
             pixels = torch.tensor(region, device=self.device).permute(2, 0, 1).float()[None]  # a copy: may be a view
-            fine, coarse = self.features(pixels)
             local = torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)
-            out[own] = self.model.read((fine[0], coarse[0]), local).cpu().numpy()
+            out[own] = self.model.read(self.features(pixels), [local]).cpu().numpy()
         return out
 
     def outline(self, image: np.ndarray, nuclei: Nuclei, mpp: float) -> Nuclei:
@@ -123,12 +122,11 @@ class Outliner:
         mpp = self.config.mpp if mpp is None else mpp
         work, fxy = resample_tiles(tiles, scale_to(mpp, self.config.mpp), 4)
         pixels = torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float()
-        fine, coarse = self.features(pixels)
+        points = [torch.from_numpy((nuclei.xy + 0.5) * fxy - 0.5).float().to(self.device) for nuclei in found]
+        radii = self.model.read(self.features(pixels), points).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
         out = []
-        for k, nuclei in enumerate(found):
-            local = torch.from_numpy((nuclei.xy + 0.5) * fxy - 0.5).float().to(self.device)
-            radii = self.model.read((fine[k], coarse[k]), local).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
-            outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, radii)))
-            out.append((outlined, measure(outlined, tiles[k], mpp)))
+        for tile, nuclei, tile_radii in zip(tiles, found, np.split(radii, np.cumsum([len(n) for n in found])[:-1])):
+            outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, tile_radii)))
+            out.append((outlined, measure(outlined, tile, mpp)))
         return out
 

@@ -57,15 +57,19 @@ class OutlineHead(nn.Module):
         fine = self.fine((images - self.mean) / self.std)
         return fine, self.coarse(fine)
 
-    def read(self, features: tuple[torch.Tensor, torch.Tensor], xy: torch.Tensor) -> torch.Tensor:
-        """Radii (N, rays) of the points ``xy`` (N, 2, working pixels) of one image's features (fine (C1, H/2,
-        W/2), coarse (C2, H/4, W/4))."""
-        if not len(xy):
-            return xy.new_zeros((0, self.config.rays))
+    def read(self, features: tuple[torch.Tensor, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
+        """Radii (n_1 + ... + n_B, rays) of the points ``points[b]`` (n_b, 2, working pixels) of image b of a
+        batch's features (fine (B, C1, H/2, W/2), coarse (B, C2, H/4, W/4)), images in order. One read of each
+        map for the whole batch (the points padded to the most any image has), not one per image: fewer calls."""
         fine, coarse = features
-        x = torch.cat([_sample(fine, xy, self.fine_offsets, 2), _sample(coarse, xy, self.coarse_offsets, 4)], 1)
+        counts = torch.tensor([len(p) for p in points], device=fine.device)
+        if not int(counts.sum()):
+            return fine.new_zeros((0, self.config.rays))
+        xy = torch.nn.utils.rnn.pad_sequence(list(points), batch_first=True)  # (B, max n_b, 2)
+        x = torch.cat([_sample(fine, xy, self.fine_offsets, 2), _sample(coarse, xy, self.coarse_offsets, 4)], -1)
+        real = torch.arange(xy.shape[1], device=fine.device)[None] < counts[:, None]
         # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
-        return F.softplus(self.regress(x) + 4.0)
+        return F.softplus(self.regress(x[real]) + 4.0)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -81,15 +85,14 @@ def _separable(channels: int) -> list[nn.Module]:
 
 
 def _sample(features: torch.Tensor, xy: torch.Tensor, offsets: torch.Tensor, stride: int) -> torch.Tensor:
-    """Bilinear reads (N, M * C) of a stride-``stride`` map (C, h, w) at ``xy`` (N, 2) + ``offsets`` (M, 2), in
-    image pixels (feature cell j covers image pixels stride * j .. stride * (j + 1) - 1); zero outside."""
+    """Bilinear reads (B, N, M * C) of stride-``stride`` maps (B, C, h, w) at ``xy`` (B, N, 2) + ``offsets`` (M, 2),
+    in image pixels (feature cell j covers image pixels stride * j .. stride * (j + 1) - 1); zero outside."""
     h, w = features.shape[-2:]
-    where = xy[:, None, :] + offsets[None]
+    where = xy[:, :, None, :] + offsets
     grid = torch.stack([(where[..., 0] + 0.5) / (stride * w) * 2 - 1,
                         (where[..., 1] + 0.5) / (stride * h) * 2 - 1], -1)
-    sampled = F.grid_sample(features[None], grid[None], mode="bilinear", padding_mode="zeros",
-                            align_corners=False)[0]  # (C, N, M)
-    return sampled.permute(1, 2, 0).reshape(len(xy), -1)
+    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, N, M)
+    return sampled.permute(0, 2, 3, 1).reshape(*xy.shape[:2], -1)
 
 
 def dihedral_ray_order(rays: int, transpose: bool, flip_x: bool, flip_y: bool) -> np.ndarray:

@@ -146,7 +146,7 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
     def step(batch):
         crops, centres, radii = batch
         fine, coarse = model.features(crops)
-        predicted = torch.cat([model.read((fine[k], coarse[k]), xy) for k, xy in enumerate(centres)])
+        predicted = model.read((fine, coarse), centres)
         radii = torch.cat(radii)
         iou = star_iou(predicted, radii).mean()
         # the metric itself (what PQ's IoU rewards) and a small L1 term that keeps gradients where IoU saturates
@@ -159,8 +159,8 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
                 ious = []
                 for item in (i for i in val if i.dataset == name):
                     radii = targets(item, np.arange(len(item.ids)), item.centres, rays, reach)
-                    fine, coarse = scored.features(pad_to(item.image, 4)[None])
-                    predicted = scored.read((fine[0], coarse[0]), torch.from_numpy(item.centres).float())
+                    features = scored.features(pad_to(item.image, 4)[None])
+                    predicted = scored.read(features, [torch.from_numpy(item.centres).float()])
                     ious.append(star_iou(predicted.numpy(), radii))
                 scores[name] = float(np.concatenate(ious).mean())
         scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
