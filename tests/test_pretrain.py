@@ -27,7 +27,7 @@ from denuc.io.slides import open_slide, write_pyramidal_tiff
 from denuc.models.detector import PointDetector
 from denuc.models.encoders import create_encoder
 from denuc.nuclei import Nuclei
-from denuc.train.distill import teacher_momentum, teacher_temperature, update_center
+from denuc.train.distill import target_entropy, teacher_momentum, teacher_temperature, update_center
 from denuc.train.pretrain import cross_view_loss, network_state, pretrain
 from denuc.train.regions import Region, source_regions
 from denuc.train.views import view_pair
@@ -128,6 +128,10 @@ def test_distillation_pieces() -> None:
     assert cross_view_loss(swapped, teacher, zero, cfg, cfg.teacher_temp) < \
         cross_view_loss(own, teacher, zero, cfg, cfg.teacher_temp) - 0.5
     assert cross_view_loss(torch.zeros(0, 16, requires_grad=True), torch.zeros(0, 16), zero, cfg, 0.07) == 0
+    # the targets' entropy is the loss's floor, reached by the student that gives the other view's targets
+    floor = target_entropy(teacher, zero, cfg.teacher_temp)
+    assert cross_view_loss(swapped, teacher, zero, cfg, cfg.teacher_temp) == pytest.approx(floor.item(), abs=1e-5)
+    assert target_entropy(torch.ones(4, 16), zero, 0.04) == pytest.approx(np.log(16))  # uniform: ln K
 
 
 def test_a_torchvision_encoders_weights_are_the_whole_networks(tmp_path: Path) -> None:
@@ -172,6 +176,9 @@ def test_a_tiny_run_writes_encoder_weights_and_resumes_exactly(runs) -> None:
     assert len(runs["once"]) == 1
     log = json.loads((whole / "log.json").read_text())
     assert [row["epoch"] for row in log] == [1, 2] and all(row["nuclei_per_pair"] > 0 for row in log)
+    for row, level in ((row, level) for row in log for level in ("image", "nucleus")):  # floor <= loss, <= ln K
+        assert 0 < row[f"{level}_target_entropy"] <= row[f"{level}_loss"] + 1e-5
+        assert row[f"{level}_target_entropy"] <= np.log(runs["cfg"].prototypes) + 1e-5
     assert json.loads((resumed / "log.json").read_text())[1]["loss"] == pytest.approx(log[1]["loss"])
     weights, again = load_file(whole / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)

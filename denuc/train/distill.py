@@ -24,6 +24,16 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, center: torc
 
 
 @torch.no_grad()
+def target_entropy(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Mean entropy (nats) of the teacher's centred, sharpened targets: the floor of ``distillation_loss``, so that
+    the loss minus it is what the student has still to learn (their KL divergence)."""
+    if len(teacher) == 0:
+        return teacher.new_zeros(())
+    targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    return -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+@torch.no_grad()
 def update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
     """Move ``center`` (1, K) towards the mean of the teacher's rows (N, K) over every process, in place. A batch
     without rows (no nucleus matched anywhere) leaves it."""

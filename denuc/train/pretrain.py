@@ -43,6 +43,7 @@ from denuc.train import loop
 from denuc.train.distill import (
     distillation_loss,
     follow,
+    target_entropy,
     teacher_momentum,
     teacher_temperature,
     update_center,
@@ -161,11 +162,13 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, overwrite: bool,
 
         image_loss = cross_view_loss(student_image, teacher_image, model.image_center, cfg, temperature)
         nucleus_loss = cross_view_loss(student_nuclei, teacher_nuclei, model.nucleus_center, cfg, temperature)
+        floors = {"image_target_entropy": target_entropy(teacher_image, model.image_center, temperature),
+                  "nucleus_target_entropy": target_entropy(teacher_nuclei, model.nucleus_center, temperature)}
         update_center(model.image_center, teacher_image, cfg.center_momentum)
         update_center(model.nucleus_center, teacher_nuclei, cfg.center_momentum)
         return {"loss": cfg.image_loss_weight * image_loss + cfg.nucleus_loss_weight * nucleus_loss,
                 "image_loss": image_loss.detach(), "nucleus_loss": nucleus_loss.detach(),
-                "nuclei_per_pair": len(teacher_nuclei) / len(images)}
+                "nuclei_per_pair": len(teacher_nuclei) / len(images), **floors}
 
     def after_step() -> None:
         follow(model.teacher, model.student, teacher_momentum(int(model.steps), total_steps, cfg.momentum_teacher))
