@@ -2,8 +2,8 @@
 
     python benchmarks/pretrain_signal.py [--steps 120] [--out benchmarks/results/pretrain/signal.json]
 
-1. At initialisation (the compact encoder of the bundle, random weights, and the DINO heads), for batches of
-   view pairs drawn as `denuc pretrain` draws them (BRCAM2C train split, 128 px crops): the cosine, after
+1. At initialisation (the compact encoder of the bundle, random weights or ``--init``'s, and the DINO heads), for
+   batches of view pairs drawn as `denuc pretrain` draws them (BRCAM2C train split, 128 px crops): the cosine, after
    centring over the batch, between the teacher's outputs for the two views of one region (or one nucleus)
    against two different ones, and how often a view's nearest other view is its own pair (retrieval top-1;
    chance is one in the batch). Both with the default views and with views at one pixel size without colour
@@ -43,6 +43,10 @@ def settings(steps: int, **changes) -> PretrainConfig:
                           encoder_kwargs={}, crop_size=128, batch_size=16, epochs=max(1, steps // 60),
                           iters_per_epoch=min(steps, 60), warmup_iters=min(steps, 60), teacher_temp_warmup_epochs=1,
                           prototypes=1024, head_hidden=512, lr=5e-4, threads=2, **changes)
+
+
+def encoder(cfg: PretrainConfig):
+    return create_encoder(cfg.encoder, weights=cfg.encoder_weights, layers=cfg.encoder_layers)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -95,31 +99,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batches", type=int, default=4, help="batches of 16 view pairs for part 1")
+    parser.add_argument("--init", type=Path, help="encoder weights to start from (e.g. `denuc export-backbone "
+                        "default`; default: random initialisation)")
     parser.add_argument("--runs", type=Path, default=Path("runs/pretrain_signal"))
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrain" / "signal.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.runs.mkdir(parents=True, exist_ok=True)
     cache = args.runs / "nuclei.npz"
+    weights = None if args.init is None else str(args.init.resolve())
 
     conditions = {"default_views": {}, "one_pixel_size_no_colour": {"other_mpp": (0.5, 0.5), "color_jitter": 0.0,
                                                                    "stain_vector_jitter": 0.0}}
     at_init = {}
     for name, changes in conditions.items():
-        cfg = settings(args.steps, **changes)
+        cfg = settings(args.steps, encoder_weights=weights, **changes)
         torch.manual_seed(cfg.seed)
-        model = SelfDistillation(create_encoder(cfg.encoder, layers=cfg.encoder_layers), cfg).train()
+        model = SelfDistillation(encoder(cfg), cfg).train()
         at_init[name] = mean_of([view_agreement(model, b) for b in batches(cfg, args.batches, cache)])
         print(name, json.dumps(at_init[name]), flush=True)
 
-    cfg = settings(args.steps)
+    cfg = settings(args.steps, encoder_weights=weights)
     probe = batches(cfg, 1, cache)[0]
     torch.manual_seed(cfg.seed)
-    start = SelfDistillation(create_encoder(cfg.encoder, layers=cfg.encoder_layers), cfg)
+    start = SelfDistillation(encoder(cfg), cfg)
     cosine_at_init = embedding_cosine(start, probe)
     run = args.runs / "pretrain"
     pretrain(cfg, run, overwrite=True, progress=False)
-    trained = SelfDistillation(create_encoder(cfg.encoder, layers=cfg.encoder_layers), cfg)
+    trained = SelfDistillation(encoder(cfg), cfg)
     trained.load_state_dict(torch.load(run / "last.pt", weights_only=False)["distillation"])
     log = json.loads((run / "log.json").read_text())
     result = {
@@ -129,7 +136,8 @@ def main() -> None:
         "run": {"log": [{k: row[k] for k in ("epoch", "image_loss", "image_target_entropy", "nucleus_loss",
                                              "nucleus_target_entropy")} for row in log],
                 "ln_prototypes": float(np.log(cfg.prototypes)),
-                "student_embedding_cosine": {"initialisation": cosine_at_init, "end": embedding_cosine(trained, probe)}},
+                "student_embedding_cosine": {"initialisation": cosine_at_init,
+                                             "end": embedding_cosine(trained, probe)}},
     }
     print(json.dumps(result["run"], indent=1))
     write_result(args.out, result)
