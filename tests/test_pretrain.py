@@ -236,10 +236,13 @@ def test_two_processes_train_one_step_under_torchrun(tmp_path: Path) -> None:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "denuc.cli",
          "pretrain", "--images", SAMPLE_IMAGE, "--mpp", "0.5", "--encoder", "timm:test_efficientnet",
          "--run-dir", tmp_path / "ddp", "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "1",
-         "--crop-size", "64", "--prototypes", "32", "--warmup-iters", "1", "--threads", "1", "--quiet"],
+         "--crop-size", "64", "--prototypes", "32", "--warmup-iters", "1", "--threads", "1", "--quiet",
+         "--teacher-temp", "0.05", "--warmup-teacher-temp", "0.03", "--center-momentum", "0.8"],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("encoder weights:") == 1
     assert len(json.loads((tmp_path / "ddp" / "log.json").read_text())) == 1
     assert (tmp_path / "ddp" / "encoder.safetensors").is_file()
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert (config["teacher_temp"], config["warmup_teacher_temp"], config["center_momentum"]) == (0.05, 0.03, 0.8)
     assert time.perf_counter() - started < 120

@@ -81,6 +81,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="outputs of each DINO head (default: %(default)s)")
     p.add_argument("--momentum-teacher", type=POSITIVE, default=cfg.momentum_teacher,
                    help="the teacher's starting EMA momentum, raised to 1 along a cosine (default: %(default)s)")
+    p.add_argument("--teacher-temp", type=POSITIVE, default=cfg.teacher_temp,
+                   help="the teacher's temperature after its warm-up; lower sharpens its targets, the cure for "
+                        "targets near uniform (docs/pretraining.md; default: %(default)s)")
+    p.add_argument("--warmup-teacher-temp", type=POSITIVE, default=cfg.warmup_teacher_temp,
+                   help="the teacher's temperature at the start, rising linearly (default: %(default)s)")
+    p.add_argument("--teacher-temp-warmup-epochs", type=NON_NEGATIVE, default=cfg.teacher_temp_warmup_epochs,
+                   help="epochs of that rise (default: %(default)s)")
+    p.add_argument("--center-momentum", type=FRACTION, default=cfg.center_momentum,
+                   help="momentum of the running mean subtracted from the teacher's scores; lower follows the "
+                        "batches faster (default: %(default)s)")
     p.add_argument("--image-loss-weight", type=NON_NEGATIVE_REAL, default=cfg.image_loss_weight,
                    help="weight of the image-level loss (default: %(default)s)")
     p.add_argument("--nucleus-loss-weight", type=NON_NEGATIVE_REAL, default=cfg.nucleus_loss_weight,
@@ -111,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             region_um=args.region_um, regions_per_source=args.regions_per_source, max_nuclei=args.max_nuclei,
             epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, momentum_teacher=args.momentum_teacher,
+            teacher_temp=args.teacher_temp, warmup_teacher_temp=args.warmup_teacher_temp,
+            teacher_temp_warmup_epochs=args.teacher_temp_warmup_epochs, center_momentum=args.center_momentum,
             prototypes=args.prototypes, image_loss_weight=args.image_loss_weight,
             nucleus_loss_weight=args.nucleus_loss_weight, color_jitter=args.color_jitter,
             stain_vector_jitter=args.stain_vector_jitter, seed=args.seed, threads=args.threads)
