@@ -79,6 +79,8 @@ def main() -> None:
                         "export-backbone default`); adds their own probe as the arm to beat (default: random init)")
     parser.add_argument("--restain", default="none", help="also probe on validation re-stained so "
                         "(bench_classification.py's --restain names, e.g. macenko-cmu1)")
+    parser.add_argument("--reuse", action="store_true", help="probe the finished pretraining run in --runs if "
+                        "its settings are these (a run whose probes failed), instead of pretraining again")
     parser.add_argument("--win-margin", type=float, default=0.05, help="the rule's primary gain to win")
     parser.add_argument("--rule", type=Path, default=RESULTS / "pretrain" / "rule.txt")
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrain" / "linear_probe.json")
@@ -100,8 +102,13 @@ def main() -> None:
         run.mkdir(parents=True, exist_ok=True)
         shutil.copy(args.nuclei_cache, run / args.nuclei_cache.name)
     started = time.perf_counter()
-    weights = pretrain(cfg, run, overwrite=True, progress=True)
-    pretrain_seconds = time.perf_counter() - started
+    if args.reuse and (run / "encoder.safetensors").is_file():  # a finished run of these settings: probe it
+        if json.loads((run / "config.json").read_text()) != json.loads(json.dumps(cfg.to_dict())):
+            raise SystemExit(f"--reuse: {run} was made with other settings")
+        weights, pretrain_seconds = run / "encoder.safetensors", None
+    else:
+        weights = pretrain(cfg, run, overwrite=True, progress=True)
+        pretrain_seconds = time.perf_counter() - started
 
     restain = None if args.restain == "none" else restainer(args.restain)
     starts = [("random_init", None)] + ([("initial_weights", str(args.init.resolve()))] if args.init else [])
