@@ -24,28 +24,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_pretrain import ENCODER, LAYERS, SHARED
 from common import RESULTS, write_result
 
 from denuc.config import DatasetSpec, PretrainConfig
 from denuc.inference.detect import Detector
-from denuc.models.encoders import create_encoder
+from denuc.models.encoders import Encoder, create_encoder
 from denuc.train.pretrain import SelfDistillation, pretrain
 from denuc.train.regions import pretraining_regions, region_nuclei
 from denuc.train.views import ViewPairBatches
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
 
 def settings(steps: int, **changes) -> PretrainConfig:
     return PretrainConfig(datasets=[DatasetSpec("brcam2c", str(SHARED / "brcam2c"))],
-                          encoder="torchvision:shufflenet_v2_x1_0", encoder_layers=["maxpool", "stage2", "stage3",
-                                                                                    "stage4"],
-                          encoder_kwargs={}, crop_size=128, batch_size=16, epochs=max(1, steps // 60),
+                          encoder=ENCODER, encoder_layers=LAYERS, encoder_kwargs={}, crop_size=128, batch_size=16,
+                          epochs=max(1, steps // 60),
                           iters_per_epoch=min(steps, 60), warmup_iters=min(steps, 60), teacher_temp_warmup_epochs=1,
                           prototypes=1024, head_hidden=512, lr=5e-4, threads=2, **changes)
 
 
-def encoder(cfg: PretrainConfig):
+def encoder(cfg: PretrainConfig) -> Encoder:
     return create_encoder(cfg.encoder, weights=cfg.encoder_weights, layers=cfg.encoder_layers)
 
 

@@ -16,10 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def teacher_targets(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """The teacher's scores (N, K) centred and sharpened into target distributions (N, K)."""
+    return F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
                       teacher_temp: float) -> torch.Tensor:
-    """Mean over rows of the cross-entropy from the teacher's centred, sharpened softmax to the student's."""
-    targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    """Mean over rows of the cross-entropy from the teacher's targets to the student's softmax."""
+    targets = teacher_targets(teacher, center, teacher_temp)
     return -(targets * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1).mean()
 
 
@@ -29,7 +34,7 @@ def target_entropy(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: fl
     the loss minus it is what the student has still to learn (their KL divergence)."""
     if len(teacher) == 0:
         return teacher.new_zeros(())
-    targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    targets = teacher_targets(teacher, center, teacher_temp)
     return -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
 
 
