@@ -29,11 +29,11 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results"
 
 
-def git_state() -> dict:
+def git_state(checkout: Path = REPOSITORY) -> dict:
     """The checkout's HEAD commit and whether tracked or untracked (not ignored) files differ from it; both None
     where there is no git or no repository (an unpacked release)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout
+        return subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True, check=True).stdout
 
     try:
         return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}

@@ -262,31 +262,34 @@ class ClassifierTrainConfig(_TrainConfig):
 @dataclass
 class OutlineConfig(_ModelConfig):
     """A nucleus outline head: the nucleus's star-convex outline, its distance to the boundary along ``rays``
-    evenly spaced directions (StarDist's representation), predicted only at detected points: a small dense stem
-    (strides 2 and 4) runs once over the image, and a small MLP reads its features on lattices around each point."""
+    evenly spaced directions (StarDist's representation), predicted only at detected points from the detector's own
+    feature maps (``denuc.models.outline``): a small MLP reads them on lattices around each point."""
 
     _what = "outline"
 
     rays: int = 32  # directions, from +x (angle 0) turning towards +y; a multiple of 4 (flips and rot90 permute them)
-    stem: tuple[int, int] = (16, 32)  # channels of the stem's stride-2 and stride-4 features
-    grid: int = 5  # the features are read on grid x grid lattices centred on the point: the stride-2 map's ...
-    fine_spacing: float = 2.0  # ... this many working pixels apart (+-4 px = 2 um at 0.5 um/px), the stride-4 map's
-    spacing: float = 4.0  # ... this far apart (+-8 px) ...
-    coarse_spacing: float = 9.0  # ... and on a second lattice this far apart (+-18 px: the largest nuclei)
-    hidden: int = 128
-    mpp: float = 0.5  # working resolution (um/px); the detector's
+    fine_convs: int = 2  # depthwise-separable convs of the head's own on the detector's stride-2 map ...
+    coarse_convs: int = 1  # ... and on its stride-4 map
+    # (grid, spacing in working pixels) of the grid x grid lattice centred on the point on which each map is read:
+    # the stride-2 map after fine_convs (+-4 px = 2 um at 0.5 um/px), the stride-4 map after coarse_convs (+-8 px)
+    # and the detector's point head's hidden map (stride 8, +-8 px; its receptive field covers the largest nuclei)
+    lattices: tuple[tuple[int, float], ...] = ((5, 2.0), (5, 4.0), (3, 8.0))
+    hidden: int = 256
+    max_radius: float = 22.0  # the longest ray trained on (working pixels: 11 um at 0.5 um/px)
+    mpp: float = 0.5  # working resolution (um/px): the detector's
 
     def __post_init__(self) -> None:
-        self.stem = tuple(self.stem)
+        self.lattices = tuple((int(grid), float(spacing)) for grid, spacing in self.lattices)
         if self.rays < 4 or self.rays % 4:
             raise ValueError(f"rays must be a multiple of 4, got {self.rays}")
-        if self.grid < 1 or self.grid % 2 == 0:
-            raise ValueError(f"grid must be odd (a lattice centred on the point), got {self.grid}")
+        if len(self.lattices) != 3 or any(grid < 1 or grid % 2 == 0 for grid, _ in self.lattices):
+            raise ValueError(f"lattices: one (odd grid, spacing) per map (stride 2, stride 4, head), "
+                             f"got {self.lattices}")
 
     @property
     def reach(self) -> float:
-        """How far from its point (working pixels) a nucleus's outline is read."""
-        return (self.grid - 1) / 2 * self.coarse_spacing + 4
+        """How far from its point (working pixels) a nucleus's outline may reach."""
+        return self.max_radius
 
 
 @dataclass
@@ -303,6 +306,7 @@ class OutlineTrainConfig(_TrainConfig):
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_iters: int = 100
+    detector: str = "default"  # whose feature maps the head reads (a shipped name or a file); kept frozen
     centre_jitter_um: float = 1.0  # the patch centre is moved by up to this much: detected points are not centroids
     color_jitter: float = 0.1  # per-channel gain and contrast perturbation strength
     ema_decay: float | None = None

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from denuc.inference.detect import Detector
     from denuc.inference.pipeline import Pipeline
 
-DETECTOR_FORMAT, BUNDLE_FORMAT, OUTLINE_FORMAT = "denuc-detector-1", "denuc-bundle-1", "denuc-outline-1"
+DETECTOR_FORMAT, BUNDLE_FORMAT, OUTLINE_FORMAT = "denuc-detector-1", "denuc-bundle-1", "denuc-outline-2"
 """The ``format`` metadata of a detector file (``Detector.save``), a bundle (``Pipeline.save``) and an outline head
 (``denuc.train.outlines.save_outline_head``)."""
 
@@ -167,6 +167,9 @@ def kind_of(metadata: dict[str, str], path: str | os.PathLike) -> str:
         return "bundle"
     if found == OUTLINE_FORMAT:
         return "outline"
+    if found == "denuc-outline-1":
+        raise InputError(path, "an outline head of denuc 0.5 or earlier, which ran a stem of its own; today's heads "
+                               "read their detector's maps: train one with `denuc train-outlines`")
     if found in (DETECTOR_FORMAT, None) and "denuc_detector" in metadata:
         return "detector"
     raise InputError(path, f"not a denuc detector or bundle (format {found!r}; those are {DETECTOR_FORMAT!r}, "

@@ -27,8 +27,9 @@ from skimage.measure import points_in_poly
 import denuc.inference.outline as outline_inference
 from denuc import hub
 from denuc.cli import main
-from denuc.config import DatasetSpec, OutlineConfig, OutlineTrainConfig
+from denuc.config import DatasetSpec, DetectorConfig, OutlineConfig, OutlineTrainConfig
 from denuc.errors import InputError
+from denuc.inference.detect import Detector
 from denuc.inference.outline import Outliner
 from denuc.io import read_points
 from denuc.models.outline import OutlineHead, dihedral_ray_order, polygons, trim_to_neighbours
@@ -184,19 +185,51 @@ def test_tiles_at_a_finer_pixel_size_get_the_outlines_of_their_nuclei(sample: np
 
 
 def test_save_and_load_give_the_same_head(sample: np.ndarray, tmp_path: Path) -> None:
+    """Head and its detector (another architecture than the shipped one) travel in one file."""
     torch.manual_seed(1)
-    config = OutlineConfig(rays=16, stem=(8, 16), hidden=32)
-    head = OutlineHead(config)
+    config = OutlineConfig(rays=16, fine_convs=1, lattices=((3, 2.0), (3, 4.0), (1, 8.0)), hidden=32)
+    head = OutlineHead(config, DetectorConfig(backbone="shufflenet_v2_x0_5", neck_channels=32))
     path = tmp_path / "head.safetensors"
     save_outline_head(head, path, {"epoch": 3})
     loaded = Outliner.from_pretrained(path)
-    assert loaded.config == config
+    assert loaded.config == config and loaded.model.detector.config == head.detector.config
     xy = np.random.default_rng(0).uniform(0, 200, (50, 2))
     work = sample[:200, :200]
     np.testing.assert_array_equal(loaded.radii(work, xy), Outliner(head).radii(work, xy))
     assert loaded.fingerprint() == Outliner(head).fingerprint()
     described = hub.describe(path)
     assert described["kind"] == "outline" and described["tag"] is None
+
+
+def test_a_head_reads_the_maps_of_its_detector_at_its_pixel_size() -> None:
+    with pytest.raises(ValueError, match="works at 0.5 um/px, its detector at 0.33"):
+        OutlineHead(OutlineConfig(), DetectorConfig(mpp=0.33))
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_behind_its_own_detector_one_pass_gives_points_and_outlines(sample: np.ndarray, runtime: str) -> None:
+    """``sharing`` hands back a detector on the same network whose pass also keeps the head's maps: the same points
+    as the detector alone, and the same outlines as the head running the network itself; another detector is
+    handed back as it is."""
+    outliner = Outliner.from_pretrained("default-outlines", runtime=runtime)
+    detector = Detector.from_pretrained("default", runtime=runtime)
+    shared = outliner.sharing(detector)
+    assert shared is not detector and shared.model is detector.model and shared.runtime == runtime
+    tiles = np.ascontiguousarray(np.stack([sample[:448, :448], sample[-448:, -448:]]))
+    found = shared.detect_tiles(tiles)
+    alone = detector.detect_tiles(tiles)
+    assert outliner._last is not None and outliner._last[0] is tiles
+    one_pass = outliner.outline_tiles(tiles, found)
+    assert outliner._last is None  # the maps are read once, then let go
+    again = outliner.outline_tiles(tiles, alone)  # the head runs the network itself
+    for (a, a_values), (b, b_values), f, g in zip(one_pass, again, found, alone):
+        np.testing.assert_allclose(f.xy, g.xy, rtol=0, atol=1e-3)
+        assert len(a) > 100
+        for p, q in zip(a.outlines, b.outlines):
+            np.testing.assert_allclose(p, q, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(a_values["area_um2"], b_values["area_um2"], rtol=0.02)
+    other = Detector.from_pretrained("precise", runtime=runtime)
+    assert outliner.sharing(other) is other
 
 
 def test_a_detector_file_is_not_an_outline_head() -> None:
@@ -254,8 +287,9 @@ def consep(tmp_path_factory) -> Path:
 
 
 def test_training_writes_the_best_head_and_resumes_exactly(consep: Path, tmp_path: Path) -> None:
-    cfg = OutlineTrainConfig(datasets=[DatasetSpec("consep", str(consep))], model=OutlineConfig(stem=(8, 16)),
-                             epochs=2, iters_per_epoch=3, batch_size=16, warmup_iters=1)
+    cfg = OutlineTrainConfig(datasets=[DatasetSpec("consep", str(consep))],
+                             model=OutlineConfig(fine_convs=1, hidden=32), epochs=2, iters_per_epoch=3,
+                             batch_size=16, warmup_iters=1)
     run = tmp_path / "resumed"
     history = train_outline_head(cfg, run, progress=False, epochs_this_run=1)  # "dies" after epoch 1
     assert [row["epoch"] for row in history] == [1]
@@ -369,8 +403,8 @@ def test_train_outlines_refuses_a_dataset_without_outlines_in_one_line(tmp_path:
     assert not (tmp_path / "run").exists()
 
 
-def test_onnx_stem_gives_the_torch_radii() -> None:
-    """The stem in ONNX Runtime (the CPU default) and in PyTorch give the same outlines."""
+def test_onnx_network_gives_the_torch_radii() -> None:
+    """The head's network in ONNX Runtime (the CPU default) and in PyTorch give the same outlines."""
     image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[:300, :260]
     xy = np.random.default_rng(0).uniform(0, 250, (40, 2))
     torch_radii = Outliner.from_pretrained("default-outlines", runtime="torch").radii(image, xy)

@@ -30,6 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "seed": "seed of the crops and of the weights' initialisation (default: %(default)s)",
     }, dataset_help="a dataset with nucleus outlines, consep=ROOT or monuseg=ROOT (repeat for joint training)",
         run_dir_help="checkpoints (last.pt), logs (log.json, log.csv) and the best epoch (best.safetensors) go here")
+    p.add_argument("--detector", default=train.detector,
+                   help="the detector whose feature maps the head reads, kept frozen inside it: a shipped name or a "
+                        "detector file; outlines are cheapest behind this same detector (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = OutlineTrainConfig(datasets=dataset_specs(args.dataset), epochs=args.epochs,
                                  iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, lr=args.lr,
-                                 weight_decay=args.weight_decay, seed=args.seed, threads=args.threads)
+                                 weight_decay=args.weight_decay, seed=args.seed, threads=args.threads,
+                                 detector=args.detector)
     except ValueError as error:
         raise InputError("options", str(error)) from None
     history = train_outline_head(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite,

@@ -1,8 +1,10 @@
 """Outlines for detected nuclei: ``Outliner.from_pretrained("default-outlines").outline(image, nuclei, mpp)``.
 
-Any points will do (denuc's detector's, or another tool's): the outline head (``denuc.models.outline``) reads a
-small stem's features around each point at the working pixel size. Large images are done in tiles whose margin
-covers everything a point's outline reads, so the result does not depend on the tiling.
+Any points will do (denuc's detector's, or another tool's): the outline head (``denuc.models.outline``) reads its
+detector's feature maps around each point at the working pixel size. When that detector is also the one finding the
+points (``Outliner.sharing``), one pass of the network gives both, and outlining costs only the reads. Large images
+are done in tiles with a margin of 32 um, so the tiling changes radii by float rounding at most where it cuts
+(tested).
 """
 
 from __future__ import annotations
@@ -16,21 +18,22 @@ import torch
 from safetensors.torch import load_file
 
 from denuc import hub
-from denuc.config import OutlineConfig
+from denuc.config import DetectorConfig, OutlineConfig
 from denuc.errors import InputError
-from denuc.inference.detect import choose_runtime
-from denuc.inference.runtime import OnnxOutlineStem
+from denuc.inference.detect import Detector, choose_runtime
+from denuc.inference.runtime import OnnxOutlineFeatures, _DetectAndOutlineFeatures
 from denuc.io.images import pad_to_multiple, resample, resample_tiles, scale_to
 from denuc.models.outline import OutlineHead, polygons, trim_to_neighbours
 from denuc.nuclei import Nuclei
 from denuc.outlines import measure
 
-TILE = 1024  # working pixels per tile (the stem's features of a tile: 16 x 512^2 + 32 x 256^2 floats, 25 MB)
+TILE = 1024  # working pixels per tile
+MARGIN = 64  # working pixels of context around a tile (a multiple of the detector's largest stride, 32)
 
 
 class Outliner:
-    """An outline head, the device it runs on, and where its stem runs: "torch", or "onnx" (ONNX Runtime, CPU:
-    about 4x faster there), or "auto" (ONNX Runtime on a CPU, PyTorch on a GPU, as for the detector)."""
+    """An outline head, the device it runs on, and where its network runs: "torch", or "onnx" (ONNX Runtime, CPU),
+    or "auto" (ONNX Runtime on a CPU, PyTorch on a GPU, as for the detector)."""
 
     def __init__(self, model: OutlineHead, device: str | torch.device = "cpu", runtime: str = "torch") -> None:
         self.device = torch.device(device)
@@ -38,17 +41,20 @@ class Outliner:
         self.runtime = choose_runtime(runtime, self.device)
         if self.runtime == "onnx" and self.device.type != "cpu":
             raise ValueError(f'runtime "onnx" runs on the CPU, not {self.device}: use runtime "torch" or "auto"')
-        self._onnx_stem = OnnxOutlineStem(self.model) if self.runtime == "onnx" else None
-
-    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stem's features of (B, 3, H, W) float RGB 0-255 tiles, H and W multiples of 4."""
-        if self._onnx_stem is not None:
-            return self._onnx_stem(pixels)
-        return self.model.features(pixels)
+        self._network = OnnxOutlineFeatures(self.model) if self.runtime == "onnx" else self._torch_network
+        self._last: tuple[np.ndarray, dict[str, torch.Tensor]] | None = None  # (tiles, maps) of the last pass
 
     @property
     def config(self) -> OutlineConfig:
         return self.model.config
+
+    def _torch_network(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        scores, points, *maps = _DetectAndOutlineFeatures(self.model)(pixels.to(self.device))
+        return scores, points, {name: m for name, m in zip(("fine", "stride4", "head"), maps)}
+
+    def features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps the head reads of (B, 3, H, W) float RGB 0-255 tiles, H and W multiples of 32."""
+        return self._network(pixels)[2]
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights and config: whether a saved run used this outline head."""
@@ -58,6 +64,15 @@ class Outliner:
             digest.update(tensor.detach().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    def sharing(self, detector: Detector) -> Detector:
+        """``detector``, or when it is the head's own detector (same architecture and weights) a ``Detector`` on
+        the same network whose forward pass also keeps the head's maps, which ``outline_tiles`` then reads
+        instead of running the network again: detection and outlines from one pass."""
+        ours, theirs = self.model.detector.state_dict(), detector.model.state_dict()
+        same = (self.config.mpp == detector.config.mpp and ours.keys() == theirs.keys()
+                and all(torch.equal(tensor, theirs[name].to(tensor.device)) for name, tensor in ours.items()))
+        return Detector(detector.model, detector.device, backend=_SharedPass(self)) if same else detector
+
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike = "default-outlines", device: str = "cpu",
                         runtime: str = "torch") -> "Outliner":
@@ -66,33 +81,31 @@ class Outliner:
         metadata = hub.read_metadata(path)
         if hub.kind_of(metadata, path) != "outline":
             raise InputError(path, "not a denuc outline head")
-        model = OutlineHead(OutlineConfig.from_json(metadata["config"]))
         try:
+            model = OutlineHead(OutlineConfig.from_json(metadata["config"]),
+                                DetectorConfig.from_json(metadata["denuc_detector"]))
             model.load_state_dict(load_file(str(path)))
-        except RuntimeError as error:
-            raise InputError(path, f"weights do not fit the outline head's config: {error}") from None
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise InputError(path, f"not an outline head of this denuc version, or damaged: {error}") from None
         return cls(model, device, runtime)
 
     @torch.inference_mode()
     def radii(self, work: np.ndarray, xy: np.ndarray) -> np.ndarray:
         """Radii (n, rays) in working pixels of points ``xy`` (n, 2) of an RGB uint8 image ``work`` already at the
-        working pixel size. Tiles of TILE pixels, each read with a margin that holds everything its points'
-        outlines read (``OutlineConfig.reach`` plus the stem's receptive field)."""
+        working pixel size. Tiles of TILE pixels, each run with a margin of MARGIN pixels."""
         out = np.zeros((len(xy), self.config.rays), dtype=np.float32)
         if not len(xy):
             return out
         h, w = work.shape[:2]
-        margin = int(np.ceil(self.config.reach)) + 16
-        margin += -margin % 4
         # each point belongs to the tile its pixel lies in (points just past the image: the nearest tile)
         tile_x = np.clip(np.floor((xy[:, 0] + 0.5) / TILE), 0, (w - 1) // TILE).astype(int)
         tile_y = np.clip(np.floor((xy[:, 1] + 0.5) / TILE), 0, (h - 1) // TILE).astype(int)
         for ty, tx in sorted(set(zip(tile_y.tolist(), tile_x.tolist()))):
             own = (tile_x == tx) & (tile_y == ty)
-            # regions start on multiples of 4 (TILE and margin are), so the stem's grid is the same in every tile
-            rx0, ry0 = max(0, tx * TILE - margin), max(0, ty * TILE - margin)
-            rx1, ry1 = min(w, (tx + 1) * TILE + margin), min(h, (ty + 1) * TILE + margin)
-            region = pad_to_multiple(work[ry0:ry1, rx0:rx1], 4)
+            # regions start on multiples of 32 (TILE and MARGIN are), so the network's grid is the same in every tile
+            rx0, ry0 = max(0, tx * TILE - MARGIN), max(0, ty * TILE - MARGIN)
+            rx1, ry1 = min(w, (tx + 1) * TILE + MARGIN), min(h, (ty + 1) * TILE + MARGIN)
+            region = pad_to_multiple(work[ry0:ry1, rx0:rx1], 32)
             pixels = torch.tensor(region, device=self.device).permute(2, 0, 1).float()[None]  # a copy: may be a view
             local = torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)
             out[own] = self.model.read(self.features(pixels), [local]).cpu().numpy()
@@ -115,18 +128,39 @@ class Outliner:
                       ) -> list[tuple[Nuclei, dict[str, np.ndarray]]]:
         """Per tile of a batch (B, H, W, 3) uint8 of pixel size ``mpp`` (default: the head's working pixel size;
         H, W multiples of 4), its ``found`` nuclei (tile pixels) with outlines (trimmed where they would overlap)
-        and their measurements (``denuc.outlines.measure``). The stem runs once over the batch. Tiles at another
-        pixel size (a detector working at a finer resolution) are resampled to the head's for the stem; outlines
-        stay in tile pixels. A nucleus is measured on its tile's pixels: one reaching past the tile (possible only
-        for one wider than the tile overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
+        and their measurements (``denuc.outlines.measure``). The network runs once over the batch, or not at all
+        when the detector that found the nuclei ran it on these very tiles (``sharing``). Tiles at another pixel
+        size (a detector working at a finer resolution) are resampled to the head's; outlines stay in tile pixels.
+        A nucleus is measured on its tile's pixels: one reaching past the tile (possible only for one wider than
+        the tile overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
         mpp = self.config.mpp if mpp is None else mpp
-        work, fxy = resample_tiles(tiles, scale_to(mpp, self.config.mpp), 4)
-        pixels = torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float()
+        factor = scale_to(mpp, self.config.mpp)
+        last, self._last = self._last, None
+        if last is not None and last[0] is tiles and factor == 1.0:
+            maps, fxy = last[1], np.ones(2)
+        else:
+            work, fxy = resample_tiles(tiles, factor, 32)
+            maps = self.features(torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float())
         points = [torch.from_numpy((nuclei.xy + 0.5) * fxy - 0.5).float().to(self.device) for nuclei in found]
-        radii = self.model.read(self.features(pixels), points).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
+        radii = self.model.read(maps, points).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
         out = []
         for tile, nuclei, tile_radii in zip(tiles, found, np.split(radii, np.cumsum([len(n) for n in found])[:-1])):
             outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, tile_radii)))
             out.append((outlined, measure(outlined, tile, mpp)))
         return out
 
+
+
+class _SharedPass:
+    """A detector backend (``denuc.inference.detect.Backend``) running an ``Outliner``'s network: it returns the
+    detector's probabilities and points, and leaves the outline head's maps of these tiles with the outliner."""
+
+    def __init__(self, outliner: Outliner) -> None:
+        self.outliner = outliner
+        self.runtime = outliner.runtime
+
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.as_tensor(tiles).permute(0, 3, 1, 2).float()
+        scores, points, maps = self.outliner._network(pixels)
+        self.outliner._last = (tiles, maps)
+        return scores, points

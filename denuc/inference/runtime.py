@@ -32,6 +32,7 @@ from denuc import __version__
 from denuc.io.atomic import atomic_path
 from denuc.models.detector import PointDetector
 from denuc.models.encoders import Encoder, pad_to_multiple
+from denuc.models.outline import MAPS
 
 OPSET = 18
 
@@ -123,40 +124,45 @@ class OnnxEncoder:
         return [torch.from_numpy(m) for m in self.session.run(None, {"images": images.contiguous().numpy()})]
 
 
-class OnnxOutlineStem:
-    """An outline head's stem (``OutlineHead.features``) in ONNX Runtime (CPU): (B, 3, H, W) float RGB 0-255, H
-    and W multiples of 4, -> its stride-2 and stride-4 feature maps. About 4x PyTorch's CPU time for the stem
-    (measured on 8 tiles of 416 px), which is most of the outline head's cost."""
+class OnnxOutlineFeatures:
+    """An outline head's detector and the maps the head reads, in one ONNX Runtime (CPU) graph: (B, 3, H, W) float
+    RGB 0-255, H and W multiples of 32, -> the detector's nucleus probability (B, A) and points (B, A, 2) (as
+    ``OnnxBackend`` gives them) and the head's maps (``OutlineHead.features``, names ``MAPS``)."""
 
     def __init__(self, head: torch.nn.Module, threads: int | None = None) -> None:
-        stem = _OutlineStem(head).eval()
+        module = _DetectAndOutlineFeatures(head).eval()
+        names = ["scores", "points", *MAPS]
 
         def export(buffer: io.BytesIO) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=DeprecationWarning)
                 warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
                 axes = {"images": {0: "batch", 2: "height", 3: "width"},
-                        "fine": {0: "batch", 2: "fine_height", 3: "fine_width"},
-                        "coarse": {0: "batch", 2: "coarse_height", 3: "coarse_width"}}
-                torch.onnx.export(stem, (torch.zeros(1, 3, 64, 64),), buffer, dynamo=False, opset_version=OPSET,
-                                  input_names=["images"], output_names=["fine", "coarse"], dynamic_axes=axes)
+                        "scores": {0: "batch", 1: "anchors"}, "points": {0: "batch", 1: "anchors"}}
+                axes |= {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in MAPS}
+                torch.onnx.export(module, (torch.zeros(1, 3, 64, 64),), buffer, dynamo=False, opset_version=OPSET,
+                                  input_names=["images"], output_names=names, dynamic_axes=axes)
 
-        self.session = _cached_session(stem, f"outline stem {head.config.to_json()}", export, threads)
+        self.session = _cached_session(module, f"outline features {head.config.to_json()}", export, threads)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fine, coarse = self.session.run(None, {"images": images.float().cpu().contiguous().numpy()})
-        return torch.from_numpy(fine), torch.from_numpy(coarse)
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        scores, points, *maps = self.session.run(None, {"images": images.float().cpu().contiguous().numpy()})
+        return torch.from_numpy(scores), torch.from_numpy(points), dict(zip(MAPS, map(torch.from_numpy, maps)))
 
 
-class _OutlineStem(torch.nn.Module):
-    """The stem alone, as a module ONNX export can trace."""
+class _DetectAndOutlineFeatures(torch.nn.Module):
+    """The detector's probabilities and points and the outline head's maps from one pass of the detector's trunk,
+    as a module ONNX export can trace (and PyTorch runs as it is)."""
 
     def __init__(self, head: torch.nn.Module) -> None:
         super().__init__()
         self.head = head
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.features(images)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        trunk = self.head.detector.trunk(images)
+        logits, points = self.head.detector.points(trunk["head"])
+        maps = self.head.features_from(trunk)
+        return (logits.softmax(-1)[..., 1], points, *(maps[name] for name in MAPS))
 
 
 def cache_folder() -> Path:

@@ -33,6 +33,7 @@ ownership are in ``slide_grid``, the shards and seam duplicates in ``shards``, t
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -167,6 +168,9 @@ def predict_slide(
         shutil.rmtree(partial, ignore_errors=True)
         return {**done, "skipped": True}
     _refuse_to_replace(slide.path, paths, partial, fingerprint, resume=resume, overwrite=overwrite)
+    if outliner is not None:  # behind the outline head's own detector, one pass of the network gives both
+        model = copy.copy(model)
+        model.detector = outliner.sharing(model.detector)
 
     mask_side, picture_side = _thumbnail_sides(slide)
     # The level the tiles come from, when the thumbnail decodes it whole anyway (the only level of a

@@ -89,10 +89,13 @@ class Backbone(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = [self.stem(x)]
+        """Feature maps at strides 2 (the stem's first part: its last map before pooling), 4, 8, 16 and 32."""
+        pool = next(i for i, module in enumerate(self.stem) if isinstance(module, nn.MaxPool2d))
+        features = [self.stem[:pool](x)]
+        features.append(self.stem[pool:](features[0]))
         for stage in self.stages:
             features.append(stage(features[-1]))
-        return features  # strides 4, 8, 16, 32
+        return features
 
 
 class PAN(nn.Module):
@@ -139,6 +142,11 @@ class PointHead(nn.Module):
         nn.init.zeros_(self.offsets.bias)
 
     def forward(self, levels: list[torch.Tensor], fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.hidden(levels, fine)
+        return self.logits(x), self.offsets(x)
+
+    def hidden(self, levels: list[torch.Tensor], fine: torch.Tensor) -> torch.Tensor:
+        """The map the 1x1 logit and offset convs read (at the head's stride)."""
         size = levels[0].shape[-2:]
         x = sum(F.interpolate(level, size=size, mode="bilinear") if level.shape[-2:] != size else level
                 for level in levels) / len(levels)
@@ -146,7 +154,7 @@ class PointHead(nn.Module):
         if self.stride == 4:
             x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear") + self.fine_lateral(fine)
             x = self.fine_conv(x)
-        return self.logits(x), self.offsets(x)
+        return x
 
 
 class PointDetector(nn.Module):
@@ -185,13 +193,22 @@ class PointDetector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images``: (B, 3, H, W) float RGB in 0-255, H and W multiples of 32."""
-        x = (images - self.mean) / self.std
-        features = self.backbone(x)
-        logits, offsets = self.head(self.neck(features[1:]), features[0])
+        return self.points(self.trunk(images)["head"])
+
+    def trunk(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps other heads may read (the outline head does): "stride2" and "stride4", the backbone's first
+        maps, and "head", the point head's last hidden map (at the head's stride). ``images`` as ``forward``'s."""
+        features = self.backbone((images - self.mean) / self.std)
+        return {"stride2": features[0], "stride4": features[1],
+                "head": self.head.hidden(self.neck(features[2:]), features[1])}
+
+    def points(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-anchor logits (B, A, 2) and points (B, A, 2) from the point head's hidden map."""
+        logits, offsets = self.head.logits(hidden), self.head.offsets(hidden)
         b, _, h, w = logits.shape
         logits = logits.permute(0, 2, 3, 1).reshape(b, h * w, 2)
         offsets = offsets.permute(0, 2, 3, 1).reshape(b, h * w, 2)
-        points = self.anchors(h, w, images.device).unsqueeze(0) + offsets * self.stride
+        points = self.anchors(h, w, hidden.device).unsqueeze(0) + offsets * self.stride
         return logits, points
 
 

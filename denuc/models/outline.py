@@ -2,10 +2,14 @@
 
 StarDist predicts, densely, the distance from every pixel to its nucleus's boundary along N directions. Here only
 the detected points are asked (the decoupled design: the detector finds the points; everything else is read at
-them): a small stride-4 stem runs once over the image and an MLP reads its features on a lattice around each
-point. Its output ``radii`` (working pixels) along ``ray_angles`` turn into a polygon with ``polygons``. (A CNN on
-a patch per point was measured first: 0.5-3x the detector's time for 3,000 nuclei in a 1,024 px image, because
-neighbouring patches overlap several times over.)
+them), and from the detector's own feature maps: its stride-2 and stride-4 maps and its point head's hidden map,
+read by an MLP on a lattice around each point. The detector has computed them already when it found the points,
+so an outline costs little more than the reads (``denuc.inference.outline`` runs both in one pass). The detector is
+a frozen copy inside the head: any points can be outlined, the detector's or another tool's. The output ``radii``
+(working pixels) along ``ray_angles`` turn into a polygon with ``polygons``.
+
+Measured before this design (docs/outlines.md): a CNN on a patch per point (0.5-3x the detector's time: neighbouring
+patches overlap several times over), then a stem of the head's own (0.3-0.4x the detector's time for the stem alone).
 
 Directions follow the image frame: angle 0 points along +x, angles grow towards +y (clockwise on screen).
 Flipping or transposing a patch permutes the rays (``dihedral_ray_order``), which is how training augments.
@@ -18,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denuc.config import OutlineConfig
+from denuc.config import DetectorConfig, OutlineConfig
+from denuc.models.detector import BACKBONES, PointDetector
 
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255  # the detector's normalisation
-STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
+MAPS = ("fine", "stride4", "head")  # the maps read, in the order of ``OutlineConfig.lattices``
 
 
 def ray_angles(rays: int) -> np.ndarray:
@@ -30,51 +34,60 @@ def ray_angles(rays: int) -> np.ndarray:
 
 
 class OutlineHead(nn.Module):
-    """A small stem run once over an image, giving features at strides 2 (``fine``) and 4 (``coarse``), and an MLP
-    that reads them on three lattices around each point (``OutlineConfig``: the fine map close to the point, where
-    the boundary of a small nucleus lies; the coarse map farther out) and predicts the point's radii (working
+    """A frozen point detector (``detector``) and what reads its maps: ``fine_convs`` and ``coarse_convs``
+    depthwise-separable convs on its stride-2 and stride-4 maps, and an MLP that reads them and the point head's
+    hidden map on lattices around each point (``OutlineConfig.lattices``) and predicts the point's radii (working
     pixels, positive)."""
 
-    def __init__(self, config: OutlineConfig) -> None:
+    def __init__(self, config: OutlineConfig, detector: PointDetector | DetectorConfig) -> None:
         super().__init__()
         self.config = config
-        c1, c2 = config.stem
-        self.fine = nn.Sequential(_conv(3, c1, stride=2), *_separable(c1))
-        self.coarse = nn.Sequential(_conv(c1, c2, stride=2), *_separable(c2))
-        steps = torch.arange(config.grid, dtype=torch.float32) - (config.grid - 1) / 2
-        lattice = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1).reshape(-1, 2)
-        self.register_buffer("fine_offsets", lattice * config.fine_spacing, persistent=False)
-        self.register_buffer("coarse_offsets", torch.cat([lattice * config.spacing, lattice * config.coarse_spacing]),
-                             persistent=False)
-        inputs = len(self.fine_offsets) * c1 + len(self.coarse_offsets) * c2
+        self.detector = detector if isinstance(detector, PointDetector) else PointDetector(detector)
+        self.detector.requires_grad_(False)
+        if self.detector.config.mpp != config.mpp:
+            raise ValueError(f"the outline head works at {config.mpp} um/px, its detector at "
+                             f"{self.detector.config.mpp}")
+        channels = BACKBONES[self.detector.config.backbone][1][0]
+        self.fine = nn.Sequential(*(module for _ in range(config.fine_convs) for module in _separable(channels)))
+        self.coarse = nn.Sequential(*(module for _ in range(config.coarse_convs) for module in _separable(channels)))
+        width = {"fine": channels, "stride4": channels, "head": self.detector.config.neck_channels}
+        self.strides = {"fine": 2, "stride4": 4, "head": self.detector.stride}
+        for name, (grid, spacing) in zip(MAPS, config.lattices):
+            steps = torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2
+            lattice = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1).reshape(-1, 2) * spacing
+            self.register_buffer(f"{name}_offsets", lattice, persistent=False)
+        inputs = sum(grid * grid * width[name] for name, (grid, _) in zip(MAPS, config.lattices))
         self.regress = nn.Sequential(nn.Linear(inputs, config.hidden), nn.ReLU(inplace=True),
                                      nn.Linear(config.hidden, config.rays))
-        self.register_buffer("mean", MEAN.clone(), persistent=False)
-        self.register_buffer("std", STD.clone(), persistent=False)
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stride-2 and stride-4 features of images (B, 3, H, W) float RGB 0-255, H and W multiples of 4."""
-        fine = self.fine((images - self.mean) / self.std)
-        return fine, self.coarse(fine)
+    def train(self, mode: bool = True) -> "OutlineHead":
+        """Training mode for what the head trains; the detector stays frozen, batch-norm statistics included."""
+        super().train(mode)
+        self.detector.eval()
+        return self
 
-    def read(self, features: tuple[torch.Tensor, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps the head reads (``MAPS``) of images (B, 3, H, W) float RGB 0-255, H and W multiples of 32."""
+        return self.features_from(self.detector.trunk(images))
+
+    def features_from(self, trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The maps the head reads from the detector's ``trunk`` maps (``PointDetector.trunk``)."""
+        return {"fine": self.fine(trunk["stride2"]), "stride4": self.coarse(trunk["stride4"]), "head": trunk["head"]}
+
+    def read(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
         """Radii (n_1 + ... + n_B, rays) of the points ``points[b]`` (n_b, 2, working pixels) of image b of a
-        batch's features (fine (B, C1, H/2, W/2), coarse (B, C2, H/4, W/4)), images in order. One read of each
-        map for the whole batch (the points padded to the most any image has), not one per image: fewer calls."""
-        fine, coarse = features
-        counts = torch.tensor([len(p) for p in points], device=fine.device)
+        batch's ``features``, images in order. One read of each map for the whole batch (the points padded to the
+        most any image has), not one per image: fewer calls."""
+        first = features[MAPS[0]]
+        counts = torch.tensor([len(p) for p in points], device=first.device)
         if not int(counts.sum()):
-            return fine.new_zeros((0, self.config.rays))
+            return first.new_zeros((0, self.config.rays))
         xy = torch.nn.utils.rnn.pad_sequence(list(points), batch_first=True)  # (B, max n_b, 2)
-        x = torch.cat([_sample(fine, xy, self.fine_offsets, 2), _sample(coarse, xy, self.coarse_offsets, 4)], -1)
-        real = torch.arange(xy.shape[1], device=fine.device)[None] < counts[:, None]
+        x = torch.cat([_sample(features[name], xy, getattr(self, f"{name}_offsets"), self.strides[name])
+                       for name in MAPS], -1)
+        real = torch.arange(xy.shape[1], device=first.device)[None] < counts[:, None]
         # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
         return F.softplus(self.regress(x[real]) + 4.0)
-
-
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
 
 
 def _separable(channels: int) -> list[nn.Module]:

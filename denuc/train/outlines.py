@@ -24,6 +24,7 @@ import denuc.datasets as datasets
 from denuc.config import OutlineTrainConfig
 from denuc.errors import InputError
 from denuc.hub import OUTLINE_FORMAT, stamp
+from denuc.inference.detect import Detector
 from denuc.io.atomic import atomic_path
 from denuc.io.images import resample
 from denuc.models.outline import OutlineHead, dihedral_ray_order, ray_angles
@@ -120,8 +121,12 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
     if not train:
         raise InputError(", ".join(s.root for s in cfg.datasets) or "--dataset", "no nuclei to train on")
     val = load_outline_images(cfg, "val")
-    model = OutlineHead(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    detector = Detector.from_pretrained(cfg.detector).model.float().to(memory_format=torch.contiguous_format)
+    if detector.config.mpp != cfg.model.mpp:
+        raise InputError(cfg.detector, f"works at {detector.config.mpp} um/px; the outline head at {cfg.model.mpp}")
+    model = OutlineHead(cfg.model, detector)
+    trained = [p for p in model.parameters() if p.requires_grad]  # the detector stays as it is
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     by_dataset: dict[str, list[int]] = {}
     for k, item in enumerate(train):
         by_dataset.setdefault(item.dataset, []).append(k)
@@ -145,8 +150,9 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
 
     def step(batch):
         crops, centres, radii = batch
-        fine, coarse = model.features(crops)
-        predicted = model.read((fine, coarse), centres)
+        with torch.no_grad():
+            trunk = model.detector.trunk(crops)
+        predicted = model.read(model.features_from(trunk), centres)
         radii = torch.cat(radii)
         iou = star_iou(predicted, radii).mean()
         # the metric itself (what PQ's IoU rewards) and a small L1 term that keeps gradients where IoU saturates
@@ -159,7 +165,7 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
                 ious = []
                 for item in (i for i in val if i.dataset == name):
                     radii = targets(item, np.arange(len(item.ids)), item.centres, rays, reach)
-                    features = scored.features(pad_to(item.image, 4)[None])
+                    features = scored.features(pad_to(item.image, 32)[None])
                     predicted = scored.read(features, [torch.from_numpy(item.centres).float()])
                     ious.append(star_iou(predicted.numpy(), radii))
                 scores[name] = float(np.concatenate(ious).mean())
@@ -230,6 +236,7 @@ def save_outline_head(model: OutlineHead, path: str | Path, extra_metadata: dict
     """The head's weights, config and provenance (safetensors metadata, JSON-encoded as ``denuc.hub`` reads it),
     written atomically."""
     metadata = stamp({"format": OUTLINE_FORMAT, "config": model.config.to_json(),
+                      "denuc_detector": model.detector.config.to_json(),
                       **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()}}, tag)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
