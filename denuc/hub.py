@@ -108,15 +108,18 @@ MODELS += (
 )
 
 _OUTLINE_DATA = ("CoNSeP train split (crops of 21 of its 27 train images, 40x) + MoNuSeg train split (40x): every "
-                 "nucleus outline, read at 0.5 um/px")
+                 "nucleus outline, read at 0.5 um/px; the frozen detector inside is `default` (BRCAM2C + CRCHisto "
+                 "train splits)")
 _OUTLINE_LICENCE = ("non-commercial research use only (CoNSeP: Warwick TIA's research terms; MoNuSeg: CC BY-NC-SA "
-                    "4.0, both as the datasets' cards give them, not verified here)")
+                    "4.0, both as the datasets' cards give them, not verified here; the `default` detector inside: "
+                    "CRCHisto, research use only)")
 MODELS += (
     ShippedModel(
-        "outline/star32_stem24_48.consep_monuseg_e20", "outline", "outline_default.safetensors",
+        "outline/star32_default_maps.consep_monuseg_e30", "outline", "outline_default.safetensors",
         ("default-outlines",), _OUTLINE_DATA, _OUTLINE_LICENCE,
-        "star-convex outline head (32 rays) read at detected points from a small stride-2/4 stem (24/48 channels); "
-        "20 epochs, best by validation star IoU at 17; predict --outlines (docs/outlines.md)"),
+        "star-convex outline head (32 rays) read at detected points from the `default` detector's own maps (one "
+        "pass gives points and outlines); 30 epochs, best by validation star IoU at 18; predict --outlines "
+        "(docs/outlines.md)"),
 )
 
 _DEFAULT_OF_KIND = {"detector": "default", "bundle": "default-bundle", "outline": "default-outlines"}

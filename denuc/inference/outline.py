@@ -28,7 +28,7 @@ from denuc.nuclei import Nuclei
 from denuc.outlines import measure
 
 TILE = 1024  # working pixels per tile
-MARGIN = 64  # working pixels of context around a tile (a multiple of the detector's largest stride, 32)
+MARGIN = 128  # working pixels of context around a tile (a multiple of the detector's largest stride, 32)
 
 
 class Outliner:
