@@ -2,9 +2,10 @@
 
 Any points will do (denuc's detector's, or another tool's): the outline head (``denuc.models.outline``) reads its
 detector's feature maps around each point at the working pixel size. When that detector is also the one finding the
-points (``Outliner.sharing``), one pass of the network gives both, and outlining costs only the reads. Large images
-are done in tiles with a margin of 32 um, so the tiling changes radii by float rounding at most where it cuts
-(tested).
+points (``Outliner.sharing``), one pass of the network gives both, and outlining costs the head's few convs inside
+that pass and the reads. Large images are done in tiles with a margin of 64 um; the network's receptive field is
+wider still, so where the tiling cuts it moves radii a little (a tenth of a pixel at most with tiles a quarter of
+the size, tested).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from denuc import hub
 from denuc.config import DetectorConfig, OutlineConfig
 from denuc.errors import InputError
 from denuc.inference.detect import Detector, choose_runtime
-from denuc.inference.runtime import OnnxOutlineFeatures, _DetectAndOutlineFeatures
+from denuc.inference.runtime import DetectorWithOutlineMaps, OnnxOutlineFeatures
 from denuc.io.images import pad_to_multiple, resample, resample_tiles, scale_to
-from denuc.models.outline import OutlineHead, polygons, trim_to_neighbours
+from denuc.models.outline import MAPS, OutlineHead, polygons, trim_to_neighbours
 from denuc.nuclei import Nuclei
 from denuc.outlines import measure
 
@@ -49,8 +50,8 @@ class Outliner:
         return self.model.config
 
     def _torch_network(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        scores, points, *maps = _DetectAndOutlineFeatures(self.model)(pixels.to(self.device))
-        return scores, points, {name: m for name, m in zip(("fine", "stride4", "head"), maps)}
+        scores, points, *maps = DetectorWithOutlineMaps(self.model)(pixels.to(self.device))
+        return scores, points, dict(zip(MAPS, maps))
 
     def features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The maps the head reads of (B, 3, H, W) float RGB 0-255 tiles, H and W multiples of 32."""
@@ -127,7 +128,7 @@ class Outliner:
     def outline_tiles(self, tiles: np.ndarray, found: list[Nuclei], mpp: float | None = None
                       ) -> list[tuple[Nuclei, dict[str, np.ndarray]]]:
         """Per tile of a batch (B, H, W, 3) uint8 of pixel size ``mpp`` (default: the head's working pixel size;
-        H, W multiples of 4), its ``found`` nuclei (tile pixels) with outlines (trimmed where they would overlap)
+        any H, W), its ``found`` nuclei (tile pixels) with outlines (trimmed where they would overlap)
         and their measurements (``denuc.outlines.measure``). The network runs once over the batch, or not at all
         when the detector that found the nuclei ran it on these very tiles (``sharing``). Tiles at another pixel
         size (a detector working at a finer resolution) are resampled to the head's; outlines stay in tile pixels.

@@ -130,7 +130,7 @@ class OnnxOutlineFeatures:
     ``OnnxBackend`` gives them) and the head's maps (``OutlineHead.features``, names ``MAPS``)."""
 
     def __init__(self, head: torch.nn.Module, threads: int | None = None) -> None:
-        module = _DetectAndOutlineFeatures(head).eval()
+        module = DetectorWithOutlineMaps(head).eval()
         names = ["scores", "points", *MAPS]
 
         def export(buffer: io.BytesIO) -> None:
@@ -150,7 +150,7 @@ class OnnxOutlineFeatures:
         return torch.from_numpy(scores), torch.from_numpy(points), dict(zip(MAPS, map(torch.from_numpy, maps)))
 
 
-class _DetectAndOutlineFeatures(torch.nn.Module):
+class DetectorWithOutlineMaps(torch.nn.Module):
     """The detector's probabilities and points and the outline head's maps from one pass of the detector's trunk,
     as a module ONNX export can trace (and PyTorch runs as it is)."""
 
