@@ -141,12 +141,8 @@ class PointHead(nn.Module):
         nn.init.zeros_(self.offsets.weight)
         nn.init.zeros_(self.offsets.bias)
 
-    def forward(self, levels: list[torch.Tensor], fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.hidden(levels, fine)
-        return self.logits(x), self.offsets(x)
-
-    def hidden(self, levels: list[torch.Tensor], fine: torch.Tensor) -> torch.Tensor:
-        """The map the 1x1 logit and offset convs read (at the head's stride)."""
+    def forward(self, levels: list[torch.Tensor], fine: torch.Tensor) -> torch.Tensor:
+        """The hidden map (at the head's stride) that ``logits_and_offsets`` reads, and other heads may read."""
         size = levels[0].shape[-2:]
         x = sum(F.interpolate(level, size=size, mode="bilinear") if level.shape[-2:] != size else level
                 for level in levels) / len(levels)
@@ -155,6 +151,9 @@ class PointHead(nn.Module):
             x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear") + self.fine_lateral(fine)
             x = self.fine_conv(x)
         return x
+
+    def logits_and_offsets(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits(hidden), self.offsets(hidden)
 
 
 class PointDetector(nn.Module):
@@ -200,11 +199,11 @@ class PointDetector(nn.Module):
         maps, and "head", the point head's last hidden map (at the head's stride). ``images`` as ``forward``'s."""
         features = self.backbone((images - self.mean) / self.std)
         return {"stride2": features[0], "stride4": features[1],
-                "head": self.head.hidden(self.neck(features[2:]), features[1])}
+                "head": self.head(self.neck(features[2:]), features[1])}
 
     def points(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-anchor logits (B, A, 2) and points (B, A, 2) from the point head's hidden map."""
-        logits, offsets = self.head.logits(hidden), self.head.offsets(hidden)
+        logits, offsets = self.head.logits_and_offsets(hidden)
         b, _, h, w = logits.shape
         logits = logits.permute(0, 2, 3, 1).reshape(b, h * w, 2)
         offsets = offsets.permute(0, 2, 3, 1).reshape(b, h * w, 2)

@@ -122,9 +122,10 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
         raise InputError(", ".join(s.root for s in cfg.datasets) or "--dataset", "no nuclei to train on")
     val = load_outline_images(cfg, "val")
     detector = Detector.from_pretrained(cfg.detector).model.float().to(memory_format=torch.contiguous_format)
-    if detector.config.mpp != cfg.model.mpp:
-        raise InputError(cfg.detector, f"works at {detector.config.mpp} um/px; the outline head at {cfg.model.mpp}")
-    model = OutlineHead(cfg.model, detector)
+    try:
+        model = OutlineHead(cfg.model, detector)
+    except ValueError as error:  # a detector at another pixel size
+        raise InputError(cfg.detector, str(error)) from None
     trained = [p for p in model.parameters() if p.requires_grad]  # the detector stays as it is
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     by_dataset: dict[str, list[int]] = {}
@@ -150,9 +151,7 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
 
     def step(batch):
         crops, centres, radii = batch
-        with torch.no_grad():
-            trunk = model.detector.trunk(crops)
-        predicted = model.read(model.features_from(trunk), centres)
+        predicted = model.read(model.features(crops), centres)  # the frozen detector records no graph
         radii = torch.cat(radii)
         iou = star_iou(predicted, radii).mean()
         # the metric itself (what PQ's IoU rewards) and a small L1 term that keeps gradients where IoU saturates
