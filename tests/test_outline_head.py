@@ -20,6 +20,7 @@ import scipy.io
 import torch
 from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SAMPLE_POINTS
 from PIL import Image
+from safetensors.torch import save_file
 from skimage.draw import ellipse
 from skimage.draw import polygon as skimage_polygon
 from skimage.measure import points_in_poly
@@ -231,6 +232,14 @@ def test_behind_its_own_detector_one_pass_gives_points_and_outlines(sample: np.n
         np.testing.assert_allclose(a_values["area_um2"], b_values["area_um2"], rtol=0.02)
     other = Detector.from_pretrained("precise", runtime=runtime)
     assert outliner.sharing(other) is other
+
+
+def test_an_outline_head_of_denuc_0_5_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """0.5's heads ran a stem of their own (format denuc-outline-1); today's read their detector's maps."""
+    old = tmp_path / "old_head.safetensors"
+    save_file({"regress.0.weight": torch.zeros(1)}, str(old), metadata={"format": "denuc-outline-1", "config": "{}"})
+    with pytest.raises(InputError, match=f"{old}: an outline head of denuc 0.5 or earlier.*denuc train-outlines"):
+        Outliner.from_pretrained(old)
 
 
 def test_a_detector_file_is_not_an_outline_head() -> None:
