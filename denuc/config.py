@@ -150,6 +150,9 @@ class DetectorTrainConfig(_TrainConfig):
     # which training images crops come from: "image" (each image alike) or "dataset" (each dataset alike, then
     # images by area: for joint training on datasets of very different sizes; ``train.detector.sampling_weights``)
     sampling: str = "image"
+    # probability that a crop is drawn around a crowded ground-truth nucleus (denuc.metrics.crowding) of the image
+    # picked: dense clusters, rare in random crops, are where detectors miss most (0: off)
+    crowded_crops: float = 0.0
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     seed: int = 0
     threads: int = 0  # 0: torch's default
@@ -161,8 +164,9 @@ class DetectorTrainConfig(_TrainConfig):
         for name in ("color_jitter", "scale_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.randstainna <= 1:
-            raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
+        for name in ("randstainna", "crowded_crops"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.sampling not in SAMPLINGS:
@@ -246,8 +250,9 @@ class ClassifierTrainConfig(_TrainConfig):
         for name in ("color_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.randstainna <= 1:
-            raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
+        for name in ("randstainna", "crowded_crops"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         # the average is a copy of the whole model: a frozen foundation encoder would be held and updated twice

@@ -54,3 +54,17 @@ def test_threshold_rule_prefers_a_setting_within_a_point_of_every_best() -> None
             {"score_threshold": 0.2, "nms_radius_um": 2.0, "a": 0.895, "b": 0.655, "mean": 0.775}]
     assert [holds_for_every_dataset(r, rows, 0.01) for r in rows] == [False, False, True]
     assert not holds_for_every_dataset(rows[1], rows, 0.01)  # a is 4 points below its best
+
+
+def test_crop_with_a_focus_always_contains_that_point() -> None:
+    cfg = DetectorTrainConfig(color_jitter=0.0)
+    item = image("brcam2c", 900, [(3.0, 890.0), (450.0, 450.0), (899.0, 0.0)])
+    for focus in item.nuclei.xy:
+        for seed in range(20):
+            _, xy = random_crop(item, 256, cfg, np.random.default_rng(seed), focus=focus)
+            assert len(xy) == 1  # the focus point is in every crop; the others, 600+ px away, never are
+
+
+def test_crowded_crops_must_be_a_probability() -> None:
+    with pytest.raises(ValueError, match="crowded_crops"):
+        DetectorTrainConfig(crowded_crops=1.5)

@@ -58,6 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="where crops come from: 'image' (every training image alike) or 'dataset' (every dataset "
                         "alike, then images by area: for several datasets of very different sizes; default: "
                         "%(default)s)")
+    p.add_argument("--crowded-crops", type=PROBABILITY, default=train.crowded_crops, metavar="P",
+                   help="probability that a crop is drawn around a crowded ground-truth nucleus (>= 3 others within "
+                        "8 um) of the image picked, so that dense clusters are seen more often (default: "
+                        "%(default)s, off)")
     p.add_argument("--scale-jitter", type=FRACTION, default=train.scale_jitter, metavar="J",
                    help="crops are rescaled by a random factor in [1 - J, 1 + J] (default: %(default)s)")
     p.add_argument("--ema-decay", type=DECAY, metavar="D",
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, init=args.init, backbone_weights=args.backbone_weights,
             ema_decay=args.ema_decay, color_jitter=args.color_jitter,
             stain_vector_jitter=args.stain_vector_jitter, scale_jitter=args.scale_jitter,
-            randstainna=args.randstainna, sampling=args.sampling,
+            randstainna=args.randstainna, sampling=args.sampling, crowded_crops=args.crowded_crops,
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None

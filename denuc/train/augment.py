@@ -47,9 +47,11 @@ def flip_rotate(crop: np.ndarray, xy: np.ndarray, rng: np.random.Generator) -> t
 
 
 def random_crop(item: SplitImage, size: int, cfg: DetectorTrainConfig, rng: np.random.Generator,
-                templates: StainTemplates | None = None) -> tuple[np.ndarray, np.ndarray]:
+                templates: StainTemplates | None = None, focus: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """A random ``size`` x ``size`` crop, scale-jittered, flipped, rotated and colour-jittered, with its points;
-    re-stained first with probability ``cfg.randstainna`` to a template drawn from ``templates``."""
+    re-stained first with probability ``cfg.randstainna`` to a template drawn from ``templates``. With ``focus``
+    (an x, y of the image) the crop is drawn among those that contain that point."""
     scale = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
     image = item.image
     h, w = image.shape[:2]
@@ -59,7 +61,11 @@ def random_crop(item: SplitImage, size: int, cfg: DetectorTrainConfig, rng: np.r
         # enlarged: enlarging would teach nuclei twice their size
         image = np.pad(image, ((0, max(src - h, 0)), (0, max(src - w, 0)), (0, 0)), constant_values=255)
         h, w = image.shape[:2]
-    y0, x0 = rng.integers(0, h - src + 1), rng.integers(0, w - src + 1)
+    (y_lo, y_hi), (x_lo, x_hi) = (0, h - src), (0, w - src)
+    if focus is not None:
+        x, y = np.clip(np.rint(focus).astype(int), 0, (w - 1, h - 1))
+        (x_lo, x_hi), (y_lo, y_hi) = (max(0, x - src + 1), min(x_hi, x)), (max(0, y - src + 1), min(y_hi, y))
+    y0, x0 = rng.integers(y_lo, y_hi + 1), rng.integers(x_lo, x_hi + 1)
     crop = image[y0:y0 + src, x0:x0 + src]
     f = size / src
     crop = resample(crop, f) if src != size else crop

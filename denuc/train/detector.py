@@ -19,6 +19,7 @@ from denuc.config import DetectorTrainConfig
 from denuc.errors import InputError
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
+from denuc.metrics.crowding import CROWDED_RADIUS_UM, crowded_nuclei
 from denuc.metrics.evaluate import per_dataset_scores
 from denuc.models.detector import PointDetector
 from denuc.nuclei import Nuclei
@@ -128,6 +129,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     val = load_split(cfg, "val")
 
     weights = sampling_weights(train, cfg.sampling)
+    crowded = [item.nuclei.xy[crowded_nuclei(item.nuclei.xy, CROWDED_RADIUS_UM / item.nuclei.mpp)] for item in train]
 
     def batches():
         for _ in range(cfg.iters_per_epoch):
@@ -135,7 +137,10 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
             picks = (rng.integers(0, len(train), cfg.batch_size) if weights is None
                      else rng.choice(len(train), size=cfg.batch_size, p=weights))
             for index in picks:
-                crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng, templates)
+                focus = None
+                if cfg.crowded_crops > 0 and rng.random() < cfg.crowded_crops and len(crowded[index]):
+                    focus = crowded[index][rng.integers(len(crowded[index]))]
+                crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng, templates, focus)
                 crops.append(torch.from_numpy(crop).permute(2, 0, 1))
                 targets.append(torch.from_numpy(xy).float())
             yield torch.stack(crops).contiguous(memory_format=torch.channels_last), targets
