@@ -250,9 +250,8 @@ class ClassifierTrainConfig(_TrainConfig):
         for name in ("color_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("randstainna", "crowded_crops"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.randstainna <= 1:
+            raise ValueError(f"randstainna must be a probability in [0, 1], got {self.randstainna}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         # the average is a copy of the whole model: a frozen foundation encoder would be held and updated twice
