@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, write_result
 
+from denuc.config import FINE_SCAN_MPP
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
 from denuc.metrics.evaluate import evaluate
 from denuc.nuclei import Nuclei
+from denuc.train.detector import rule_threshold
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
@@ -49,8 +51,21 @@ def sweep(detector: Detector, samples, thresholds: tuple[float, ...], radius_um:
     return rows
 
 
-def summarise(results: dict[str, dict], own: float) -> dict:
-    """Each dataset's best threshold, the thresholds within ``TOLERANCE`` of every dataset's best, the best mean."""
+def per_scan(results: dict[str, dict], groups: dict[str, list[str]]) -> dict:
+    """The shipping rule within each scan group (``rule_threshold``): each group's threshold, each dataset's F1 at
+    its group's threshold, their mean, and whether every dataset is then within ``TOLERANCE`` of its best."""
+    f1 = {name: {t: row["f1"] for t, row in rows.items()} for name, rows in results.items()}
+    best = {name: max(v.values()) for name, v in f1.items()}
+    chosen = {g: rule_threshold({d: f1[d] for d in names}, best, TOLERANCE) for g, names in groups.items()}
+    at = {d: f1[d][chosen[g]] for g, names in groups.items() for d in names}
+    return {"groups": groups, "threshold": {g: float(t) for g, t in chosen.items()}, "f1": at,
+            "mean_f1": float(np.mean(list(at.values()))),
+            "within_1_point_of_every_best": all(at[d] >= best[d] - TOLERANCE for d in at)}
+
+
+def summarise(results: dict[str, dict], own: dict[str, float]) -> dict:
+    """Each dataset's best threshold and its F1 at its ``own`` (the model's threshold for that dataset's scans), the
+    thresholds within ``TOLERANCE`` of every dataset's best, the best mean."""
     thresholds = list(next(iter(results.values())))
     best = {name: max(rows, key=lambda t: rows[t]["f1"]) for name, rows in results.items()}
     holds = [t for t in thresholds
@@ -58,7 +73,7 @@ def summarise(results: dict[str, dict], own: float) -> dict:
     mean = {t: float(np.mean([rows[t]["f1"] for rows in results.values()])) for t in thresholds}
     return {"best_threshold": {name: float(t) for name, t in best.items()},
             "best_f1": {name: results[name][t]["f1"] for name, t in best.items()},
-            "own_threshold": own, "own_f1": {name: rows[str(own)]["f1"] for name, rows in results.items()},
+            "own_threshold": own, "own_f1": {name: rows[str(own[name])]["f1"] for name, rows in results.items()},
             "within_1_point_of_every_best": [float(t) for t in holds],
             "best_mean_threshold": float(max(mean, key=mean.get)), "mean_f1": mean}
 
@@ -70,6 +85,8 @@ def table(path: Path) -> str:
     names = list(results)
     lines = ["| threshold | " + " | ".join(f"{n} F1 (crowded recall)" for n in names) + " | mean F1 |",
              "|---" * (len(names) + 2) + "|"]
+    own = summary["own_threshold"]
+    own = own if isinstance(own, dict) else dict.fromkeys(names, own)  # files of models with one threshold
     for t in results[names[0]]:
         cells = []
         for n in names:
@@ -77,8 +94,10 @@ def table(path: Path) -> str:
             f1 = f"{row['f1']:.3f}"
             cells.append(f"**{f1}** ({row['crowded_recall']:.3f})" if float(t) == summary["best_threshold"][n]
                          else f"{f1} ({row['crowded_recall']:.3f})")
-        own = " (shipped)" if float(t) == summary["own_threshold"] else ""
-        lines.append(f"| {t}{own} | " + " | ".join(cells) + f" | {summary['mean_f1'][t]:.3f} |")
+        shipped = [n for n in names if float(t) == own[n]]
+        mark = (" (shipped)" if len(shipped) == len(names) else f" (shipped: {', '.join(shipped)})" if shipped
+                else "")
+        lines.append(f"| {t}{mark} | " + " | ".join(cells) + f" | {summary['mean_f1'][t]:.3f} |")
     return "\n".join(lines)
 
 
@@ -97,16 +116,21 @@ def main() -> None:
         return
     warnings.simplefilter("ignore", UserWarning)  # MoNuSeg's known degenerate outlines, missing pixel size
     detector = Detector.from_pretrained(args.model, runtime="auto")
-    own, radius_um = detector.config.score_threshold, detector.config.nms_radius_um
-    thresholds = tuple(sorted(set(THRESHOLDS) | {own}))
-    detector.with_settings(score_threshold=min(thresholds) - 1e-6, nms_radius_um=0.0)
-    results = {}
+    config = detector.config
+    own_thresholds = {config.score_threshold, config.score_threshold_40x} - {None}
+    thresholds = tuple(sorted(set(THRESHOLDS) | own_thresholds))
+    detector.with_settings(score_threshold=min(thresholds) - 1e-6, score_threshold_40x=None, nms_radius_um=0.0)
+    results, groups, own = {}, {}, {}
     for name in args.datasets.split(","):
-        results[name] = sweep(detector, get_dataset(name, SHARED / name).samples(args.split), thresholds, radius_um)
+        samples = get_dataset(name, SHARED / name).samples(args.split)
+        results[name] = sweep(detector, samples, thresholds, config.nms_radius_um)
+        fine = np.mean([sample.nuclei.mpp < FINE_SCAN_MPP for sample in samples]) > 0.5
+        groups.setdefault("40x" if fine else "20x", []).append(name)
+        own[name] = config.threshold_for(0.25 if fine else 0.5)
         print(name, {t: round(r["f1"], 4) for t, r in results[name].items()}, flush=True)
-    summary = summarise(results, own)
+    summary = summarise(results, own) | {"per_scan": per_scan(results, groups)}
     print(json.dumps({k: v for k, v in summary.items() if k != "mean_f1"}, indent=1))
-    write_result(out, {"split": args.split, "nms_radius_um": radius_um,
+    write_result(out, {"split": args.split, "nms_radius_um": config.nms_radius_um,
                        "working_mpp": detector.config.mpp, "results": results, "summary": summary}, [args.model])
 
 

@@ -16,6 +16,9 @@ it is the faster of the two (docs/benchmarks.md), and PyTorch on a GPU (``infere
 MPP_AUTO = "auto"
 """The pixel size that asks for an estimate from the image itself (``--mpp auto``, a manifest's ``auto``;
 ``inference.mpp``, docs/pixel_size.md)."""
+FINE_SCAN_MPP = 0.35
+"""Scans finer than this (um/px) count as 40x (0.22-0.27 um/px on common scanners), coarser ones as 20x (0.46-0.52):
+a detector may have a score threshold for each (``DetectorConfig.threshold_for``)."""
 
 
 class _ModelConfig:
@@ -68,6 +71,9 @@ class DetectorConfig(_ModelConfig):
     head_stride: int = 8  # the paper's grid; a stride-4 head measured less accurate and 3x slower (DETECTOR_CARD.md)
     mpp: float = 0.5  # working resolution (um/px): inputs are resampled to it
     score_threshold: float = 0.5
+    # the threshold for images scanned finer than FINE_SCAN_MPP (40x); None: score_threshold for every scan. 40x
+    # scans, shrunk to the working grid, score their nuclei lower than 20x ones (DETECTOR_CARD.md)
+    score_threshold_40x: float | None = None
     nms_radius_um: float = 2.0
     tile_size: int = 256
     tile_overlap: int = 32
@@ -82,6 +88,12 @@ class DetectorConfig(_ModelConfig):
         if self.tile_size % 32 or self.tile_overlap % 32 or not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"tile_size ({self.tile_size}) and tile_overlap ({self.tile_overlap}) must be "
                              "multiples of 32 with overlap < tile size")
+
+    def threshold_for(self, scan_mpp: float | None) -> float:
+        """The score threshold for an image scanned at ``scan_mpp`` um/px (None: unknown, the 20x threshold)."""
+        if self.score_threshold_40x is not None and scan_mpp is not None and scan_mpp < FINE_SCAN_MPP:
+            return self.score_threshold_40x
+        return self.score_threshold
 
     def architecture(self) -> str:
         """What fixes the weights' shapes and meaning, in words (thresholds and tiling are not part of it)."""

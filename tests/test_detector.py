@@ -190,7 +190,7 @@ def overfit_trained() -> tuple[Detector, np.ndarray, np.ndarray]:
     model = PointDetector(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=iterations, pct_start=0.1)
-    item = SplitImage("brcam2c", "one", image, Nuclei(xy=xy, mpp=0.5))
+    item = SplitImage("brcam2c", "one", image, Nuclei(xy=xy, mpp=0.5), 0.5)
     losses = []
     for _ in range(iterations):
         crops, targets = zip(*(random_crop(item, 128, cfg, rng) for _ in range(cfg.batch_size)))

@@ -55,7 +55,7 @@ def test_templates_fit_sample_and_apply() -> None:
 
 def test_randstainna_recolours_crops_and_keeps_their_points() -> None:
     image = read_image(SAMPLE)
-    item = SplitImage("sample", "sample", image, Nuclei(xy=[[10.0, 20.0], [100.0, 50.0], [60.0, 90.0]], mpp=0.5))
+    item = SplitImage("sample", "sample", image, Nuclei(xy=[[10.0, 20.0], [100.0, 50.0], [60.0, 90.0]], mpp=0.5), 0.5)
     templates = StainTemplates.fit([image[:200, :200], image[200:, 200:]])
     on = DetectorTrainConfig(color_jitter=0.0, scale_jitter=0.0, randstainna=1.0)
     off = DetectorTrainConfig(color_jitter=0.0, scale_jitter=0.0)

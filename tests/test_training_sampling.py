@@ -15,7 +15,7 @@ from denuc.train.detector import holds_for_every_dataset, sampling_weights
 
 def image(dataset: str, side: int, xy: list[tuple[float, float]] = ()) -> SplitImage:
     return SplitImage(dataset, f"{dataset}_{side}", np.full((side, side, 3), 128, np.uint8),
-                      Nuclei(np.array(xy, dtype=float).reshape(-1, 2), mpp=0.5))
+                      Nuclei(np.array(xy, dtype=float).reshape(-1, 2), mpp=0.5), 0.5)
 
 
 def test_small_image_is_padded_with_white_not_enlarged() -> None:

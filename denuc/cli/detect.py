@@ -42,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="detector: a shipped name (denuc models; default: %(default)s) or a .safetensors file; a "
                         "bundle runs its own detector")
     p.add_argument("--threshold", type=PROBABILITY,
-                   help="score threshold in [0, 1] (default: the model's, chosen on validation)")
+                   help="score threshold in [0, 1], for every scan (default: the model's, chosen on validation, one "
+                        "for 20x and one for 40x scans)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="where the detector runs: torch, onnx (ONNX Runtime, CPU), or auto: onnx on a CPU, torch "
                         "on a GPU (default)")
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_pretrained(args.model, device=args.device, runtime=args.runtime)
     detector.with_settings(test_time_views=args.tta)
     if args.threshold is not None:
-        detector.with_settings(score_threshold=args.threshold)
+        detector.with_settings(score_threshold=args.threshold, score_threshold_40x=None)  # for every scan
     own_file = resolve(args.model, kind="detector")
 
     def estimator() -> Detector:

@@ -37,8 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="detect with this detector instead of the bundle's own; the bundle's classifier labels its "
                         "nuclei (e.g. --detector precise: crowded 40x tissue)")
     p.add_argument("--threshold", type=PROBABILITY,
-                   help="the detector's score threshold in [0, 1] (default: the model's, chosen on validation; "
-                        "per-dataset optima in DETECTOR_CARD.md)")
+                   help="the detector's score threshold in [0, 1], for every scan (default: the model's, chosen on "
+                        "validation, one for 20x and one for 40x scans; per-dataset optima in DETECTOR_CARD.md)")
     p.add_argument("--taxonomy",
                    help="the classifier head, i.e. which classes nuclei get (the default bundle's heads: "
                         f"{_default_taxonomies()}; default: the bundle's first)")
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                                                                  runtime=args.runtime))
     model.with_test_time_views(args.tta)
     if args.threshold is not None:
-        model.detector.with_settings(score_threshold=args.threshold)
+        model.detector.with_settings(score_threshold=args.threshold, score_threshold_40x=None)  # for every scan
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
     if args.keep_rejected and model.classifier is None:

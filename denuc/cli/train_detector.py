@@ -107,7 +107,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("options", str(error)) from None
     best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors")
-    settings = "" if chosen is None else (f" (chosen on validation: score threshold {chosen['score_threshold']}, "
-                                          f"NMS radius {chosen['nms_radius_um']} um, mean F1 {chosen['mean']:.4f})")
+    if chosen is None:
+        settings = ""
+    else:
+        fine = chosen["score_threshold_40x"]
+        thresholds = (f"score threshold {chosen['score_threshold']}" if fine is None else
+                      f"score thresholds {chosen['score_threshold']} (20x scans) and {fine} (40x scans)")
+        settings = (f" (chosen on validation: {thresholds}, NMS radius {chosen['nms_radius_um']} um, "
+                    f"mean F1 {chosen['mean']:.4f})")
     print(f"model: {args.run_dir / 'model.safetensors'}{settings}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -132,21 +133,24 @@ class Detector:
         return self.backend(tiles)
 
     @torch.inference_mode()
-    def detect_tiles(self, tiles: np.ndarray | torch.Tensor) -> list[Nuclei]:
-        """Points of a batch of RGB uint8 tiles (B, H, W, 3) at the model's pixel size, H and W multiples of 32.
+    def detect_tiles(self, tiles: np.ndarray | torch.Tensor, scan_mpp: float | None = None) -> list[Nuclei]:
+        """Points of a batch of RGB uint8 tiles (B, H, W, 3) at the model's pixel size, H and W multiples of 32,
+        cut from an image scanned at ``scan_mpp`` um/px (None: unknown), which sets the score threshold
+        (``DetectorConfig.threshold_for``).
 
         Returns per tile the points (with scores) in tile pixels, above the score threshold and after point NMS
         within the tile (so overlapping tiles mostly agree on which of two close points survives).
         """
         cfg = self.config
         radius = cfg.nms_radius_um / cfg.mpp
+        threshold = cfg.threshold_for(scan_mpp)
         if cfg.test_time_views == 1:
             scores, points = self.forward(tiles)
-            keep = scores > cfg.score_threshold
+            keep = scores > threshold
             candidates = [(points[k][keep[k]].cpu().numpy(), scores[k][keep[k]].cpu().numpy())
                           for k in range(len(scores))]
         else:
-            candidates = self._fused_candidates(torch.as_tensor(tiles), radius)
+            candidates = self._fused_candidates(torch.as_tensor(tiles), radius, threshold)
         results = []
         for xy, s in candidates:
             xy, s = xy.astype(np.float64).reshape(-1, 2), s.astype(np.float64)
@@ -154,10 +158,11 @@ class Detector:
             results.append(Nuclei(xy=xy[kept], scores=s[kept], mpp=cfg.mpp))
         return results
 
-    def _fused_candidates(self, tiles: torch.Tensor, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per tile, the points of all ``test_time_views`` views fused (``fuse_views``) and above the threshold."""
+    def _fused_candidates(self, tiles: torch.Tensor, radius: float, threshold: float
+                          ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per tile, the points of all ``test_time_views`` views fused (``fuse_views``) and above ``threshold``."""
         cfg = self.config
-        floor = min(0.1, cfg.score_threshold)  # weaker points barely move a fused score; dropping them saves time
+        floor = min(0.1, threshold)  # weaker points barely move a fused score; dropping them saves time
         found = [[] for _ in range(len(tiles))]
         for view in range(cfg.test_time_views):
             viewed = view_tiles(tiles, view)
@@ -171,7 +176,7 @@ class Detector:
             xy, s = fuse_views(np.concatenate([p[0] for p in parts]).astype(np.float64),
                                np.concatenate([p[1] for p in parts]).astype(np.float64),
                                np.concatenate([np.full(len(p[1]), p[2]) for p in parts]), cfg.test_time_views, radius)
-            candidates.append((xy[s > cfg.score_threshold], s[s > cfg.score_threshold]))
+            candidates.append((xy[s > threshold], s[s > threshold]))
         return candidates
 
     def detect_resampled(self, image: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -186,10 +191,11 @@ class Detector:
     def detect(self, image: np.ndarray | str | os.PathLike, mpp: float | None = None, batch_size: int = 8) -> Nuclei:
         """Detect nuclei in an RGB image (array or file) whose pixel size is ``mpp`` um/px.
 
-        The image is resampled to the model's working resolution, detected tile by tile, and the points are
-        mapped back to the input image's pixels. The result's labels are all "unlabelled".
+        The image is resampled to the model's working resolution, detected tile by tile (at the score threshold
+        for its pixel size), and the points are mapped back to the input image's pixels. The result's labels are
+        all "unlabelled".
         """
-        return predict_image(image, mpp, self.config, self.detect_tiles, batch_size)
+        return predict_image(image, mpp, self.config, partial(self.detect_tiles, scan_mpp=mpp), batch_size)
 
 
 def choose_runtime(runtime: str, device: str | torch.device = "cpu") -> str:

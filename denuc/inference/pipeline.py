@@ -124,8 +124,10 @@ class Pipeline:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=hub.stamp(metadata, tag))
 
-    def predict_tiles(self, tiles: np.ndarray, embeddings: bool = False) -> list[Nuclei]:
-        """Nuclei of each RGB uint8 tile of a (B, H, W, 3) batch at ``self.mpp``, in tile pixels.
+    def predict_tiles(self, tiles: np.ndarray, embeddings: bool = False, scan_mpp: float | None = None
+                      ) -> list[Nuclei]:
+        """Nuclei of each RGB uint8 tile of a (B, H, W, 3) batch at ``self.mpp``, in tile pixels, cut from an image
+        scanned at ``scan_mpp`` um/px (it sets the detector's score threshold; None: unknown).
 
         H and W must be multiples of 32. Point NMS is applied within each tile; ownership between overlapping
         tiles is the caller's business (see ``denuc.inference.tiling.iter_tiles``). With a classifier, detections
@@ -133,7 +135,7 @@ class Pipeline:
         and ``probs``, the class probabilities given that the point is a nucleus (renormalised without "not a
         nucleus").
         """
-        found = self.detector.detect_tiles(tiles)
+        found = self.detector.detect_tiles(tiles, scan_mpp)
         if self.classifier is None:
             return found
         results = []
@@ -174,5 +176,5 @@ class Pipeline:
                 embeddings: bool = False) -> Nuclei:
         """Nuclei of a whole RGB image (array or file) whose pixel size is ``mpp`` um/px, in its own pixels."""
         return predict_image(image, mpp, self.detector.config,
-                             lambda tiles: self.predict_tiles(tiles, embeddings), batch_size)
+                             lambda tiles: self.predict_tiles(tiles, embeddings, scan_mpp=mpp), batch_size)
 

@@ -234,6 +234,7 @@ def predict_slide(
                   "chunks_reused": len(chunks) - len(todo)},
         "provenance": provenance or {},
         "model": {"name": model_name, "sha256": settings["model"], "mpp": model.mpp,
+                  "score_threshold": model.detector.config.threshold_for(slide.mpp),  # the one this scan got
                   "classifier": model.classifier is not None,
                   "classifier_test_time_views": getattr(model.classifier, "test_time_views", None),
                   "classes": [{"name": c.name, "color": list(c.color)} for c in model.classes],
@@ -408,7 +409,7 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
                 t0 = time.perf_counter()
                 pixels = np.stack([next(reader) for _ in batch])
                 t1 = time.perf_counter()
-                found = model.predict_tiles(pixels, embeddings=embeddings)
+                found = model.predict_tiles(pixels, embeddings=embeddings, scan_mpp=slide.mpp)
                 t2 = time.perf_counter()
                 measured = [None] * len(batch)
                 if outliner is not None:

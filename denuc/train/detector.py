@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from denuc.config import DetectorTrainConfig
+from denuc.config import FINE_SCAN_MPP, DetectorTrainConfig
 from denuc.errors import InputError
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
@@ -162,21 +162,42 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
 
 def holds_for_every_dataset(row: dict, rows: list[dict], tolerance: float) -> bool:
     """Whether ``row`` of a sweep (per-dataset F1 and "mean") is within ``tolerance`` of every dataset's best."""
-    datasets = [k for k in row if k not in ("score_threshold", "nms_radius_um", "mean")
+    datasets = [k for k in row if k not in ("score_threshold", "score_threshold_40x", "nms_radius_um", "mean")
                 and isinstance(row[k], float)]
     return all(row[d] >= max(r[d] for r in rows) - tolerance for d in datasets)
+
+
+def rule_threshold(f1: dict[str, dict[float, float]], best: dict[str, float], tolerance: float) -> float:
+    """The threshold the shipping rule picks for a group of datasets, from ``f1[dataset][threshold]``: among the
+    thresholds that keep every dataset within ``tolerance`` of its own ``best`` F1, the one with the best mean F1
+    of the group; if none does, the best mean."""
+    thresholds = list(next(iter(f1.values())))
+    return max(thresholds, key=lambda t: (all(f1[d][t] >= best[d] - tolerance for d in f1),
+                                          float(np.mean([f1[d][t] for d in f1]))))
+
+
+def scan_groups(items: list[SplitImage]) -> dict[str, list[str]]:
+    """The datasets of ``items`` by the magnification most of their images were scanned at: "20x" and "40x"
+    (``FINE_SCAN_MPP``); a group without datasets is left out."""
+    groups: dict[str, list[str]] = {}
+    for name in dict.fromkeys(item.dataset for item in items):
+        fine = np.mean([item.scan_mpp < FINE_SCAN_MPP for item in items if item.dataset == name])
+        groups.setdefault("40x" if fine > 0.5 else "20x", []).append(name)
+    return groups
 
 
 def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: str | Path,
                     thresholds: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5),
                     nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0), tolerance: float = 0.01
                     ) -> dict | None:
-    """Choose the score threshold and NMS radius on the validation splits; save the model with them to
+    """Choose the score thresholds and NMS radius on the validation splits; save the model with them to
     ``out_path`` and return the chosen row of the sweep.
 
     The rule: among the settings that keep every dataset's validation F1 within ``tolerance`` (1 point) of that
     dataset's own best, the one with the best mean; if none does, the best mean. A threshold that suits one
-    dataset's scanner and stain can cost another several points; this keeps one threshold that holds for all.
+    dataset's scanner and stain can cost another several points; this keeps thresholds that hold for all. The
+    datasets scanned at 20x and those at 40x each get their threshold by this rule (``score_threshold`` and
+    ``score_threshold_40x``: 40x scans, shrunk to the working grid, score their nuclei lower), at one NMS radius.
     Validation splits only: test data never informs a choice. Without validation images the model keeps its
     configured settings (returns None)."""
     val = load_split(cfg, "val")
@@ -185,7 +206,7 @@ def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: 
         detector.save(out_path, {"chosen": None})
         return None
     lowest = min(thresholds)
-    detector.with_settings(score_threshold=lowest, nms_radius_um=0.0)  # the sweep applies its own NMS
+    detector.with_settings(score_threshold=lowest, score_threshold_40x=None, nms_radius_um=0.0)  # NMS: the sweep's
     raw = [(item, *detector.detect_resampled(item.image)) for item in val]
 
     def kept(threshold: float, radius_um: float):
@@ -197,8 +218,21 @@ def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: 
 
     results = [{"score_threshold": threshold, "nms_radius_um": radius, **detection_f1(kept(threshold, radius))}
                for threshold in thresholds for radius in nms_radii_um]
-    chosen = max(results, key=lambda r: (holds_for_every_dataset(r, results, tolerance), r["mean"]))
+    groups = scan_groups(val)
+    names = [name for group in groups.values() for name in group]
+    best = {name: max(row[name] for row in results) for name in names}
+    candidates = []
+    for radius in nms_radii_um:
+        rows = {row["score_threshold"]: row for row in results if row["nms_radius_um"] == radius}
+        picks = {g: rule_threshold({d: {t: rows[t][d] for t in rows} for d in group}, best, tolerance)
+                 for g, group in groups.items()}
+        row = {"score_threshold": picks.get("20x", picks.get("40x")),
+               "score_threshold_40x": picks["40x"] if len(picks) == 2 else None, "nms_radius_um": radius}
+        row |= {d: rows[picks[g]][d] for g, group in groups.items() for d in group}
+        candidates.append(row | {"mean": float(np.mean([row[d] for d in names]))})
+    chosen = max(candidates, key=lambda r: (holds_for_every_dataset(r, results, tolerance), r["mean"]))
     chosen["within_tolerance_of_each_best"] = holds_for_every_dataset(chosen, results, tolerance)
-    detector.with_settings(score_threshold=chosen["score_threshold"], nms_radius_um=chosen["nms_radius_um"])
+    detector.with_settings(score_threshold=chosen["score_threshold"],
+                           score_threshold_40x=chosen["score_threshold_40x"], nms_radius_um=chosen["nms_radius_um"])
     detector.save(out_path, {"validation_sweep": results, "chosen": chosen})
     return chosen

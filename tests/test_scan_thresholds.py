@@ -1,0 +1,76 @@
+"""A score threshold per scan magnification: 40x scans (finer than FINE_SCAN_MPP) get ``score_threshold_40x``,
+everything else ``score_threshold``; training chooses each by the shipping rule within its group of datasets."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SAMPLE_POINTS
+
+from denuc.config import FINE_SCAN_MPP, DatasetSpec, DetectorConfig, DetectorTrainConfig
+from denuc.inference.detect import Detector
+from denuc.io import read_points
+from denuc.io.images import read_image, resample
+from denuc.train import detector as training
+from denuc.train.data import SplitImage
+
+
+def test_threshold_for_follows_the_scan_pixel_size() -> None:
+    config = DetectorConfig(score_threshold=0.5, score_threshold_40x=0.2)
+    assert config.threshold_for(0.25) == 0.2
+    assert config.threshold_for(0.5) == config.threshold_for(FINE_SCAN_MPP) == 0.5
+    assert config.threshold_for(None) == 0.5  # unknown scan: the 20x threshold
+    assert DetectorConfig(score_threshold=0.5).threshold_for(0.25) == 0.5  # no 40x threshold: one for all
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_detector_thresholds_each_image_by_its_scan(views: int) -> None:
+    # 20x threshold 1.0 (no score passes it), 40x threshold 0.5: only images said to be 40x scans get points
+    detector = Detector.from_pretrained("default").with_settings(score_threshold=1.0, score_threshold_40x=0.5,
+                                                                 test_time_views=views)
+    image = read_image(SAMPLE_IMAGE)
+    assert len(detector.detect(image, mpp=SAMPLE_MPP)) == 0
+    as_40x = resample(image, 2.0)  # the same tissue, as a 40x scan of it
+    assert len(detector.detect(as_40x, mpp=SAMPLE_MPP / 2)) > 100
+    tiles = np.ascontiguousarray(image[None, :256, :256])
+    assert len(detector.detect_tiles(tiles)[0]) == 0
+    assert len(detector.detect_tiles(tiles, scan_mpp=0.25)[0]) > 10
+
+
+def test_rule_threshold_picks_within_a_group() -> None:
+    # a and b agree on 0.3 within 1 point; c (another group) is best at 0.1, far from the others' choice
+    f1 = {"a": {0.1: 0.80, 0.3: 0.85, 0.5: 0.86}, "b": {0.1: 0.70, 0.3: 0.76, 0.5: 0.74},
+          "c": {0.1: 0.80, 0.3: 0.65, 0.5: 0.60}}
+    best = {d: max(v.values()) for d, v in f1.items()}
+    assert training.rule_threshold({d: f1[d] for d in "ab"}, best, 0.01) == 0.3
+    assert training.rule_threshold({"c": f1["c"]}, best, 0.01) == 0.1
+    assert training.rule_threshold(f1, best, 0.01) == 0.1  # no threshold holds for all three: the best mean
+
+
+def _item(dataset: str, scan_mpp: float) -> SplitImage:
+    image = read_image(SAMPLE_IMAGE)
+    return SplitImage(dataset, "sample", image, read_points(SAMPLE_POINTS, mpp=SAMPLE_MPP), scan_mpp)
+
+
+def test_scan_groups_by_most_images() -> None:
+    items = [_item("twenty", 0.5), _item("forty", 0.25), _item("forty", 0.24), _item("forty", 0.5)]
+    assert training.scan_groups(items) == {"20x": ["twenty"], "40x": ["forty"]}
+    assert training.scan_groups(items[:1]) == {"20x": ["twenty"]}
+
+
+def test_tune_thresholds_gives_each_scan_group_its_threshold(tmp_path, monkeypatch) -> None:
+    # the sample twice: once as a 20x dataset, once as a 40x one whose annotators marked only the surest nuclei
+    # (its ground truth: the default detector's own points above 0.8), so the 40x group's best threshold is high
+    surest = partial(Detector.from_pretrained("default").with_settings(score_threshold=0.8).detect, mpp=SAMPLE_MPP)
+    twenty, forty = _item("twenty", 0.5), _item("forty", 0.25)
+    forty.nuclei = surest(forty.image)
+    monkeypatch.setattr(training, "load_split", lambda cfg, split: [twenty, forty])
+    cfg = DetectorTrainConfig(datasets=[DatasetSpec("twenty", "x"), DatasetSpec("forty", "y")])
+    out = tmp_path / "tuned.safetensors"
+    chosen = training.tune_thresholds("default", cfg, out, thresholds=(0.2, 0.5, 0.7, 0.8), nms_radii_um=(3.0,))
+    assert chosen["score_threshold"] in (0.2, 0.5) and chosen["score_threshold_40x"] >= 0.7
+    saved = Detector.from_pretrained(out).config
+    assert (saved.score_threshold, saved.score_threshold_40x) == (chosen["score_threshold"],
+                                                                   chosen["score_threshold_40x"])
