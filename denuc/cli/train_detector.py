@@ -1,8 +1,9 @@
 """`denuc train-detector`: train a point detector on one or more datasets, then tune its thresholds.
 
 Each epoch is --iters-per-epoch batches of random crops (not a pass over the images); after each, the model is
-scored on the datasets' validation splits and the best epoch is kept. The score threshold and NMS radius are
-then chosen on the validation splits (without one, the last epoch is kept with its settings).
+scored on the datasets' validation splits and the best epoch is kept. The score thresholds (one for 20x scans, and
+one for 40x scans when both kinds of datasets are given) and the NMS radius are then chosen on the validation splits
+(without one, the last epoch is kept with its settings).
 """
 
 from __future__ import annotations
