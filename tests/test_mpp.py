@@ -100,6 +100,9 @@ def test_plausibility_without_estimate_reads_density_and_scores(sample, detector
     assert check_plausibility(right.scores, SAMPLE_MPP, area) == []
     unsure = np.full(len(right), 0.6)
     assert any("unsure" in text for text in check_plausibility(unsure, SAMPLE_MPP, area))
+    # a 40x threshold keeps weak points besides the confident ones: they do not make the run look unsure
+    with_weak = np.r_[right.scores, np.full(2 * len(right), 0.2)]
+    assert check_plausibility(with_weak, SAMPLE_MPP, area) == []
     packed = np.full(2000, 0.9)  # 2,000 confident nuclei
     assert any("implausibly many" in text for text in check_plausibility(packed, SAMPLE_MPP, 0.05))
     assert check_plausibility(packed, SAMPLE_MPP, 0.01) == []  # too small an area to judge a density
