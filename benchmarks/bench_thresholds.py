@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, write_result
 
-from denuc.config import FINE_SCAN_MPP
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
 from denuc.metrics.evaluate import evaluate
 from denuc.nuclei import Nuclei
-from denuc.train.detector import rule_threshold
+from denuc.train.detector import rule_threshold, scan_group
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
@@ -124,9 +123,9 @@ def main() -> None:
     for name in args.datasets.split(","):
         samples = get_dataset(name, SHARED / name).samples(args.split)
         results[name] = sweep(detector, samples, thresholds, config.nms_radius_um)
-        fine = np.mean([sample.nuclei.mpp < FINE_SCAN_MPP for sample in samples]) > 0.5
-        groups.setdefault("40x" if fine else "20x", []).append(name)
-        own[name] = config.threshold_for(0.25 if fine else 0.5)
+        scans = [sample.nuclei.mpp for sample in samples]
+        groups.setdefault(scan_group(scans), []).append(name)
+        own[name] = config.threshold_for(float(np.median(scans)))
         print(name, {t: round(r["f1"], 4) for t, r in results[name].items()}, flush=True)
     summary = summarise(results, own) | {"per_scan": per_scan(results, groups)}
     print(json.dumps({k: v for k, v in summary.items() if k != "mean_f1"}, indent=1))

@@ -176,13 +176,16 @@ def rule_threshold(f1: dict[str, dict[float, float]], best: dict[str, float], to
                                           float(np.mean([f1[d][t] for d in f1]))))
 
 
+def scan_group(scan_mpps: list[float]) -> str:
+    """"40x" for a dataset most of whose images were scanned finer than ``FINE_SCAN_MPP``, else "20x"."""
+    return "40x" if np.mean([mpp < FINE_SCAN_MPP for mpp in scan_mpps]) > 0.5 else "20x"
+
+
 def scan_groups(items: list[SplitImage]) -> dict[str, list[str]]:
-    """The datasets of ``items`` by the magnification most of their images were scanned at: "20x" and "40x"
-    (``FINE_SCAN_MPP``); a group without datasets is left out."""
+    """The datasets of ``items`` by ``scan_group``: "20x" and "40x"; a group without datasets is left out."""
     groups: dict[str, list[str]] = {}
     for name in dict.fromkeys(item.dataset for item in items):
-        fine = np.mean([item.scan_mpp < FINE_SCAN_MPP for item in items if item.dataset == name])
-        groups.setdefault("40x" if fine > 0.5 else "20x", []).append(name)
+        groups.setdefault(scan_group([item.scan_mpp for item in items if item.dataset == name]), []).append(name)
     return groups
 
 
