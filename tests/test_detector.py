@@ -566,3 +566,18 @@ def test_training_configs_refuse_impossible_schedules(bad: dict) -> None:
     for config in (DetectorTrainConfig, ClassifierTrainConfig):
         with pytest.raises(ValueError, match=name):
             config(**bad)
+
+
+def test_stride4_head_starts_from_a_stride8_detector() -> None:
+    from denuc.errors import InputError
+    from denuc.train.detector import initial_model
+
+    start = Detector.from_pretrained("fast")
+    model = initial_model(DetectorTrainConfig(init="fast", model=replace(start.config, head_stride=4)))
+    ours, theirs = model.state_dict(), start.model.state_dict()
+    assert set(theirs) < set(ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # everything but the two stride-4 layers
+    assert {k.split(".")[1] for k in set(ours) - set(theirs)} == {"fine_lateral", "fine_conv"}
+    # another backbone is refused
+    with pytest.raises(InputError, match="detector; the run asks for"):
+        initial_model(DetectorTrainConfig(init="fast", model=replace(start.config, backbone="shufflenet_v2_x1_0")))

@@ -43,8 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=POSITIVE, help=f"working resolution of the model in um/px (default: {model.mpp}; "
                                                     "with --init, that model's)")
     p.add_argument("--init", help="fine-tune: start from this detector (a shipped name such as 'default', or a "
-                                  ".safetensors file); the model's architecture is its own, and its "
-                                  "pixel size unless --mpp is given")
+                                  ".safetensors file); the model's architecture is its own (a stride-8 head may "
+                                  "become a stride-4 one with --head-stride 4), and its pixel size unless --mpp is "
+                                  "given")
     p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
                    help="strength of the stain (HED), brightness and contrast jitter, in [0, 1) "
                         "(default: %(default)s)")
@@ -85,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
                                       ("head_separable", args.head_separable), ("mpp", args.mpp)) if v is not None}
     if args.init is not None:
         # the weights' shapes are the initial model's; only its working resolution may change (--mpp: fine-tune
-        # at another pixel size, e.g. a finer one for crowded nuclei)
-        fixed = [k for k in architecture if k != "mpp"]
+        # at another pixel size, e.g. a finer one for crowded nuclei), and a stride-8 head may become a stride-4 one
+        # (--head-stride 4: anchors twice as dense; its two new layers start at random, train.detector.initial_model)
+        fixed = [k for k in architecture if k not in ("mpp", "head_stride")]
         if fixed:
             raise InputError("--init", f"a fine-tuned model keeps the architecture of {args.init}: "
                                        f"drop {', '.join('--' + k.replace('_', '-') for k in fixed)}")

@@ -88,14 +88,17 @@ def validate(detector: Detector, items: list[SplitImage], radius_um: float = 3.0
 def initial_model(cfg: DetectorTrainConfig) -> PointDetector:
     """The network a run starts from: random, with an ImageNet backbone (``backbone_weights``), or a trained
     denuc detector (``init``, for fine-tuning), whose architecture must be the run's (the working pixel size may
-    differ: the network is convolutional, fine-tuning adapts it to nuclei of another size in pixels)."""
+    differ: the network is convolutional, fine-tuning adapts it to nuclei of another size in pixels), except that
+    a stride-4 head may start from a stride-8 detector: all its weights but the two stride-4 layers it adds."""
     model = PointDetector(cfg.model, imagenet_weights=cfg.backbone_weights)
     if cfg.init is not None:
         start = Detector.from_pretrained(cfg.init).model
         ours, theirs = cfg.model, dataclasses.replace(start.config, mpp=cfg.model.mpp)
-        if ours.architecture() != theirs.architecture():
+        finer = theirs.head_stride == 8 and ours.head_stride == 4
+        if ours.architecture() != (dataclasses.replace(theirs, head_stride=4) if finer else theirs).architecture():
             raise InputError(cfg.init, f"is a {theirs.architecture()} detector; the run asks for {ours.architecture()}")
-        model.load_state_dict(start.state_dict())
+        missing, _ = model.load_state_dict(start.state_dict(), strict=not finer)
+        assert all(key.startswith(("head.fine_lateral.", "head.fine_conv.")) for key in missing), missing
     return model
 
 
