@@ -132,7 +132,8 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     val = load_split(cfg, "val")
 
     weights = sampling_weights(train, cfg.sampling)
-    crowded = [item.nuclei.xy[crowded_nuclei(item.nuclei.xy, CROWDED_RADIUS_UM / item.nuclei.mpp)] for item in train]
+    crowded = ([item.nuclei.xy[crowded_nuclei(item.nuclei.xy, CROWDED_RADIUS_UM / item.nuclei.mpp)] for item in train]
+               if cfg.crowded_crops > 0 else [])  # read only when crops are drawn around them
 
     def batches():
         for _ in range(cfg.iters_per_epoch):
