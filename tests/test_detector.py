@@ -302,6 +302,28 @@ def test_resume_gives_identical_weights(tmp_path: Path, ema_decay: float | None,
 
 
 @needs_brcam2c
+def test_crowded_crops_are_drawn_around_crowded_nuclei(tmp_path: Path, monkeypatch) -> None:
+    from denuc.metrics.crowding import CROWDED_RADIUS_UM, crowded_nuclei
+    from denuc.train import detector as training
+
+    focuses = []
+
+    def recording_crop(item, size, cfg, rng, templates=None, focus=None):
+        crowded = item.nuclei.xy[crowded_nuclei(item.nuclei.xy, CROWDED_RADIUS_UM / item.nuclei.mpp)]
+        focuses.append((focus, crowded))
+        return random_crop(item, size, cfg, rng, templates, focus)
+
+    monkeypatch.setattr(training, "random_crop", recording_crop)
+    cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=1, iters_per_epoch=2,
+                              batch_size=2, crop_size=128, warmup_iters=1, crowded_crops=1.0)
+    train_detector(cfg, tmp_path, progress=False)
+    assert len(focuses) == 4
+    for focus, crowded in focuses:  # every crop is drawn around one of its image's crowded nuclei (if it has any)
+        assert (focus is None) == (len(crowded) == 0)
+        assert focus is None or any(np.array_equal(focus, c) for c in crowded)
+
+
+@needs_brcam2c
 def test_ema_is_what_is_validated_and_saved(tmp_path: Path) -> None:
     cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=1, iters_per_epoch=3,
                               batch_size=2, crop_size=128, warmup_iters=1, ema_decay=0.5)
