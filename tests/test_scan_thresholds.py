@@ -74,3 +74,18 @@ def test_tune_thresholds_gives_each_scan_group_its_threshold(tmp_path, monkeypat
     saved = Detector.from_pretrained(out).config
     assert (saved.score_threshold, saved.score_threshold_40x) == (chosen["score_threshold"],
                                                                    chosen["score_threshold_40x"])
+
+
+@pytest.mark.filterwarnings("ignore:.*implausibly few nuclei")  # the 20x run finds none, on purpose
+def test_slide_runs_use_the_threshold_of_the_slide_scan(tmp_path) -> None:
+    from denuc.inference.pipeline import Pipeline
+    from denuc.inference.slide import predict_slide
+    from denuc.io.slides import open_slide
+
+    detector = Detector.from_pretrained("default").with_settings(score_threshold=1.0, score_threshold_40x=0.5)
+    model = Pipeline(detector)
+    for mpp, threshold in ((SAMPLE_MPP, 1.0), (SAMPLE_MPP / 2, 0.5)):  # the sample read as a 20x, then a 40x scan
+        with open_slide(SAMPLE_IMAGE, mpp=mpp) as slide:
+            summary = predict_slide(slide, model, tmp_path / str(mpp), tissue_mask=False, progress=False)
+        assert summary["model"]["score_threshold"] == threshold
+        assert (summary["nuclei"] > 50) == (threshold == 0.5)  # no score passes 1.0
