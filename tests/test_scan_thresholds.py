@@ -89,3 +89,16 @@ def test_slide_runs_use_the_threshold_of_the_slide_scan(tmp_path) -> None:
             summary = predict_slide(slide, model, tmp_path / str(mpp), tissue_mask=False, progress=False)
         assert summary["model"]["score_threshold"] == threshold
         assert (summary["nuclei"] > 50) == (threshold == 0.5)  # no score passes 1.0
+
+
+@pytest.mark.filterwarnings("ignore:.*implausibly few nuclei")  # none found at 1.0, on purpose
+@pytest.mark.parametrize("command", ["detect", "predict"])
+def test_threshold_option_sets_one_threshold_for_every_scan(tmp_path, command: str) -> None:
+    from denuc.cli import main
+
+    # the sample read as a 40x scan: `default`'s 40x threshold (0.1) finds nuclei, --threshold 1.0 none
+    assert Detector.from_pretrained("default").config.score_threshold_40x < 1.0
+    for option, found in (([], True), (["--threshold", "1.0"], False)):
+        out = tmp_path / str(found)
+        assert main([command, str(SAMPLE_IMAGE), "--mpp", str(SAMPLE_MPP / 2), *option, "--out", str(out)]) == 0
+        assert (len(read_points(out / "sample_brcam2c.csv", mpp=SAMPLE_MPP / 2)) > 100) == found
