@@ -165,6 +165,10 @@ class DetectorTrainConfig(_TrainConfig):
     # probability that a crop is drawn around a crowded ground-truth nucleus (denuc.metrics.crowding) of the image
     # picked: dense clusters, rare in random crops, are where detectors miss most (0: off)
     crowded_crops: float = 0.0
+    # a nucleus cut by a crop's edge is labelled at the centre of its part inside the crop (modelled as a disc of
+    # this radius in um; under a fifth inside: no nucleus), as annotators label nuclei cut by an image's border
+    # (CoNSeP's crops, MoNuSeg's outlines, BRCAM2C's clicks); 0: its whole centre, and none if that is outside
+    cut_nucleus_radius_um: float = 0.0
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     seed: int = 0
     threads: int = 0  # 0: torch's default
@@ -179,6 +183,8 @@ class DetectorTrainConfig(_TrainConfig):
         for name in ("randstainna", "crowded_crops"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.cut_nucleus_radius_um) and self.cut_nucleus_radius_um >= 0):
+            raise ValueError(f"cut_nucleus_radius_um must be >= 0, got {self.cut_nucleus_radius_um}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.sampling not in SAMPLINGS:

@@ -46,6 +46,31 @@ def flip_rotate(crop: np.ndarray, xy: np.ndarray, rng: np.random.Generator) -> t
     return crop, xy
 
 
+# A unit disc as 256 points of equal area (Vogel's sunflower spiral): the part of a cut nucleus inside a crop is the
+# share of its points inside, and the centre of that part is their mean.
+_DISC = np.stack([np.sqrt((np.arange(256) + 0.5) / 256) * np.cos(np.arange(256) * np.pi * (3 - np.sqrt(5))),
+                  np.sqrt((np.arange(256) + 0.5) / 256) * np.sin(np.arange(256) * np.pi * (3 - np.sqrt(5)))], 1)
+MIN_VISIBLE = 0.2  # less of a nucleus than this inside a crop: no nucleus to point at
+
+
+def visible_centres(xy: np.ndarray, window: tuple[float, float, float, float], radius: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei as discs of ``radius`` about ``xy``, clipped to ``window`` (x_lo, y_lo, x_hi, y_hi; an infinite side
+    cuts nothing): the centre of each one's part inside, and whether at least ``MIN_VISIBLE`` of it is inside.
+    A nucleus clear of every side keeps its centre."""
+    x_lo, y_lo, x_hi, y_hi = window
+    xy, keep = xy.astype(np.float64).copy(), np.ones(len(xy), dtype=bool)
+    near = ((xy[:, 0] - x_lo < radius) | (x_hi - xy[:, 0] < radius)
+            | (xy[:, 1] - y_lo < radius) | (y_hi - xy[:, 1] < radius))
+    if near.any():
+        disc = xy[near, None, :] + radius * _DISC  # (n, 256, 2)
+        inside = ((disc[..., 0] >= x_lo) & (disc[..., 0] <= x_hi) & (disc[..., 1] >= y_lo) & (disc[..., 1] <= y_hi))
+        share = inside.mean(1)
+        keep[near] = share >= MIN_VISIBLE
+        xy[near] = (disc * inside[..., None]).sum(1) / np.maximum(inside.sum(1), 1)[:, None]
+    return xy, keep
+
+
 def random_crop(item: SplitImage, size: int, cfg: DetectorTrainConfig, rng: np.random.Generator,
                 templates: StainTemplates | None = None, focus: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -55,6 +80,7 @@ def random_crop(item: SplitImage, size: int, cfg: DetectorTrainConfig, rng: np.r
     scale = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
     image = item.image
     h, w = image.shape[:2]
+    image_h, image_w = h, w  # before any padding: the tissue's extent
     src = int(round(size / scale))
     if h < src or w < src:
         # an image smaller than the crop (a 40x crop seen at 0.5 um/px) is padded with white glass, never
@@ -69,7 +95,14 @@ def random_crop(item: SplitImage, size: int, cfg: DetectorTrainConfig, rng: np.r
     crop = image[y0:y0 + src, x0:x0 + src]
     f = size / src
     crop = resample(crop, f) if src != size else crop
-    xy = (item.nuclei.xy - (x0, y0) + 0.5) * f - 0.5
+    xy = item.nuclei.xy
+    if cfg.cut_nucleus_radius_um > 0:
+        # only the crop's sides inside the image cut nuclei; at the image's own border the annotation stands
+        window = (x0 - 0.5 if x0 > 0 else -np.inf, y0 - 0.5 if y0 > 0 else -np.inf,
+                  x0 + src - 0.5 if x0 + src < image_w else np.inf, y0 + src - 0.5 if y0 + src < image_h else np.inf)
+        xy, visible = visible_centres(xy, window, cfg.cut_nucleus_radius_um / item.nuclei.mpp)
+        xy = xy[visible]
+    xy = (xy - (x0, y0) + 0.5) * f - 0.5
     xy = xy[(xy[:, 0] >= -0.5) & (xy[:, 0] <= size - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= size - 0.5)]
     crop, xy = flip_rotate(crop.astype(np.float32), xy, rng)
     crop = recolour(crop, cfg, rng, templates)
