@@ -8,7 +8,7 @@ import pytest
 
 from denuc.config import DetectorTrainConfig
 from denuc.nuclei import Nuclei
-from denuc.train.augment import random_crop
+from denuc.train.augment import random_crop, visible_centres
 from denuc.train.data import SplitImage
 from denuc.train.detector import holds_for_every_dataset, sampling_weights
 
@@ -68,3 +68,49 @@ def test_crop_with_a_focus_always_contains_that_point() -> None:
 def test_crowded_crops_must_be_a_probability() -> None:
     with pytest.raises(ValueError, match="crowded_crops"):
         DetectorTrainConfig(crowded_crops=1.5)
+
+
+def test_visible_centre_of_a_cut_disc() -> None:
+    left_cut = (-0.5, -np.inf, np.inf, np.inf)
+    xy = np.array([[20.0, 50.0], [-0.5, 50.0], [-3.5, 50.0]])
+    centres, kept = visible_centres(xy, left_cut, 5.0)
+    assert np.allclose(centres[0], [20.0, 50.0])  # clear of the cut: its own centre
+    # cut through its centre: the half disc's centroid, 4r / (3 pi) inside the cut
+    assert np.allclose(centres[1], [-0.5 + 20 / (3 * np.pi), 50.0], atol=0.05) and kept[1]
+    assert not kept[2]  # 3 of its 5 px radius beyond the cut: under a fifth of it inside
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cut_nucleus_is_labelled_inside_the_crop(seed: int) -> None:
+    # a 260 px image, 256 px crops without scale jitter: the crop starts at x0 in 0..4, so its right side cuts at
+    # x0 + 255.5 (x0 = 4: the image's own border, no cut). The nucleus at x = 257, a 5 px disc, is 1.5 px past the
+    # cut for x0 = 0 (about 30% inside), 0.5 px past for x0 = 1, 0.5 and 1.5 px inside for x0 = 2 and 3.
+    off = DetectorTrainConfig(scale_jitter=0.0, color_jitter=0.0)
+    on = DetectorTrainConfig(scale_jitter=0.0, color_jitter=0.0, cut_nucleus_radius_um=2.5)  # 5 px at 0.5 um/px
+    item = image("brcam2c", 260, [(257.0, 130.0)])
+    draws = np.random.default_rng(seed)
+    draws.uniform(1, 1), draws.integers(0, 5)
+    x0 = draws.integers(0, 5)  # random_crop's draws: scale, y0, x0
+
+    def to_edge(xy: np.ndarray) -> float:  # distance to the crop's nearest side, whatever the flips and turns
+        return float(min(xy[0, 0] + 0.5, xy[0, 1] + 0.5, 255.5 - xy[0, 0], 255.5 - xy[0, 1]))
+
+    _, plain = random_crop(item, 256, off, np.random.default_rng(seed))
+    _, cut = random_crop(item, 256, on, np.random.default_rng(seed))
+    assert len(plain) == (x0 >= 2) and len(cut) == 1
+    assert 0 < to_edge(cut) < 3.5  # at the visible part's centre, by the side
+    if x0 in (2, 3):  # the whole centre was inside: moved inwards, to the centre of the part inside
+        assert to_edge(cut) > to_edge(plain) + 0.5
+    if x0 == 4:  # no cut: unchanged
+        assert np.allclose(cut, plain)
+
+
+def test_nucleus_at_the_images_own_border_keeps_its_label() -> None:
+    # the crop is the whole image: its sides are the image's own border, where the annotation stands
+    on = DetectorTrainConfig(scale_jitter=0.0, color_jitter=0.0, cut_nucleus_radius_um=2.5)
+    off = DetectorTrainConfig(scale_jitter=0.0, color_jitter=0.0)
+    item = image("consep", 256, [(1.0, 130.0), (254.5, 3.0)])
+    for seed in range(6):
+        _, with_cut = random_crop(item, 256, on, np.random.default_rng(seed))
+        _, without = random_crop(item, 256, off, np.random.default_rng(seed))
+        assert np.array_equal(with_cut, without)
