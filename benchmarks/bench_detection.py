@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, write_result
+from common import RESULTS, dataset_roots, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.metrics.evaluate import evaluate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-DATASETS = ("brcam2c", "crchisto", "consep", "monuseg")  # folders of the same names under SHARED
+DATASETS = ("brcam2c", "crchisto", "consep", "monuseg")  # folders of the same names under ../shared/datasets
 
 
 def main() -> None:
@@ -34,17 +33,21 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=1, help="test-time views (1, 2, 4, 8)")
     parser.add_argument("--radius-um", type=float, default=3.0)
     parser.add_argument("--datasets", default="brcam2c,crchisto", help=f"comma-separated, of {DATASETS}")
+    parser.add_argument("--root", action="append", default=[], metavar="NAME=ROOT",
+                        help="read dataset NAME from ROOT instead of ../shared/datasets/NAME (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS / "detection" / "detection.json")
     args = parser.parse_args()
 
+    roots = dataset_roots(args.datasets.split(","), args.root)
     detector = Detector.from_pretrained(args.model).with_settings(test_time_views=args.tta)
     results = {"model": str(args.model), "config": json.loads(detector.config.to_json()), "split": args.split,
-               "radius_um": args.radius_um, "protocol": "denuc", "torch": torch.__version__,
+               "radius_um": args.radius_um, "protocol": "denuc",
+               "roots": {name: str(root) for name, root in roots.items()}, "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "datasets": {}}
     for name in args.datasets.split(","):
         started = time.perf_counter()
         pairs = []
-        for sample in get_dataset(name, SHARED / name).samples(args.split):
+        for sample in get_dataset(name, roots[name]).samples(args.split):
             pred = detector.detect(sample.image_path, mpp=sample.nuclei.mpp)
             pairs.append((sample.name, pred, sample.nuclei))
         report = evaluate(pairs, radius_um=args.radius_um)

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, write_result
+from common import RESULTS, dataset_roots, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
@@ -27,7 +27,6 @@ from denuc.metrics.evaluate import evaluate
 from denuc.nuclei import Nuclei
 from denuc.train.detector import rule_threshold, scan_group
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 TOLERANCE = 0.01
 
@@ -105,6 +104,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--split", default="val")
     parser.add_argument("--datasets", default="brcam2c,crchisto,consep,monuseg")
+    parser.add_argument("--root", action="append", default=[], metavar="NAME=ROOT",
+                        help="read dataset NAME from ROOT instead of ../shared/datasets/NAME (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/detection/thresholds_<split>_<model>.json")
     parser.add_argument("--table", action="store_true", help="print the card's table from --out and exit")
@@ -113,6 +114,7 @@ def main() -> None:
     if args.table:
         print(table(out))
         return
+    roots = dataset_roots(args.datasets.split(","), args.root)
     warnings.simplefilter("ignore", UserWarning)  # MoNuSeg's known degenerate outlines, missing pixel size
     detector = Detector.from_pretrained(args.model, runtime="auto")
     config = detector.config
@@ -121,7 +123,7 @@ def main() -> None:
     detector.with_settings(score_threshold=min(thresholds) - 1e-6, score_threshold_40x=None, nms_radius_um=0.0)
     results, groups, own = {}, {}, {}
     for name in args.datasets.split(","):
-        samples = get_dataset(name, SHARED / name).samples(args.split)
+        samples = get_dataset(name, roots[name]).samples(args.split)
         results[name] = sweep(detector, samples, thresholds, config.nms_radius_um)
         scans = [sample.nuclei.mpp for sample in samples]
         groups.setdefault(scan_group(scans), []).append(name)
@@ -129,7 +131,8 @@ def main() -> None:
         print(name, {t: round(r["f1"], 4) for t, r in results[name].items()}, flush=True)
     summary = summarise(results, own) | {"per_scan": per_scan(results, groups)}
     print(json.dumps({k: v for k, v in summary.items() if k != "mean_f1"}, indent=1))
-    write_result(out, {"split": args.split, "nms_radius_um": config.nms_radius_um,
+    write_result(out, {"split": args.split, "roots": {name: str(root) for name, root in roots.items()},
+                       "nms_radius_um": config.nms_radius_um,
                        "working_mpp": detector.config.mpp, "results": results, "summary": summary}, [args.model])
 
 

@@ -27,6 +27,19 @@ from denuc.io.atomic import write_json
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results"
+SHARED_DATASETS = REPOSITORY.parent / "shared" / "datasets"
+
+
+def dataset_roots(names: Iterable[str], overrides: Iterable[str] = ()) -> dict[str, Path]:
+    """Each dataset's folder: ``../shared/datasets/NAME``, or ROOT where an override ``NAME=ROOT`` (a benchmark's
+    ``--root``) names another copy, e.g. CoNSeP's images rebuilt from its crops (``consep_reassemble.py``)."""
+    roots = {name: SHARED_DATASETS / name for name in names}
+    for override in overrides:
+        name, _, root = override.partition("=")
+        if name not in roots or not root:
+            raise SystemExit(f"--root {override!r}: expected NAME=ROOT for one of {sorted(roots)}")
+        roots[name] = Path(root)
+    return roots
 
 
 def git_state(checkout: Path = REPOSITORY) -> dict:
