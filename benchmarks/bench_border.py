@@ -1,9 +1,11 @@
-"""Recall of a detector by a nucleus's distance to its image's border, on a dataset with instance maps (CoNSeP).
+"""Recall of a detector by a nucleus's distance to its image's border and to its nearest annotated neighbour, on
+a dataset with instance maps (CoNSeP).
 
 CoNSeP's copy here is 256-px crops (64 um at 40x): a nucleus cut by a crop's border is annotated at the centre of
 its visible part, however little of it the crop shows. This reports, per model, recall (``denuc`` protocol, 3 um)
 in bands of distance to the border and, within 1 um of it, by the nucleus's area inside the image (from
-``inst_map``); whole nuclei's median area for scale.
+``inst_map``); whole nuclei's median area for scale. Recall by the distance to the nearest other annotated nucleus
+shows what a detector that gives one point to two close nuclei loses.
 
     python benchmarks/bench_border.py --model precise --split val --out results/four_datasets/border_recall.json
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from common import write_result
+from scipy.spatial import cKDTree
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
@@ -24,6 +27,7 @@ from denuc.metrics.matching import greedy_match
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 BANDS_UM = ((0, 1), (1, 2), (2, 4), (4, 8), (8, None))
 AREAS_UM2 = ((0, 2), (2, 4), (4, 8), (8, None))
+NEIGHBOUR_UM = ((0, 2), (2, 2.5), (2.5, 3), (3, 4), (4, 6), (6, None))
 
 
 def within(values: np.ndarray, low: float, high: float | None) -> np.ndarray:
@@ -39,7 +43,7 @@ def recall_by(hit: np.ndarray, values: np.ndarray, bins) -> dict[str, dict]:
 def measure(model: str, root: Path, split: str, radius_um: float) -> dict:
     detector = Detector.from_pretrained(model)
     dataset = get_dataset("consep", root)
-    distance, area, hit = [], [], []
+    distance, area, hit, neighbour = [], [], [], []
     for sample in dataset.samples(split):
         gt = sample.nuclei
         if len(gt) == 0:
@@ -53,12 +57,14 @@ def measure(model: str, root: Path, split: str, radius_um: float) -> dict:
         distance.append(np.minimum.reduce([x + 0.5, y + 0.5, w - 0.5 - x, h - 0.5 - y]) * gt.mpp)
         area.append(pixels * gt.mpp ** 2)
         hit.append(np.isin(np.arange(len(gt)), matched))
-    distance, area, hit = map(np.concatenate, (distance, area, hit))
+        neighbour.append(cKDTree(gt.xy).query(gt.xy, k=2)[0][:, 1] * gt.mpp if len(gt) > 1 else np.full(1, np.inf))
+    distance, area, hit, neighbour = map(np.concatenate, (distance, area, hit, neighbour))
     edge = distance < 1.0
     return {"nuclei": int(len(hit)), "recall": float(hit.mean()),
             "by_distance_to_border_um": recall_by(hit, distance, BANDS_UM),
             "within_1_um_by_area_inside_um2": recall_by(hit[edge], area[edge], AREAS_UM2),
-            "median_area_um2_farther_than_4_um": float(np.median(area[distance >= 4]))}
+            "median_area_um2_farther_than_4_um": float(np.median(area[distance >= 4])),
+            "by_nearest_neighbour_um": recall_by(hit, neighbour, NEIGHBOUR_UM)}
 
 
 def main() -> None:
@@ -76,6 +82,8 @@ def main() -> None:
     for model, r in results.items():
         print(model, f"recall {r['recall']:.3f};", ", ".join(f"{k} um: {v['recall']:.3f} (n {v['nuclei']})"
                                                                for k, v in r["by_distance_to_border_um"].items()))
+        print("  by nearest neighbour:", ", ".join(f"{k} um: {v['recall']:.3f} (n {v['nuclei']})"
+                                                   for k, v in r["by_nearest_neighbour_um"].items()))
     write_result(args.out, {"dataset": "consep", "root": str(args.root), "split": args.split,
                             "radius_um": args.radius_um, "results": results}, models)
 
