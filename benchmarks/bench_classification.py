@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, write_result
+from common import RESULTS, dataset_roots, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
@@ -39,7 +39,6 @@ from denuc.metrics.evaluate import Report, evaluate
 from denuc.nuclei import UNLABELLED, Nuclei
 from denuc.train.joint import JointModel
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 REFERENCES = {  # published BRCAM2C test figures (3 um), from the dataset notes
     "brcam2c": {"MCSpatNet": {"lymphocyte": 0.6315, "tumour": 0.7856, "stromal": 0.5466, "mean_f1": 0.6546},
                 "DeNuC (UNI2-H, 40x)": {"lymphocyte": 0.6973, "tumour": 0.8510, "stromal": 0.6108,
@@ -63,12 +62,12 @@ def at_ground_truth(model: Pipeline, sample, image: np.ndarray) -> np.ndarray:
     return names[probs[:, : len(names)].argmax(1)] if len(gt) else np.zeros(0, dtype=object)
 
 
-def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str], joint: bool = False,
+def bench(name: str, path: str, split: str, radius_um: float, roots: dict[str, Path], joint: bool = False,
           views: int = 1, restain: Callable[[np.ndarray], np.ndarray] | None = None, detector: str | None = None
           ) -> dict:
     """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only).
     ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``);
-    ``restain``: applied to every image first (another lab's colours)."""
+    ``restain``: applied to every image first (another lab's colours). ``roots``: the datasets and their folders."""
     result = {"bundle": path, "kind": "joint" if joint else "bundle", "datasets": {}}
     if detector is not None:
         result["detector"] = detector
@@ -77,7 +76,7 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
         result["test_time_views"] = views
     if Path(path).is_file():
         result["bundle_bytes"] = Path(path).stat().st_size
-    for dataset in datasets:
+    for dataset in roots:
         own_head = True
         if joint:
             model = JointModel.load(path)
@@ -92,7 +91,7 @@ def bench(name: str, path: str, split: str, radius_um: float, datasets: list[str
             predict = lambda image, sample: model.predict(image, mpp=sample.nuclei.mpp)  # noqa: E731
         seconds = 0.0
         end_to_end, upper, alone = [], [], []
-        for sample in get_dataset(dataset, SHARED / dataset).samples(split):
+        for sample in get_dataset(dataset, roots[dataset]).samples(split):
             image = read_image(sample.image_path)
             image = image if restain is None else restain(image)
             started = time.perf_counter()
@@ -162,29 +161,34 @@ def main() -> None:
     parser.add_argument("--detector", default=None,
                         help="detect with this detector instead of each bundle's own (bundles only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only contend on a busy CPU)")
+    parser.add_argument("--root", action="append", default=[], metavar="NAME=ROOT",
+                        help="read dataset NAME from ROOT instead of ../shared/datasets/NAME (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS / "classification" / "classification.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(item.split("=", 1) for item in (args.model or ([] if args.joint else ["default=default"])))
     joints = dict(item.split("=", 1) for item in args.joint)
     restain = None if args.restain == "none" else restainer(args.restain)
-    datasets = args.datasets.split(",")
+    roots = dataset_roots(args.datasets.split(","), args.root)
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
                "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
                "models": {}}
+    if args.root:  # recorded where a dataset is not ../shared's copy: figures on other copies are not merged
+        results["roots"] = {name: str(root) for name, root in roots.items()}
     if args.out.exists():  # keep the figures of models scored by earlier runs with the same protocol
         earlier = json.loads(args.out.read_text())
-        if all(earlier.get(k, "none") == results[k] for k in ("split", "radius_um", "protocol", "restain")):
+        if (all(earlier.get(k, "none") == results[k] for k in ("split", "radius_um", "protocol", "restain"))
+                and earlier.get("roots") == results.get("roots")):
             results["models"] = earlier["models"]
             # files written before results recorded their provenance have none to keep
             results["earlier_runs"] = earlier.get("earlier_runs", []) + (
                 [earlier["provenance"]] if "provenance" in earlier else [])
     for name, path in models.items():
-        results["models"][name] = bench(name, path, args.split, args.radius_um, datasets, views=args.tta,
+        results["models"][name] = bench(name, path, args.split, args.radius_um, roots, views=args.tta,
                                          restain=restain, detector=args.detector)
     for name, path in joints.items():
-        results["models"][name] = bench(name, path, args.split, args.radius_um, datasets, joint=True,
+        results["models"][name] = bench(name, path, args.split, args.radius_um, roots, joint=True,
                                          restain=restain)
     write_result(args.out, results, models=[*models.values(), *joints.values()],
                  kind="bundle")
