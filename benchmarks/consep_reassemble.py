@@ -125,6 +125,14 @@ def same_nuclei(pa: np.ndarray, pb: np.ndarray) -> list[tuple[int, int]]:
     return [(int(u), int(v)) for (u, v), s in zip(pairs, shared) if s >= 0.5 * min(a_count[u], b_count[v])]
 
 
+def write(out: Path, source: str, image: np.ndarray, label: dict) -> None:
+    """One rebuilt image and its labels in the release's layout under ``out``."""
+    (out / "Train" / "Images").mkdir(parents=True, exist_ok=True)
+    (out / "Train" / "Labels").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out / "Train" / "Images" / f"{source}.png")
+    scipy.io.savemat(out / "Train" / "Labels" / f"{source}.mat", label)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=SHARED, help="the copy of crops (default: ours)")
@@ -132,13 +140,10 @@ def main() -> None:
     args = parser.parse_args()
     sources = sorted({p.stem.rsplit("_", 1)[0] for p in (args.root / "Train" / "Labels").glob("train_*_*.mat")},
                      key=lambda s: int(s.split("_")[1]))
-    (args.out / "Train" / "Images").mkdir(parents=True, exist_ok=True)
-    (args.out / "Train" / "Labels").mkdir(parents=True, exist_ok=True)
     counts, small = {}, {}
     for source in sources:
         image, label = reassemble(args.root, source)
-        Image.fromarray(image).save(args.out / "Train" / "Images" / f"{source}.png")
-        scipy.io.savemat(args.out / "Train" / "Labels" / f"{source}.mat", label)
+        write(args.out, source, image, label)
         counts[source] = int(label["inst_type"].shape[0])
         small[source] = int((np.bincount(label["inst_map"].ravel())[1:] < 10).sum())  # slivers left unjoined
         print(source, counts[source], "nuclei")
