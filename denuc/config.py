@@ -151,6 +151,8 @@ class DetectorTrainConfig(_TrainConfig):
     warmup_iters: int = 100
     match_distance_weight: float = 0.1  # cost = 0.1 x distance - nucleus probability
     match_topk: int = 1
+    # every ground-truth point its own anchors (Hungarian), not first claim wins (train.detector.match_anchors)
+    match_one_to_one: bool = False
     coord_loss_weight: float = 5e-3
     background_weight: float = 0.5
     scale_jitter: float = 0.1  # crops rescaled by a factor in [1 - j, 1 + j]

@@ -603,3 +603,17 @@ def test_stride4_head_starts_from_a_stride8_detector() -> None:
     # another backbone is refused
     with pytest.raises(InputError, match="detector; the run asks for"):
         initial_model(DetectorTrainConfig(init="fast", model=replace(start.config, backbone="shufflenet_v2_x1_0")))
+
+
+def test_one_to_one_matching_leaves_no_close_nucleus_without_an_anchor() -> None:
+    # two nuclei closer than the grid, both nearest anchor 1: first claim wins leaves one without; one-to-one does not
+    points = torch.tensor([[0.0, 0.0], [8.0, 0.0], [16.0, 0.0], [8.0, 8.0]])
+    probs = torch.tensor([0.1, 0.9, 0.1, 0.1])
+    gt = torch.tensor([[7.0, 0.0], [9.5, 0.0]])
+    anchors, gts = match_anchors(points, probs, gt, distance_weight=0.1, topk=1)
+    assert gts.tolist() == [0]  # anchor 1 costs gt0 -0.8, gt1 -0.75: gt1 goes without
+    anchors, gts = match_anchors(points, probs, gt, distance_weight=0.1, topk=1, one_to_one=True)
+    # least total cost: gt0 -> 1, gt1 -> 2 (-0.8 + 0.55) beats gt0 -> 0, gt1 -> 1 (0.6 - 0.75)
+    assert dict(zip(gts.tolist(), anchors.tolist())) == {0: 1, 1: 2}
+    anchors, gts = match_anchors(points, probs, gt, distance_weight=0.1, topk=2, one_to_one=True)
+    assert sorted(gts.tolist()) == [0, 0, 1, 1] and len(set(anchors.tolist())) == 4

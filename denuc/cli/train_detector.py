@@ -64,6 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="probability that a crop is drawn around a crowded ground-truth nucleus (>= 3 others within "
                         "8 um) of the image picked, so that dense clusters are seen more often (default: "
                         "%(default)s, off)")
+    p.add_argument("--one-to-one-matching", action="store_true",
+                   help="in the loss, give every ground-truth nucleus anchors of its own (Hungarian assignment) "
+                        "instead of letting the nearer claim win an anchor two nuclei want (default: off)")
     p.add_argument("--cut-nucleus-radius", type=float, default=train.cut_nucleus_radius_um, metavar="UM",
                    help="label a nucleus cut by a crop's edge at the centre of its part inside the crop, as a disc of "
                         "this radius in um (less than a fifth inside: no nucleus), as annotators label nuclei cut by "
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             ema_decay=args.ema_decay, color_jitter=args.color_jitter,
             stain_vector_jitter=args.stain_vector_jitter, scale_jitter=args.scale_jitter,
             randstainna=args.randstainna, sampling=args.sampling, crowded_crops=args.crowded_crops,
-            cut_nucleus_radius_um=args.cut_nucleus_radius,
+            cut_nucleus_radius_um=args.cut_nucleus_radius, match_one_to_one=args.one_to_one_matching,
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None

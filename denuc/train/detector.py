@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from denuc.config import FINE_SCAN_MPP, DetectorTrainConfig
 from denuc.errors import InputError
@@ -30,16 +31,23 @@ from denuc.train.data import SplitImage, detections, load_split
 # ---------------------------------------------------------------------------------------------- loss
 
 def match_anchors(points: torch.Tensor, probs: torch.Tensor, gt: torch.Tensor, distance_weight: float,
-                  topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  topk: int, one_to_one: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each ground-truth point takes its ``topk`` cheapest predictions, cost = w x distance - probability.
 
-    An anchor claimed by several ground-truth points goes to the one it is cheapest for.
+    An anchor claimed by several ground-truth points goes to the one it is cheapest for; the others go without it.
+    ``one_to_one``: instead, every ground-truth point gets ``topk`` anchors of its own, at the least total cost (the
+    Hungarian assignment), so that of two nuclei closer than the anchor grid neither is left without a positive.
     Returns (anchor indices, ground-truth indices) of the matched pairs.
     """
     if len(gt) == 0:
         empty = torch.zeros(0, dtype=torch.long, device=points.device)
         return empty, empty
     cost = distance_weight * torch.cdist(gt, points) - probs.unsqueeze(0)  # (m, A)
+    if one_to_one:
+        # among each point's few cheapest anchors (enough for its neighbours' claims), each anchor to one point
+        near = torch.unique(cost.topk(min(topk + 8, points.shape[0]), dim=1, largest=False).indices)
+        rows, cols = linear_sum_assignment(cost[:, near].repeat_interleave(topk, dim=0).cpu().numpy())
+        return near[torch.as_tensor(cols)], torch.as_tensor(rows) // topk
     k = min(topk, points.shape[0])
     top_cost, top_anchor = cost.topk(k, dim=1, largest=False)
     anchors, gts, costs = top_anchor.reshape(-1), torch.arange(len(gt)).repeat_interleave(k), top_cost.reshape(-1)
@@ -61,7 +69,8 @@ def detection_loss(logits: torch.Tensor, points: torch.Tensor, targets: list[tor
     with torch.no_grad():
         probs = logits.softmax(-1)[..., 1]
     for b, gt in enumerate(targets):
-        anchors, gts = match_anchors(points[b].detach(), probs[b], gt, cfg.match_distance_weight, cfg.match_topk)
+        anchors, gts = match_anchors(points[b].detach(), probs[b], gt, cfg.match_distance_weight, cfg.match_topk,
+                                     cfg.match_one_to_one)
         labels[b, anchors] = 1
         coord_terms.append(((points[b, anchors] - gt[gts]) ** 2).sum())
         n_gt += len(gt)
