@@ -1,6 +1,6 @@
 """Detection F1 against the score threshold, per dataset, on the validation splits (issue 30: one threshold that
 holds across datasets). Each image is detected once with a low threshold and no point NMS; every threshold then
-keeps the points above it and applies the model's own NMS radius (point NMS is greedy by score, so this equals
+keeps the points above it and applies the model's own NMS radius (or ``--nms-radius``) (point NMS is greedy by score, so this equals
 detecting at that threshold). Reports precision, recall, F1 and crowded-nuclei recall per dataset and threshold,
 each dataset's best threshold, the model's own, and which thresholds keep every dataset within 1 point of its
 best (the shipping rule of ``denuc.train.detector.tune_thresholds``).
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="brcam2c,crchisto,consep,monuseg")
     parser.add_argument("--root", action="append", default=[], metavar="NAME=ROOT",
                         help="read dataset NAME from ROOT instead of ../shared/datasets/NAME (repeatable)")
+    parser.add_argument("--nms-radius", type=float, default=None, metavar="UM",
+                        help="point NMS radius in um (default: the model's own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/detection/thresholds_<split>_<model>.json")
     parser.add_argument("--table", action="store_true", help="print the card's table from --out and exit")
@@ -118,13 +120,14 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)  # MoNuSeg's known degenerate outlines, missing pixel size
     detector = Detector.from_pretrained(args.model, runtime="auto")
     config = detector.config
+    radius_um = config.nms_radius_um if args.nms_radius is None else args.nms_radius
     own_thresholds = {config.score_threshold, config.score_threshold_40x} - {None}
     thresholds = tuple(sorted(set(THRESHOLDS) | own_thresholds))
     detector.with_settings(score_threshold=min(thresholds) - 1e-6, score_threshold_40x=None, nms_radius_um=0.0)
     results, groups, own = {}, {}, {}
     for name in args.datasets.split(","):
         samples = get_dataset(name, roots[name]).samples(args.split)
-        results[name] = sweep(detector, samples, thresholds, config.nms_radius_um)
+        results[name] = sweep(detector, samples, thresholds, radius_um)
         scans = [sample.nuclei.mpp for sample in samples]
         groups.setdefault(scan_group(scans), []).append(name)
         own[name] = config.threshold_for(float(np.median(scans)))
@@ -132,7 +135,7 @@ def main() -> None:
     summary = summarise(results, own) | {"per_scan": per_scan(results, groups)}
     print(json.dumps({k: v for k, v in summary.items() if k != "mean_f1"}, indent=1))
     write_result(out, {"split": args.split, "roots": {name: str(root) for name, root in roots.items()},
-                       "nms_radius_um": config.nms_radius_um,
+                       "nms_radius_um": radius_um,
                        "working_mpp": detector.config.mpp, "results": results, "summary": summary}, [args.model])
 
 
