@@ -100,11 +100,11 @@ _FOUR_DATASETS_LICENCE = ("non-commercial research use only (CRCHisto: research 
                           "research terms; MoNuSeg: CC BY-NC-SA 4.0; BRCAM2C is BSD-3)")
 MODELS += (
     ShippedModel(
-        "detector/shufflenet_v2_x1_0.default_ft10_four_rebuilt_mpp033", "detector", "detector_precise.safetensors",
+        "detector/shufflenet_v2_x1_0.default_ft10_four_rebuilt_o2o_mpp033", "detector", "detector_precise.safetensors",
         ("precise",), _FOUR_DATASETS_DATA, _FOUR_DATASETS_LICENCE,
-        "`default` fine-tuned at 0.33 um/px on four datasets (10 epochs, best by validation at 7): crowded and small "
-        "nuclei (40x colon, lymphocyte clusters); 1.4x default's time on whole slides, 4x on small images "
-        "(DETECTOR_CARD.md)"),
+        "`default` fine-tuned at 0.33 um/px on four datasets (10 epochs, one-to-one anchor matching, best by "
+        "validation at 7): crowded and small nuclei (40x colon, lymphocyte clusters); 1.4x default's time on whole "
+        "slides, 4x on small images (DETECTOR_CARD.md)"),
 )
 
 _OUTLINE_DATA = ("CoNSeP train split (crops of 21 of its 27 train images, 40x) + MoNuSeg train split (40x): every "
