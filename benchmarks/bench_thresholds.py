@@ -1,9 +1,9 @@
 """Detection F1 against the score threshold, per dataset, on the validation splits (issue 30: one threshold that
 holds across datasets). Each image is detected once with a low threshold and no point NMS; every threshold then
-keeps the points above it and applies the model's own NMS radius (or ``--nms-radius``) (point NMS is greedy by score, so this equals
-detecting at that threshold). Reports precision, recall, F1 and crowded-nuclei recall per dataset and threshold,
-each dataset's best threshold, the model's own, and which thresholds keep every dataset within 1 point of its
-best (the shipping rule of ``denuc.train.detector.tune_thresholds``).
+keeps the points above it and applies the model's own NMS radius, or ``--nms-radius`` (point NMS is greedy by score,
+so this equals detecting at that threshold). Reports precision, recall, F1 and crowded-nuclei recall per dataset and
+threshold, each dataset's best threshold, the model's own, and which thresholds keep every dataset within 1 point of
+its best (the shipping rule of ``denuc.train.detector.tune_thresholds``).
 
     python benchmarks/bench_thresholds.py [--model default] [--split val] [--table]
 
