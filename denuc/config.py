@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 RUNTIMES = ("auto", "torch", "onnx")
 """Where the networks run: PyTorch (any device), ONNX Runtime (CPU), or "auto": ONNX Runtime on a CPU, where
@@ -314,6 +314,13 @@ class OutlineConfig(_ModelConfig):
     def reach(self) -> float:
         """How far from its point (working pixels) a nucleus's outline may reach."""
         return self.max_radius
+
+    def at_mpp(self, mpp: float) -> "OutlineConfig":
+        """This design at another working pixel size ``mpp``: the longest ray and the lattices keep their extent in
+        um (so a head behind a finer detector reads the same tissue around each point, in more pixels)."""
+        factor = self.mpp / mpp
+        return replace(self, mpp=mpp, max_radius=self.max_radius * factor,
+                       lattices=tuple((grid, spacing * factor) for grid, spacing in self.lattices))
 
 
 @dataclass

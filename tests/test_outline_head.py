@@ -206,6 +206,15 @@ def test_save_and_load_give_the_same_head(sample: np.ndarray, tmp_path: Path) ->
 def test_a_head_reads_the_maps_of_its_detector_at_its_pixel_size() -> None:
     with pytest.raises(ValueError, match="works at 0.5 um/px, its detector at 0.33"):
         OutlineHead(OutlineConfig(), DetectorConfig(mpp=0.33))
+    # the same design at the detector's pixel size: what it reads and how far it reaches stay the same in um
+    finer = OutlineConfig().at_mpp(0.33)
+    OutlineHead(finer, DetectorConfig(mpp=0.33))
+    base = OutlineConfig()
+    assert finer.mpp == 0.33 and finer.max_radius * 0.33 == pytest.approx(base.max_radius * base.mpp)
+    assert [grid for grid, _ in finer.lattices] == [grid for grid, _ in base.lattices]
+    assert [spacing * 0.33 for _, spacing in finer.lattices] == pytest.approx(
+        [spacing * base.mpp for _, spacing in base.lattices])
+    assert base.at_mpp(base.mpp) == base
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
@@ -394,6 +403,16 @@ def test_train_outlines_command(consep: Path, tmp_path: Path, capsys) -> None:
         1, 2, 8, 0.001, 1)
     assert recipe["datasets"] == [{"name": "consep", "root": str(consep)}]
     assert hub.describe(run / "best.safetensors")["kind"] == "outline"
+
+    assert recipe["model"]["mpp"] == 0.5  # the default detector's pixel size
+
+    behind_precise = run_denuc(*argv[:3], "--run-dir", tmp_path / "precise", "--detector", "precise", *argv[5:])
+    assert behind_precise.returncode == 0, behind_precise.stderr
+    assert json.loads((tmp_path / "precise" / "config.json").read_text())["model"]["mpp"] == 0.33
+    outliner = Outliner.from_pretrained(tmp_path / "precise" / "best.safetensors")
+    assert outliner.config.mpp == 0.33
+    precise = Detector.from_pretrained("precise")
+    assert outliner.sharing(precise) is not precise  # one pass behind precise gives points and outlines
 
     assert main([str(a) for a in argv]) == 2  # a trained run is not replaced silently
     err = capsys.readouterr().err

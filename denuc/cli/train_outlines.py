@@ -36,12 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from denuc.config import OutlineTrainConfig
+    from denuc.config import OutlineConfig, OutlineTrainConfig
     from denuc.errors import InputError
+    from denuc.inference.detect import Detector
     from denuc.train.outlines import train_outline_head
 
+    # the head works at its detector's pixel size (it reads the detector's maps)
+    model = OutlineConfig().at_mpp(Detector.from_pretrained(args.detector).config.mpp)
     try:
-        cfg = OutlineTrainConfig(datasets=dataset_specs(args.dataset), epochs=args.epochs,
+        cfg = OutlineTrainConfig(datasets=dataset_specs(args.dataset), model=model, epochs=args.epochs,
                                  iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, lr=args.lr,
                                  weight_decay=args.weight_decay, seed=args.seed, threads=args.threads,
                                  detector=args.detector)
