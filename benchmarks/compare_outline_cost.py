@@ -10,6 +10,8 @@ today's reads its detector's maps), e.g.:
     git worktree add /tmp/v05 <commit>
     python benchmarks/compare_outline_cost.py --tree v05=/tmp/v05 --tree now=. \
         --slide ../shared/slides/CMU-1-Small-Region.svs
+
+Two heads of one checkout behind another detector: ``--tree a=. --tree b=. --outlines b=HEAD --detector precise``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from denuc.inference.outline import Outliner
 from denuc.inference.pipeline import Pipeline
 from denuc.inference.slide import predict_slide
 from denuc.io.slides import open_slide
-detector = Detector.from_pretrained("default", runtime="auto")
+detector = Detector.from_pretrained(sys.argv[3], runtime="auto")
 outliner = Outliner.from_pretrained(sys.argv[2], runtime="auto")
 with tempfile.TemporaryDirectory() as out, open_slide(Path(sys.argv[1])) as slide:
     for _ in range(2):
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of a denuc checkout (repeat)")
     parser.add_argument("--outlines", action="append", default=[],
                         help="NAME=MODEL: the outline head a checkout runs (default: its default-outlines)")
+    parser.add_argument("--detector", default="default",
+                        help="the detector both checkouts run before outlining (default: %(default)s)")
     parser.add_argument("--slide", required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "outlines" / "outline_cost_versions.json"))
@@ -61,7 +65,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, tree in trees.items():
             tree = Path(tree).resolve()
-            done = subprocess.run([sys.executable, "-c", TIMER, slide, heads[name]], cwd=tree, capture_output=True,
+            done = subprocess.run([sys.executable, "-c", TIMER, slide, heads[name], args.detector], cwd=tree, capture_output=True,
                                   text=True, env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
             rows[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(name, rows[name][-1], flush=True)
@@ -73,7 +77,8 @@ def main() -> None:
                          **{key: [r[key] for r in runs] for key in ("detect_s", "outlined_model_s", "outline_s")},
                          "outline_over_detect_median": float(np.median(ratio))}
         print(name, "outline / detection, median:", round(summary[name]["outline_over_detect_median"], 3))
-    write_result(Path(args.out), {"slide": args.slide, "rounds": args.rounds, "trees": summary})
+    write_result(Path(args.out), {"slide": args.slide, "detector": args.detector, "rounds": args.rounds,
+                                   "trees": summary})
 
 
 if __name__ == "__main__":
