@@ -65,8 +65,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, tree in trees.items():
             tree = Path(tree).resolve()
-            done = subprocess.run([sys.executable, "-c", TIMER, slide, heads[name], args.detector], cwd=tree, capture_output=True,
-                                  text=True, env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
+            done = subprocess.run([sys.executable, "-c", TIMER, slide, heads[name], args.detector], cwd=tree,
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)},
+                                  check=True)
             rows[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(name, rows[name][-1], flush=True)
     summary = {}
