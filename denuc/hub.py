@@ -120,6 +120,16 @@ MODELS += (
         "star-convex outline head (32 rays) read at detected points from the `default` detector's own maps (one "
         "pass gives points and outlines); 30 epochs, best by validation star IoU at 18; predict --outlines "
         "(docs/outlines.md)"),
+    ShippedModel(
+        "outline/star32_precise_maps.consep_rebuilt_monuseg_e30", "outline", "outline_precise.safetensors",
+        ("precise-outlines",),
+        "CoNSeP train split (21 of its 27 train images, 40x, rebuilt whole from the crops of our copy) + MoNuSeg "
+        "train split (40x): every nucleus outline, read at 0.33 um/px; the frozen detector inside is `precise` "
+        "(" + _FOUR_DATASETS_DATA + ")",
+        _FOUR_DATASETS_LICENCE,
+        "star-convex outline head (32 rays) read at detected points from the `precise` detector's own maps, at 0.33 "
+        "um/px; 30 epochs, best by validation star IoU at 25; what predict --outlines uses behind `precise` "
+        "(docs/outlines.md)"),
 )
 
 _DEFAULT_OF_KIND = {"detector": "default", "bundle": "default-bundle", "outline": "default-outlines"}

@@ -243,6 +243,16 @@ def test_behind_its_own_detector_one_pass_gives_points_and_outlines(sample: np.n
     assert outliner.sharing(other) is other
 
 
+def test_the_head_for_a_detector_reads_its_maps() -> None:
+    """``--outlines`` without a model: behind `precise` the head trained on its maps (one pass), else
+    default-outlines."""
+    for name, tag in (("precise", "precise-outlines"), ("default", "default-outlines"), ("fast", "default-outlines")):
+        detector = Detector.from_pretrained(name)
+        outliner, chosen = Outliner.for_detector(detector)
+        assert chosen == hub.shipped(tag).tag and outliner.config.mpp == detector.config.mpp or name == "fast"
+        assert (outliner.sharing(detector) is detector) == (name == "fast")
+
+
 def test_an_outline_head_of_denuc_0_5_is_refused_with_what_to_do(tmp_path: Path) -> None:
     """0.5's heads ran a stem of their own (format denuc-outline-1); today's read their detector's maps."""
     old = tmp_path / "old_head.safetensors"

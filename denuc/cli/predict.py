@@ -18,6 +18,8 @@ from denuc.config import MPP_AUTO, RUNTIMES
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
                   ".png", ".jpg", ".jpeg", ".bmp"}
 """What a folder is searched for: the formats OpenSlide reads, and plain images."""
+OUTLINES_FOR_DETECTOR = "for-detector"
+"""``--outlines`` without a model: the shipped head that reads the run's detector's maps (``Outliner.for_detector``)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,10 +60,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="keep the detections the classifier calls 'not a nucleus', labelled with their most probable "
                         "class: for images unlike the training data, where that class rejects true nuclei "
                         "(CLASSIFIER_CARD.md)")
-    p.add_argument("--outlines", nargs="?", const="default-outlines", metavar="MODEL",
+    p.add_argument("--outlines", nargs="?", const=OUTLINES_FOR_DETECTOR, metavar="MODEL",
                    help="also outline each nucleus and measure it (area, perimeter, shape, haematoxylin density): "
                         "polygons in the GeoJSON, measurements in every table (docs/outlines.md); MODEL: an outline "
-                        "head (default: default-outlines)")
+                        "head (default: the shipped head that reads the detector's own maps, precise-outlines "
+                        "behind precise, else default-outlines)")
     p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="where the networks run: torch, onnx (ONNX Runtime, CPU: the detector and a convolutional "
@@ -174,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
     if args.outlines is not None:
         from denuc.inference.outline import Outliner
 
-        outliner = Outliner.from_pretrained(args.outlines, device=args.device, runtime=args.runtime)
+        if args.outlines == OUTLINES_FOR_DETECTOR:
+            outliner, args.outlines = Outliner.for_detector(model.detector, device=args.device, runtime=args.runtime)
+        else:
+            outliner = Outliner.from_pretrained(args.outlines, device=args.device, runtime=args.runtime)
     model_id = model_fingerprint(model)
     described = describe(name)
     provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},

@@ -69,26 +69,25 @@ class Outliner:
         """``detector``, or when it is the head's own detector (same architecture and weights) a ``Detector`` on
         the same network whose forward pass also keeps the head's maps, which ``outline_tiles`` then reads
         instead of running the network again: detection and outlines from one pass."""
-        ours, theirs = self.model.detector.state_dict(), detector.model.state_dict()
-        same = (self.config.mpp == detector.config.mpp and ours.keys() == theirs.keys()
-                and all(torch.equal(tensor, theirs[name].to(tensor.device)) for name, tensor in ours.items()))
+        same = _reads_maps_of(self.model, detector)
         return Detector(detector.model, detector.device, backend=_SharedPass(self)) if same else detector
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike = "default-outlines", device: str = "cpu",
                         runtime: str = "torch") -> "Outliner":
         """Load an outline head: a shipped name (``denuc.hub``) or a file written by ``save_outline_head``."""
-        path = hub.resolve(path_or_name, kind="outline")
-        metadata = hub.read_metadata(path)
-        if hub.kind_of(metadata, path) != "outline":
-            raise InputError(path, "not a denuc outline head")
-        try:
-            model = OutlineHead(OutlineConfig.from_json(metadata["config"]),
-                                DetectorConfig.from_json(metadata["denuc_detector"]))
-            model.load_state_dict(load_file(str(path)))
-        except (KeyError, ValueError, TypeError, RuntimeError) as error:
-            raise InputError(path, f"not an outline head of this denuc version, or damaged: {error}") from None
-        return cls(model, device, runtime)
+        return cls(_load_head(path_or_name), device, runtime)
+
+    @classmethod
+    def for_detector(cls, detector: Detector, device: str = "cpu", runtime: str = "torch") -> tuple["Outliner", str]:
+        """The shipped outline head that reads ``detector``'s own maps (``precise-outlines`` behind `precise`), so
+        that one pass gives points and outlines, else ``default-outlines``; and its tag."""
+        for model in hub.MODELS:
+            if model.kind == "outline":
+                head = _load_head(model.tag)
+                if _reads_maps_of(head, detector):
+                    return cls(head, device, runtime), model.tag
+        return cls.from_pretrained("default-outlines", device, runtime), hub.shipped("default-outlines").tag
 
     @torch.inference_mode()
     def radii(self, work: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -150,6 +149,28 @@ class Outliner:
             out.append((outlined, measure(outlined, tile, mpp)))
         return out
 
+
+
+def _load_head(path_or_name: str | os.PathLike) -> OutlineHead:
+    """An outline head from a shipped name (``denuc.hub``) or a file written by ``save_outline_head``."""
+    path = hub.resolve(path_or_name, kind="outline")
+    metadata = hub.read_metadata(path)
+    if hub.kind_of(metadata, path) != "outline":
+        raise InputError(path, "not a denuc outline head")
+    try:
+        model = OutlineHead(OutlineConfig.from_json(metadata["config"]),
+                            DetectorConfig.from_json(metadata["denuc_detector"]))
+        model.load_state_dict(load_file(str(path)))
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise InputError(path, f"not an outline head of this denuc version, or damaged: {error}") from None
+    return model
+
+
+def _reads_maps_of(head: OutlineHead, detector: Detector) -> bool:
+    """Whether ``detector`` is ``head``'s own detector: the same pixel size, architecture and weights."""
+    ours, theirs = head.detector.state_dict(), detector.model.state_dict()
+    return (head.config.mpp == detector.config.mpp and ours.keys() == theirs.keys()
+            and all(torch.equal(tensor, theirs[name].to(tensor.device)) for name, tensor in ours.items()))
 
 
 class _SharedPass:
