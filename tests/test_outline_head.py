@@ -26,7 +26,6 @@ from skimage.draw import polygon as skimage_polygon
 from skimage.measure import points_in_poly
 
 import denuc.inference.outline as outline_inference
-import denuc.models.outline as outline_model
 from denuc import hub
 from denuc.cli import main
 from denuc.config import DatasetSpec, DetectorConfig, OutlineConfig, OutlineTrainConfig
@@ -202,23 +201,6 @@ def test_save_and_load_give_the_same_head(sample: np.ndarray, tmp_path: Path) ->
     assert loaded.fingerprint() == Outliner(head).fingerprint()
     described = hub.describe(path)
     assert described["kind"] == "outline" and described["tag"] is None
-
-
-@pytest.mark.parametrize("stride", [2, 4, 8])
-def test_reads_are_grid_samples_bilinear_reads(stride: int) -> None:
-    """The head's gather of four cells per read equals ``grid_sample`` (bilinear, align_corners=False, zeros
-    outside) image by image, points inside, at the border and outside the map."""
-    torch.manual_seed(0)
-    features = torch.randn(3, 5, 16, 12)
-    xy = torch.rand(3, 40, 2) * torch.tensor([12 * stride + 20.0, 16 * stride + 20.0]) - 10
-    offsets = torch.randn(9, 2) * 3
-    where = xy[:, :, None, :] + offsets
-    grid = torch.stack([(where[..., 0] + 0.5) / (stride * 12) * 2 - 1, (where[..., 1] + 0.5) / (stride * 16) * 2 - 1],
-                       -1)
-    expected = torch.nn.functional.grid_sample(features, grid, mode="bilinear", padding_mode="zeros",
-                                               align_corners=False).permute(0, 2, 3, 1).reshape(3, 40, -1)
-    read = outline_model._sample(features, torch.arange(3).repeat_interleave(40), xy.reshape(-1, 2), offsets, stride)
-    torch.testing.assert_close(read.reshape(3, 40, -1), expected, rtol=0, atol=1e-5)
 
 
 def test_a_head_reads_the_maps_of_its_detector_at_its_pixel_size() -> None:

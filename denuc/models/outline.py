@@ -76,17 +76,18 @@ class OutlineHead(nn.Module):
 
     def read(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
         """Radii (n_1 + ... + n_B, rays) of the points ``points[b]`` (n_b, 2, working pixels) of image b of a
-        batch's ``features``, images in order. One gather from each map for all the batch's points."""
+        batch's ``features``, images in order. One read of each map for the whole batch (the points padded to the
+        most any image has), not one per image: fewer calls."""
         first = features[MAPS[0]]
-        if not sum(len(p) for p in points):
+        counts = torch.tensor([len(p) for p in points], device=first.device)
+        if not int(counts.sum()):
             return first.new_zeros((0, self.config.rays))
-        xy = torch.cat(list(points)).to(first.dtype)
-        image = torch.repeat_interleave(torch.arange(len(points), device=first.device),
-                                        torch.tensor([len(p) for p in points], device=first.device))
-        x = torch.cat([_sample(features[name], image, xy, getattr(self, f"{name}_offsets"), self.strides[name])
+        xy = torch.nn.utils.rnn.pad_sequence(list(points), batch_first=True)  # (B, max n_b, 2)
+        x = torch.cat([_sample(features[name], xy, getattr(self, f"{name}_offsets"), self.strides[name])
                        for name in MAPS], -1)
+        real = torch.arange(xy.shape[1], device=first.device)[None] < counts[:, None]
         # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
-        return F.softplus(self.regress(x) + 4.0)
+        return F.softplus(self.regress(x[real]) + 4.0)
 
 
 def _separable(channels: int) -> list[nn.Module]:
@@ -96,27 +97,15 @@ def _separable(channels: int) -> list[nn.Module]:
             nn.ReLU(inplace=True)]
 
 
-def _sample(features: torch.Tensor, image: torch.Tensor, xy: torch.Tensor, offsets: torch.Tensor,
-            stride: int) -> torch.Tensor:
-    """Bilinear reads (N, M * C) of stride-``stride`` maps (B, C, h, w) at points ``xy`` (N, 2) of images ``image``
-    (N,) + ``offsets`` (M, 2), in image pixels (feature cell j covers image pixels stride * j .. stride * (j + 1) -
-    1); zero outside. ``grid_sample``'s bilinear reads (``align_corners=False``, zero padding), as a gather of each
-    read's four cells: a batch's images hold different numbers of points, and a grid per image would pad them all
-    to the most any image has."""
-    b, c, h, w = features.shape
-    table = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
-    where = (xy[:, None, :] + offsets + 0.5) / stride - 0.5  # (N, M, 2) in cells, cell centres at integers
-    low = where.floor()
-    frac = where - low
-    low = low.long()
-    out = 0
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        cx, cy = low[..., 0] + dx, low[..., 1] + dy
-        weight = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
-        inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-        index = (image[:, None] * h + cy.clamp(0, h - 1)) * w + cx.clamp(0, w - 1)
-        out = out + table[index] * (weight * inside)[..., None]  # (N, M, C)
-    return out.reshape(len(xy), -1)
+def _sample(features: torch.Tensor, xy: torch.Tensor, offsets: torch.Tensor, stride: int) -> torch.Tensor:
+    """Bilinear reads (B, N, M * C) of stride-``stride`` maps (B, C, h, w) at ``xy`` (B, N, 2) + ``offsets`` (M, 2),
+    in image pixels (feature cell j covers image pixels stride * j .. stride * (j + 1) - 1); zero outside."""
+    h, w = features.shape[-2:]
+    where = xy[:, :, None, :] + offsets
+    grid = torch.stack([(where[..., 0] + 0.5) / (stride * w) * 2 - 1,
+                        (where[..., 1] + 0.5) / (stride * h) * 2 - 1], -1)
+    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, N, M)
+    return sampled.permute(0, 2, 3, 1).reshape(*xy.shape[:2], -1)
 
 
 def dihedral_ray_order(rays: int, transpose: bool, flip_x: bool, flip_y: bool) -> np.ndarray:
