@@ -27,8 +27,7 @@ import numpy as np
 import openslide
 import torch
 import torchstain
-from bench_detection import DATASETS
-from common import RESULTS, write_result
+from common import RESULTS, dataset_roots, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
@@ -36,6 +35,8 @@ from denuc.io.images import read_image
 from denuc.metrics.evaluate import evaluate
 from denuc.train.stain import lab_to_rgb, rgb_to_lab
 from denuc.train.stain import tissue_statistics as lab_statistics
+
+DATASETS = dataset_roots(("brcam2c", "crchisto"))  # the 20x datasets: the other's train split is a target
 
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
 TCGA_SLIDE = SLIDE.with_name("TCGA-CR-7395-01A-01-TS1.svs")

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench_detection import DATASETS
-from common import RESULTS, write_result
+from common import RESULTS, dataset_roots, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.metrics.evaluate import evaluate
+
+DATASETS = dataset_roots(("brcam2c", "crchisto"))  # the datasets the TTA figures are measured on
 
 
 def main() -> None:
