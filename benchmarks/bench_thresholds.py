@@ -108,6 +108,8 @@ def main() -> None:
                         help="read dataset NAME from ROOT instead of ../shared/datasets/NAME (repeatable)")
     parser.add_argument("--nms-radius", type=float, default=None, metavar="UM",
                         help="point NMS radius in um (default: the model's own)")
+    parser.add_argument("--tile", type=int, nargs=2, default=None, metavar=("SIZE", "OVERLAP"),
+                        help="detect in tiles of SIZE working pixels overlapping by OVERLAP (default: the model's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/detection/thresholds_<split>_<model>.json")
     parser.add_argument("--table", action="store_true", help="print the card's table from --out and exit")
@@ -121,6 +123,8 @@ def main() -> None:
     detector = Detector.from_pretrained(args.model, runtime="auto")
     config = detector.config
     radius_um = config.nms_radius_um if args.nms_radius is None else args.nms_radius
+    if args.tile is not None:
+        detector.with_settings(tile_size=args.tile[0], tile_overlap=args.tile[1])
     own_thresholds = {config.score_threshold, config.score_threshold_40x} - {None}
     thresholds = tuple(sorted(set(THRESHOLDS) | own_thresholds))
     detector.with_settings(score_threshold=min(thresholds) - 1e-6, score_threshold_40x=None, nms_radius_um=0.0)
@@ -135,7 +139,7 @@ def main() -> None:
     summary = summarise(results, own) | {"per_scan": per_scan(results, groups)}
     print(json.dumps({k: v for k, v in summary.items() if k != "mean_f1"}, indent=1))
     write_result(out, {"split": args.split, "roots": {name: str(root) for name, root in roots.items()},
-                       "nms_radius_um": radius_um,
+                       "nms_radius_um": radius_um, "tile": [config.tile_size, config.tile_overlap],
                        "working_mpp": detector.config.mpp, "results": results, "summary": summary}, [args.model])
 
 
