@@ -139,7 +139,8 @@ def main() -> None:
     summary = summarise(results, own) | {"per_scan": per_scan(results, groups)}
     print(json.dumps({k: v for k, v in summary.items() if k != "mean_f1"}, indent=1))
     write_result(out, {"split": args.split, "roots": {name: str(root) for name, root in roots.items()},
-                       "nms_radius_um": radius_um, "tile": [config.tile_size, config.tile_overlap],
+                       "nms_radius_um": radius_um,
+                       "tile": [detector.config.tile_size, detector.config.tile_overlap],
                        "working_mpp": detector.config.mpp, "results": results, "summary": summary}, [args.model])
 
 
