@@ -150,7 +150,6 @@ class Outliner:
         return out
 
 
-
 def _load_head(path_or_name: str | os.PathLike) -> OutlineHead:
     """An outline head from a shipped name (``denuc.hub``) or a file written by ``save_outline_head``."""
     path = hub.resolve(path_or_name, kind="outline")
