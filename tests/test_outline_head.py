@@ -249,8 +249,10 @@ def test_the_head_for_a_detector_reads_its_maps() -> None:
     for name, tag in (("precise", "precise-outlines"), ("default", "default-outlines"), ("fast", "default-outlines")):
         detector = Detector.from_pretrained(name)
         outliner, chosen = Outliner.for_detector(detector)
-        assert chosen == hub.shipped(tag).tag and outliner.config.mpp == detector.config.mpp or name == "fast"
+        assert chosen == hub.shipped(tag).tag
         assert (outliner.sharing(detector) is detector) == (name == "fast")
+        if name != "fast":  # fast has no head of its own: default-outlines runs its own copy of default
+            assert outliner.config.mpp == detector.config.mpp
 
 
 def test_an_outline_head_of_denuc_0_5_is_refused_with_what_to_do(tmp_path: Path) -> None:

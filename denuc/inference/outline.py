@@ -82,12 +82,10 @@ class Outliner:
     def for_detector(cls, detector: Detector, device: str = "cpu", runtime: str = "torch") -> tuple["Outliner", str]:
         """The shipped outline head that reads ``detector``'s own maps (``precise-outlines`` behind `precise`), so
         that one pass gives points and outlines, else ``default-outlines``; and its tag."""
-        for model in hub.MODELS:
-            if model.kind == "outline":
-                head = _load_head(model.tag)
-                if _reads_maps_of(head, detector):
-                    return cls(head, device, runtime), model.tag
-        return cls.from_pretrained("default-outlines", device, runtime), hub.shipped("default-outlines").tag
+        heads = {model.tag: _load_head(model.tag) for model in hub.MODELS if model.kind == "outline"}
+        tag = next((tag for tag, head in heads.items() if _reads_maps_of(head, detector)),
+                   hub.shipped("default-outlines").tag)
+        return cls(heads[tag], device, runtime), tag
 
     @torch.inference_mode()
     def radii(self, work: np.ndarray, xy: np.ndarray) -> np.ndarray:
