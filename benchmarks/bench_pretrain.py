@@ -7,7 +7,8 @@ probe on BRCAM2C (issue 32). The rule was written before the runs: results/pretr
 1. Pretrain torchvision:shufflenet_v2_x1_0 (levels maxpool, stage2-4) on the train splits of BRCAM2C and
    CRCHisto, labels unused (the nuclei come from the shipped default detector).
    With ``--init WEIGHTS`` (e.g. `denuc export-backbone default`) pretraining starts from them instead of
-   random weights.
+   random weights. With ``--pretrained RUN_DIR`` a run made elsewhere (a GPU: benchmarks/gpu/pretrain.sh) is
+   probed instead of pretraining here.
 2. `train-classifier --mode frozen` on BRCAM2C, the same recipe and seed, from random weights, from ``--init``'s
    if given, and from the pretrained ones (the detections of the first run are reused: same detector, images).
 3. Score each classifier at BRCAM2C validation's ground-truth points (bench_classification.at_ground_truth:
@@ -79,8 +80,9 @@ def main() -> None:
                         "export-backbone default`); adds their own probe as the arm to beat (default: random init)")
     parser.add_argument("--restain", default="none", help="also probe on validation re-stained so "
                         "(bench_classification.py's --restain names, e.g. macenko-cmu1)")
-    parser.add_argument("--reuse", action="store_true", help="probe the finished pretraining run in --runs if "
-                        "its settings are these (a run whose probes failed), instead of pretraining again")
+    parser.add_argument("--pretrained", type=Path, metavar="RUN_DIR", help="probe this finished `denuc pretrain` "
+                        "run (e.g. one made on a GPU: benchmarks/gpu/pretrain.sh) instead of pretraining here; its "
+                        "config.json and log.json are recorded, the pretraining options above are not used")
     parser.add_argument("--win-margin", type=float, default=0.05, help="the rule's primary gain to win")
     parser.add_argument("--rule", type=Path, default=RESULTS / "pretrain" / "rule.txt")
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrain" / "linear_probe.json")
@@ -97,17 +99,16 @@ def main() -> None:
                          warmup_teacher_temp=min(args.teacher_temp, PretrainConfig.warmup_teacher_temp),
                          momentum_teacher=args.momentum_teacher,
                          encoder_weights=None if args.init is None else str(args.init.resolve()))
-    run = args.runs / "pretrain"
-    if args.nuclei_cache is not None:
-        run.mkdir(parents=True, exist_ok=True)
-        shutil.copy(args.nuclei_cache, run / args.nuclei_cache.name)
-    started = time.perf_counter()
-    if args.reuse and (run / "encoder.safetensors").is_file():  # a finished run of these settings: probe it
-        if json.loads((run / "config.json").read_text()) != json.loads(json.dumps(cfg.to_dict())):
-            raise SystemExit(f"--reuse: {run} was made with other settings")
-        weights, pretrain_seconds = run / "encoder.safetensors", None
+    if args.pretrained is not None:  # made elsewhere: its own settings are the record
+        run, pretrain_seconds = args.pretrained, None
+        weights, config = run / "encoder.safetensors", json.loads((run / "config.json").read_text())
     else:
-        weights = pretrain(cfg, run, overwrite=True, progress=True)
+        run = args.runs / "pretrain"
+        if args.nuclei_cache is not None:
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copy(args.nuclei_cache, run / args.nuclei_cache.name)
+        started = time.perf_counter()
+        weights, config = pretrain(cfg, run, overwrite=True, progress=True), cfg.to_dict()
         pretrain_seconds = time.perf_counter() - started
 
     restain = None if args.restain == "none" else restainer(args.restain)
@@ -145,7 +146,8 @@ def main() -> None:
         "study": "issue 32: nucleus-level self-distillation pretraining vs random init, linear probe on BRCAM2C",
         "note": args.note,
         "rule": args.rule.read_text(),
-        "pretraining": {"config": cfg.to_dict(), "steps": cfg.epochs * cfg.iters_per_epoch,
+        "pretraining": {"run": None if args.pretrained is None else str(args.pretrained), "config": config,
+                        "steps": config["epochs"] * config["iters_per_epoch"],
                         "seconds": pretrain_seconds, "log": history},
         "probe_recipe": ClassifierTrainConfig(mode="frozen").to_dict() | {"datasets": ["brcam2c"]},
         "arms": arms,
