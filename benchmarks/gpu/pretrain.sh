@@ -7,9 +7,9 @@
 # It measures the seconds per step in a 30-step run first (which also finds and caches the nuclei), then sizes
 # the real run's epochs to BUDGET seconds of steps, so that it ends inside the machine's time; a run stopped
 # early still leaves the teacher's encoder of its last finished epoch. Results go to $OUT.
-#   BUDGET=330 DEVICE=cuda WORKERS=14 bash benchmarks/gpu/pretrain.sh
+#   BUDGET=330 DEVICE=cuda WORKERS=14 bash benchmarks/gpu/pretrain.sh   (FROM_BACKBONE= : from random weights)
 set -uo pipefail
-BUDGET=${BUDGET:-330}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-14}; EPOCHS=${EPOCHS:-10}
+FROM_BACKBONE=${FROM_BACKBONE-1}; BUDGET=${BUDGET:-330}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-14}; EPOCHS=${EPOCHS:-10}
 OUT=${OUT:-/tmp/pretrain_out}; WORK=${WORK:-/tmp/pretrain_work}
 mkdir -p "$OUT" "$WORK"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl || exit 1
@@ -21,7 +21,7 @@ torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
 nproc
 $PY -m denuc.cli export-backbone default --out "$WORK/backbone.safetensors" || exit 1
 COMMON=(--images .gpu/images .gpu/slides --encoder torchvision:shufflenet_v2_x1_0 --layers maxpool,stage2,stage3,stage4
-        --weights "$WORK/backbone.safetensors" --device "$DEVICE" --workers "$WORKERS" --batch-size 128 --lr 2.5e-4
+        ${FROM_BACKBONE:+--weights "$WORK/backbone.safetensors"} --device "$DEVICE" --workers "$WORKERS" --batch-size 128 --lr 2.5e-4
         --teacher-temp 0.04 --warmup-teacher-temp 0.04 --teacher-temp-warmup-epochs 0 --prototypes 4096 --quiet)
 start=$(date +%s)
 $PY -m denuc.cli pretrain "${COMMON[@]}" --run-dir "$WORK/speed" --overwrite --epochs 1 --iters-per-epoch 30 \
