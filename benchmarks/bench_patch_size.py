@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_classification import DATASETS, summary
-from common import RESULTS, write_result
+from bench_classification import summary
+from common import RESULTS, dataset_roots, write_result
 
 from denuc.datasets import get_dataset
 from denuc.inference.pipeline import Pipeline
@@ -59,7 +59,7 @@ def main() -> None:
     results = {"model": args.model, "split": args.split, "radius_um": 3.0, "protocol": "denuc",
                "runtime": args.runtime, "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "datasets": {}}
-    for name, root in DATASETS.items():
+    for name, root in dataset_roots(("brcam2c", "crchisto")).items():
         model = Pipeline.from_pretrained(args.model, taxonomy=name, runtime=args.runtime)
         samples = list(get_dataset(name, root).samples(args.split))
         images = [read_image(sample.image_path) for sample in samples]
