@@ -77,6 +77,11 @@ class DetectorConfig(_ModelConfig):
     nms_radius_um: float = 2.0
     tile_size: int = 256
     tile_overlap: int = 32
+    # (tile size, 20x threshold, 40x threshold or None): thresholds chosen on validation at larger tiles, used for
+    # tiles at least that size (the pipeline enlarges a detector's tiles to give a classifier its context). A
+    # detector trained on small crops scores nuclei far from a tile's border lower (DETECTOR_CARD.md); None: the
+    # thresholds above at every tile size
+    large_tile_thresholds: tuple[int, float, float | None] | None = None
     # test-time augmentation: 1 (off), 2, 4 or 8 flipped/transposed views of each tile, their points fused
     # (``denuc.inference.tta.fuse_views``); 8 measured +1.5 validation F1 points for 8x the network's time
     test_time_views: int = 1
@@ -88,12 +93,21 @@ class DetectorConfig(_ModelConfig):
         if self.tile_size % 32 or self.tile_overlap % 32 or not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"tile_size ({self.tile_size}) and tile_overlap ({self.tile_overlap}) must be "
                              "multiples of 32 with overlap < tile size")
+        if self.large_tile_thresholds is not None:  # JSON gives a list
+            self.large_tile_thresholds = tuple(self.large_tile_thresholds)
+            if len(self.large_tile_thresholds) != 3:
+                raise ValueError("large_tile_thresholds must be (tile size, 20x threshold, 40x threshold or None), "
+                                 f"got {self.large_tile_thresholds}")
 
     def threshold_for(self, scan_mpp: float | None) -> float:
-        """The score threshold for an image scanned at ``scan_mpp`` um/px (None: unknown, the 20x threshold)."""
-        if self.score_threshold_40x is not None and scan_mpp is not None and scan_mpp < FINE_SCAN_MPP:
-            return self.score_threshold_40x
-        return self.score_threshold
+        """The score threshold for an image scanned at ``scan_mpp`` um/px (None: unknown, the 20x threshold), at
+        this config's tile size."""
+        threshold, threshold_40x = self.score_threshold, self.score_threshold_40x
+        if self.large_tile_thresholds is not None and self.tile_size >= self.large_tile_thresholds[0]:
+            threshold, threshold_40x = self.large_tile_thresholds[1:]
+        if threshold_40x is not None and scan_mpp is not None and scan_mpp < FINE_SCAN_MPP:
+            return threshold_40x
+        return threshold
 
     def architecture(self) -> str:
         """What fixes the weights' shapes and meaning, in words (thresholds and tiling are not part of it)."""

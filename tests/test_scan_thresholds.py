@@ -3,6 +3,7 @@ everything else ``score_threshold``; training chooses each by the shipping rule 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -23,6 +24,26 @@ def test_threshold_for_follows_the_scan_pixel_size() -> None:
     assert config.threshold_for(0.5) == config.threshold_for(FINE_SCAN_MPP) == 0.5
     assert config.threshold_for(None) == 0.5  # unknown scan: the 20x threshold
     assert DetectorConfig(score_threshold=0.5).threshold_for(0.25) == 0.5  # no 40x threshold: one for all
+
+
+def test_large_tile_thresholds_hold_from_their_tile_size_up() -> None:
+    config = DetectorConfig(score_threshold=0.55, score_threshold_40x=0.5, large_tile_thresholds=[608, 0.5, 0.25])
+    assert config.large_tile_thresholds == (608, 0.5, 0.25)  # as JSON gives it back: a list
+    assert (config.threshold_for(0.5), config.threshold_for(0.25)) == (0.55, 0.5)  # its 256-px tiles
+    for tile in (608, 640):
+        larger = DetectorConfig.from_json(replace(config, tile_size=tile).to_json())
+        assert (larger.threshold_for(0.5), larger.threshold_for(0.25), larger.threshold_for(None)) == (0.5, 0.25, 0.5)
+    with pytest.raises(ValueError, match="large_tile_thresholds"):
+        DetectorConfig(large_tile_thresholds=(608, 0.5))
+
+
+def test_thresholds_set_without_large_tile_ones_hold_at_every_tile_size() -> None:
+    # `--threshold` and the training's sweeps set one threshold: one chosen for larger tiles must not override it
+    detector = Detector.from_pretrained("default").with_settings(large_tile_thresholds=(512, 0.1, 0.1),
+                                                                 tile_size=512)
+    assert detector.config.threshold_for(0.5) == 0.1
+    detector.with_settings(score_threshold=0.7, score_threshold_40x=None)
+    assert detector.config.large_tile_thresholds is None and detector.config.threshold_for(0.25) == 0.7
 
 
 @pytest.mark.parametrize("views", [1, 2])

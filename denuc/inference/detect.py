@@ -123,7 +123,11 @@ class Detector:
             save_file(state, str(tmp), metadata=hub.stamp(metadata, tag))
 
     def with_settings(self, **changes) -> "Detector":
-        """Change inference settings (score_threshold, nms_radius_um, tile_size, ...) in place; returns self."""
+        """Change inference settings (score_threshold, nms_radius_um, tile_size, ...) in place; returns self.
+        Thresholds given without ``large_tile_thresholds`` hold at every tile size (those chosen for larger tiles
+        are dropped)."""
+        if {"score_threshold", "score_threshold_40x"} & changes.keys():
+            changes.setdefault("large_tile_thresholds", None)
         self.model.config = replace(self.config, **changes)
         return self
 
