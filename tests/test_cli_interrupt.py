@@ -31,13 +31,14 @@ torch.set_num_threads(1)  # as the command below (OMP_NUM_THREADS=1): bit-identi
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
-    """A 1860 x 1395 pyramidal TIFF (the bundled sample and its mirror image, three rows of them: about 60
-    tiles, so that a run outlasts the signal sent after its first chunk even on a fast, idle machine) and a tiny
-    untrained detector (fast; finds about 1% of anchors)."""
+    """A 1860 x 2790 pyramidal TIFF (the bundled sample and its mirror image, six rows of them: about 120
+    tiles, so that a run outlasts the signal sent after its first chunk even on a fast machine whose scheduler
+    leaves the test waiting; three rows once ended first) and a tiny untrained detector (fast; finds about 1% of
+    anchors)."""
     root = tmp_path_factory.mktemp("interrupt")
     sample = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
     row = np.concatenate([sample, sample[:, ::-1], sample, sample[:, ::-1]], axis=1)
-    write_pyramidal_tiff(root / "slide.tif", np.concatenate([row, row[::-1], row], axis=0), SAMPLE_MPP)
+    write_pyramidal_tiff(root / "slide.tif", np.concatenate([row, row[::-1]] * 3, axis=0), SAMPLE_MPP)
     torch.manual_seed(0)
     Detector(PointDetector(DetectorConfig(head_stride=4, score_threshold=0.53))).save(root / "tiny.safetensors")
     return root / "slide.tif", root / "tiny.safetensors"

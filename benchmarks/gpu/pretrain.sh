@@ -12,14 +12,14 @@ set -uo pipefail
 FROM_BACKBONE=${FROM_BACKBONE-1}; BUDGET=${BUDGET:-330}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-14}; EPOCHS=${EPOCHS:-10}
 OUT=${OUT:-/tmp/pretrain_out}; WORK=${WORK:-/tmp/pretrain_work}
 mkdir -p "$OUT" "$WORK"
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$WORK/site" .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:$WORK/site" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else '', 'bf16',
 torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
 nproc
-$PY -m denuc.cli export-backbone default --out "$WORK/backbone.safetensors" || exit 1
+$PY -m denuc.cli export-backbone default --out "$WORK/backbone.safetensors" --overwrite || exit 1
 COMMON=(--images .gpu/images .gpu/slides --encoder torchvision:shufflenet_v2_x1_0 --layers maxpool,stage2,stage3,stage4
         ${FROM_BACKBONE:+--weights "$WORK/backbone.safetensors"} --device "$DEVICE" --workers "$WORKERS" --batch-size 128 --lr 2.5e-4
         --teacher-temp 0.04 --warmup-teacher-temp 0.04 --teacher-temp-warmup-epochs 0 --prototypes 4096 --quiet)
