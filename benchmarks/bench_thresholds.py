@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, dataset_roots, write_result
 
+from denuc.config import FINE_SCAN_MPP
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.inference.nms import point_nms
@@ -121,11 +122,11 @@ def main() -> None:
     roots = dataset_roots(args.datasets.split(","), args.root)
     warnings.simplefilter("ignore", UserWarning)  # MoNuSeg's known degenerate outlines, missing pixel size
     detector = Detector.from_pretrained(args.model, runtime="auto")
-    config = detector.config
-    radius_um = config.nms_radius_um if args.nms_radius is None else args.nms_radius
     if args.tile is not None:
         detector.with_settings(tile_size=args.tile[0], tile_overlap=args.tile[1])
-    own_thresholds = {config.score_threshold, config.score_threshold_40x} - {None}
+    config = detector.config  # the model's own settings at these tiles (its large-tile thresholds, if it has some)
+    radius_um = config.nms_radius_um if args.nms_radius is None else args.nms_radius
+    own_thresholds = {config.threshold_for(None), config.threshold_for(FINE_SCAN_MPP / 2)}  # 20x and 40x scans
     thresholds = tuple(sorted(set(THRESHOLDS) | own_thresholds))
     detector.with_settings(score_threshold=min(thresholds) - 1e-6, score_threshold_40x=None, nms_radius_um=0.0)
     results, groups, own = {}, {}, {}
