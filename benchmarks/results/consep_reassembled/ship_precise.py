@@ -25,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    run_model, rule, validation = Path(sys.argv[1]), HERE / sys.argv[2], HERE / sys.argv[3]
+    run_model = Path(sys.argv[1])
+    rule, validation, *at_tiles = ((HERE / name).resolve() for name in sys.argv[2:6])  # relative to this folder
     model = shipped("precise")
     chosen = json.loads(validation.read_text())["summary"]["per_scan"]
     detector = Detector.from_pretrained(run_model)
@@ -34,13 +35,13 @@ def main() -> None:
                 "scan_thresholds": {"rule": str(rule.relative_to(repo)),
                                     "validation": str(validation.relative_to(repo)), "per_scan": chosen}}
     large_tiles = None
-    if len(sys.argv) > 4:
-        tile_rule, tile_validation = (HERE / name for name in sys.argv[4:6])
+    if at_tiles:
+        tile_rule, tile_validation = at_tiles
         sweep = json.loads(tile_validation.read_text())
         at_tile = sweep["summary"]["per_scan"]
         large_tiles = (sweep["tile"][0], at_tile["threshold"]["20x"], at_tile["threshold"]["40x"])
-        metadata["large_tile_thresholds"] = {"rule": str(tile_rule.resolve().relative_to(repo)),
-                                             "validation": str(tile_validation.resolve().relative_to(repo)),
+        metadata["large_tile_thresholds"] = {"rule": str(tile_rule.relative_to(repo)),
+                                             "validation": str(tile_validation.relative_to(repo)),
                                              "per_scan": at_tile}
     detector.with_settings(score_threshold=chosen["threshold"]["20x"], score_threshold_40x=chosen["threshold"]["40x"],
                            large_tile_thresholds=large_tiles)
