@@ -12,6 +12,7 @@ from conftest import SAMPLE_IMAGE, SAMPLE_MPP, SAMPLE_POINTS
 
 from denuc.config import FINE_SCAN_MPP, DatasetSpec, DetectorConfig, DetectorTrainConfig
 from denuc.inference.detect import Detector
+from denuc.inference.pipeline import Pipeline
 from denuc.io import read_points
 from denuc.io.images import read_image, resample
 from denuc.train import detector as training
@@ -44,6 +45,17 @@ def test_thresholds_set_without_large_tile_ones_hold_at_every_tile_size() -> Non
     assert detector.config.threshold_for(0.5) == 0.1
     detector.with_settings(score_threshold=0.7, score_threshold_40x=None)
     assert detector.config.large_tile_thresholds is None and detector.config.threshold_for(0.25) == 0.7
+
+
+def test_the_bundle_after_precise_uses_precise_s_thresholds_for_its_larger_tiles() -> None:
+    """`predict --detector precise`: the bundle's classifier needs 608-px tiles of `precise`, whose thresholds for
+    such tiles were chosen there (classification/pipeline_tile_thresholds_rule.txt); alone it keeps its own."""
+    precise = Detector.from_pretrained("precise")
+    alone = (precise.config.threshold_for(0.5), precise.config.threshold_for(0.25))
+    pipeline = Pipeline.from_pretrained("default-bundle").with_detector(precise)
+    size, *at_size = pipeline.detector.config.large_tile_thresholds
+    assert pipeline.detector.config.tile_size >= size
+    assert [pipeline.detector.config.threshold_for(mpp) for mpp in (0.5, 0.25)] == at_size != list(alone)
 
 
 @pytest.mark.parametrize("views", [1, 2])
