@@ -283,6 +283,25 @@ def test_detect_needs_pixel_size() -> None:
 
 
 @needs_brcam2c
+def test_workers_draw_the_crops_the_training_process_draws(tmp_path: Path) -> None:
+    from denuc.train.augment import stain_templates
+    from denuc.train.data import load_split
+    from denuc.train.detector import CropBatches
+
+    cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], batch_size=2, crop_size=64,
+                              randstainna=0.5, sampling="dataset", crowded_crops=0.5)
+    train = load_split(cfg, "train")[:6]
+    data = CropBatches(train, cfg, stain_templates(tmp_path, [item.image for item in train], 0.5), np.arange(5))
+    alone = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=0))
+    pooled = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
+    assert len(alone) == len(pooled) == 5
+    for (crops_a, points_a), (crops_b, points_b) in zip(alone, pooled):
+        assert torch.equal(crops_a, crops_b) and crops_a.shape == (2, 3, 64, 64)
+        assert all(torch.equal(a, b) for a, b in zip(points_a, points_b))
+    assert not torch.equal(alone[0][0], alone[1][0])  # each batch its own seed
+
+
+@needs_brcam2c
 @pytest.mark.parametrize("ema_decay, randstainna", [(None, 0.0), (0.5, 0.0), (None, 0.5)])
 def test_resume_gives_identical_weights(tmp_path: Path, ema_decay: float | None, randstainna: float) -> None:
     cfg = DetectorTrainConfig(datasets=[DatasetSpec("brcam2c", str(BRCAM2C))], epochs=2, iters_per_epoch=2,

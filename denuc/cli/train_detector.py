@@ -11,7 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from denuc.cli.options import DECAY, FRACTION, POSITIVE, PROBABILITY, add_training_options, dataset_specs
+from denuc.cli.options import (
+    DECAY,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    add_training_options,
+    dataset_specs,
+    device,
+)
 
 DEFAULT_BACKBONE = "shufflenet_v2_x1_0"
 """The width of the shipped default detector: what a run trains unless told otherwise."""
@@ -31,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "batch_size": "crops per batch (default: %(default)s)",
         "crop_size": "side of the square training crops, in pixels at the working resolution (default: %(default)s)",
         "seed": "seed of the crops and of the weights' initialisation (default: %(default)s)",
+        "warmup_iters": "iterations of the learning rate's linear warm-up (default: %(default)s)",
     }, dataset_help="a training source, e.g. brcam2c=/data/brcam2c (repeat for joint training)",
         run_dir_help="checkpoints (last.pt), logs (log.json, log.csv), the best epoch (best.safetensors) and the "
                      "tuned model (model.safetensors) go here")
@@ -76,6 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=DECAY, metavar="D",
                    help="validate and save an exponential moving average of the weights with this decay per "
                         "iteration, e.g. 0.998 (default: off)")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="where the network trains: cpu, cuda or cuda:N (on a GPU in bfloat16; default: %(default)s)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=0,
+                   help="processes that draw and augment the crops, the same crops as without them (default: "
+                        "%(default)s, in the training one); a GPU wants several")
     p.add_argument("--backbone-weights", help="an ImageNet checkpoint (state dict) of the torchvision backbone, "
                                               "loaded with strict key checking (default: random initialisation)")
 
@@ -108,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             datasets=specs, model=model,
             epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
             crop_size=args.crop_size, seed=args.seed, threads=args.threads, lr=args.lr,
+            warmup_iters=args.warmup_iters,
             weight_decay=args.weight_decay, init=args.init, backbone_weights=args.backbone_weights,
             ema_decay=args.ema_decay, color_jitter=args.color_jitter,
             stain_vector_jitter=args.stain_vector_jitter, scale_jitter=args.scale_jitter,
@@ -116,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None
-    best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
-    chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors")
+    best = train_detector(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+                          device=args.device, workers=args.workers)
+    chosen = tune_thresholds(best, cfg, args.run_dir / "model.safetensors", device=args.device)
     if chosen is None:
         settings = ""
     else:

@@ -3,18 +3,22 @@
 One run trains on the train splits of one or more datasets (resampled to the model's working pixel size),
 checkpoints every epoch (``last.pt``, resumable exactly), keeps the epoch with the best validation detection F1
 (``best.safetensors``), then ``tune_thresholds`` chooses the score threshold and NMS radius on the validation
-splits. One epoch is ``iters_per_epoch`` batches of random crops (not a pass over the images).
+splits. One epoch is ``iters_per_epoch`` batches of random crops (not a pass over the images), each batch drawn
+with a seed of its own (``CropBatches``), so that data-loading workers draw the same batches as the training
+process would; on a GPU the forward pass runs in bfloat16 (``torch.autocast``), the loss in float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from denuc.config import FINE_SCAN_MPP, DetectorTrainConfig
 from denuc.errors import InputError
@@ -47,24 +51,27 @@ def match_anchors(points: torch.Tensor, probs: torch.Tensor, gt: torch.Tensor, d
         # among each point's few cheapest anchors (enough for its neighbours' claims), each anchor to one point
         near = torch.unique(cost.topk(min(topk + 8, points.shape[0]), dim=1, largest=False).indices)
         rows, cols = linear_sum_assignment(cost[:, near].repeat_interleave(topk, dim=0).cpu().numpy())
-        return near[torch.as_tensor(cols)], torch.as_tensor(rows) // topk
+        return near[torch.as_tensor(cols, device=near.device)], torch.as_tensor(rows, device=near.device) // topk
     k = min(topk, points.shape[0])
     top_cost, top_anchor = cost.topk(k, dim=1, largest=False)
-    anchors, gts, costs = top_anchor.reshape(-1), torch.arange(len(gt)).repeat_interleave(k), top_cost.reshape(-1)
+    device = points.device
+    anchors = top_anchor.reshape(-1)
+    gts, costs = torch.arange(len(gt), device=device).repeat_interleave(k), top_cost.reshape(-1)
     order = torch.argsort(costs, stable=True)  # cheapest claim first, so it wins the anchor
     anchors, gts = anchors[order], gts[order]
     # keep the first (cheapest) claim on every anchor
     _, inverse = torch.unique(anchors, return_inverse=True)
-    first_claim = torch.full((int(inverse.max()) + 1,), len(anchors), dtype=torch.long)
-    first_claim.scatter_reduce_(0, inverse, torch.arange(len(anchors)), reduce="amin")
-    first = torch.arange(len(anchors)) == first_claim[inverse]
+    claims = torch.arange(len(anchors), device=device)
+    first_claim = torch.full((int(inverse.max()) + 1,), len(anchors), dtype=torch.long, device=device)
+    first_claim.scatter_reduce_(0, inverse, claims, reduce="amin")
+    first = claims == first_claim[inverse]
     return anchors[first], gts[first]
 
 
 def detection_loss(logits: torch.Tensor, points: torch.Tensor, targets: list[torch.Tensor],
                    cfg: DetectorTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over all anchors (background weight ``background_weight``) + weighted L2 on matched points."""
-    labels = torch.zeros(logits.shape[:2], dtype=torch.long)
+    labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
     coord_terms, n_gt = [], 0
     with torch.no_grad():
         probs = logits.softmax(-1)[..., 1]
@@ -74,7 +81,7 @@ def detection_loss(logits: torch.Tensor, points: torch.Tensor, targets: list[tor
         labels[b, anchors] = 1
         coord_terms.append(((points[b, anchors] - gt[gts]) ** 2).sum())
         n_gt += len(gt)
-    weight = torch.tensor([cfg.background_weight, 1.0])
+    weight = torch.tensor([cfg.background_weight, 1.0], device=logits.device)
     cls_loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), weight=weight)
     coord_loss = cfg.coord_loss_weight * torch.stack(coord_terms).sum() / max(n_gt, 1)
     return cls_loss + coord_loss, {"cls": cls_loss.item(), "coord": coord_loss.item()}
@@ -125,51 +132,76 @@ def sampling_weights(train: list[SplitImage], sampling: str) -> np.ndarray | Non
     return weights / weights.sum()
 
 
+class CropBatches(IterableDataset):
+    """One epoch's batches of random training crops and their points, batch i drawn with ``seeds[i]``: the same
+    batches in the same order whether the training process draws them or ``DataLoader`` workers do (worker w of
+    n draws batches w, w + n, ...; the loader takes them round-robin)."""
+
+    def __init__(self, train: list[SplitImage], cfg: DetectorTrainConfig, templates, seeds: np.ndarray) -> None:
+        self.train, self.cfg, self.templates, self.seeds = train, cfg, templates, seeds
+        self.weights = sampling_weights(train, cfg.sampling)
+        self.crowded = ([item.nuclei.xy[crowded_nuclei(item.nuclei.xy, CROWDED_RADIUS_UM / item.nuclei.mpp)]
+                         for item in train] if cfg.crowded_crops > 0 else [])  # read only when crops use them
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        worker = get_worker_info()
+        seeds = self.seeds if worker is None else self.seeds[worker.id::worker.num_workers]
+        for seed in seeds:
+            yield self.batch(np.random.default_rng(seed))
+
+    def batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cfg, train = self.cfg, self.train
+        picks = (rng.integers(0, len(train), cfg.batch_size) if self.weights is None
+                 else rng.choice(len(train), size=cfg.batch_size, p=self.weights))
+        crops, targets = [], []
+        for index in picks:
+            focus = None
+            if cfg.crowded_crops > 0 and rng.random() < cfg.crowded_crops and len(self.crowded[index]):
+                focus = self.crowded[index][rng.integers(len(self.crowded[index]))]
+            crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng, self.templates, focus)
+            crops.append(torch.from_numpy(crop).permute(2, 0, 1))
+            targets.append(torch.from_numpy(xy).float())
+        return torch.stack(crops).contiguous(memory_format=torch.channels_last), targets
+
+
 def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-                   epochs_this_run: int | None = None, overwrite: bool = False) -> Path:
+                   epochs_this_run: int | None = None, overwrite: bool = False, device: str = "cpu",
+                   workers: int = 0) -> Path:
     """Train (or resume) a detector in ``run_dir``; returns the path of the best model (``best.safetensors``).
 
     ``epochs_this_run`` stops after that many epochs (for time-boxed jobs); ``resume=True`` continues;
-    ``overwrite=True`` starts again in a folder that holds a trained run (refused otherwise).
+    ``overwrite=True`` starts again in a folder that holds a trained run (refused otherwise). ``device``: where
+    the network trains and is validated ("cuda": in bfloat16 autocast); ``workers``: processes that draw the
+    crops (0: the training process), the same crops either way.
     """
     run_dir, rng = loop.start(run_dir, cfg, resume, overwrite)
+    where = torch.device(device)
+    bfloat16 = where.type == "cuda" and torch.cuda.is_bf16_supported()
     # channels-last weights, as the crops are fed (and as ``Detector`` runs them): faster on CPU
-    model = initial_model(cfg).to(memory_format=torch.channels_last)
+    model = initial_model(cfg).to(where, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = load_split(cfg, "train", required=True)
     templates = stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
     val = load_split(cfg, "val")
 
-    weights = sampling_weights(train, cfg.sampling)
-    crowded = ([item.nuclei.xy[crowded_nuclei(item.nuclei.xy, CROWDED_RADIUS_UM / item.nuclei.mpp)] for item in train]
-               if cfg.crowded_crops > 0 else [])  # read only when crops are drawn around them
-
-    def batches():
-        for _ in range(cfg.iters_per_epoch):
-            crops, targets = [], []
-            picks = (rng.integers(0, len(train), cfg.batch_size) if weights is None
-                     else rng.choice(len(train), size=cfg.batch_size, p=weights))
-            for index in picks:
-                focus = None
-                if cfg.crowded_crops > 0 and rng.random() < cfg.crowded_crops and len(crowded[index]):
-                    focus = crowded[index][rng.integers(len(crowded[index]))]
-                crop, xy = random_crop(train[index], cfg.crop_size, cfg, rng, templates, focus)
-                crops.append(torch.from_numpy(crop).permute(2, 0, 1))
-                targets.append(torch.from_numpy(xy).float())
-            yield torch.stack(crops).contiguous(memory_format=torch.channels_last), targets
+    def batches() -> DataLoader:
+        # the seeds come from the run's generator, which the checkpoint saves: a resumed run draws the same crops
+        data = CropBatches(train, cfg, templates, rng.integers(0, 2**63, size=cfg.iters_per_epoch))
+        return DataLoader(data, batch_size=None, num_workers=workers, pin_memory=where.type == "cuda")
 
     def step(batch: tuple[torch.Tensor, list[torch.Tensor]]) -> dict[str, torch.Tensor | float]:
         images, targets = batch
-        logits, points = model(images)
-        loss, parts = detection_loss(logits, points, targets, cfg)
+        with torch.autocast(where.type, dtype=torch.bfloat16, enabled=bfloat16):
+            logits, points = model(images.to(where, non_blocking=True))
+        loss, parts = detection_loss(logits.float(), points.float(), [t.to(where) for t in targets], cfg)
         return {"loss": loss, **parts}
 
     def save_best(network: PointDetector, epoch: int, scores: dict) -> None:
-        Detector(network).save(run_dir / "best.safetensors", {"epoch": epoch, "val_f1": scores})
+        Detector(network, where).save(run_dir / "best.safetensors", {"epoch": epoch, "val_f1": scores})
 
     loop.fit(cfg, run_dir, rng, model, optimizer, batches=batches, step=step,
-             validate=(lambda network: validate(Detector(network), val)) if val else None, save_best=save_best,
-             resume=resume, progress=progress, epochs_this_run=epochs_this_run)
+             validate=(lambda network: validate(Detector(network, where), val)) if val else None,
+             save_best=save_best, resume=resume, progress=progress, epochs_this_run=epochs_this_run)
     return run_dir / "best.safetensors"
 
 
@@ -204,8 +236,8 @@ def scan_groups(items: list[SplitImage]) -> dict[str, list[str]]:
 
 def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: str | Path,
                     thresholds: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5),
-                    nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0), tolerance: float = 0.01
-                    ) -> dict | None:
+                    nms_radii_um: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0), tolerance: float = 0.01,
+                    device: str = "cpu") -> dict | None:
     """Choose the score thresholds and NMS radius on the validation splits; save the model with them to
     ``out_path`` and return the chosen row of the sweep.
 
@@ -215,9 +247,9 @@ def tune_thresholds(model_path: str | Path, cfg: DetectorTrainConfig, out_path: 
     datasets scanned at 20x and those at 40x each get their threshold by this rule (``score_threshold`` and
     ``score_threshold_40x``: 40x scans, shrunk to the working grid, score their nuclei lower), at one NMS radius.
     Validation splits only: test data never informs a choice. Without validation images the model keeps its
-    configured settings (returns None)."""
+    configured settings (returns None). ``device``: where the network runs for the sweep."""
     val = load_split(cfg, "val")
-    detector = Detector.from_pretrained(model_path)
+    detector = Detector.from_pretrained(model_path, device=device)
     if not val:
         detector.save(out_path, {"chosen": None})
         return None

@@ -185,9 +185,11 @@ def fit(cfg: TrainConfig, run_dir: Path, rng: np.random.Generator, model: nn.Mod
                 sums[name] = sums.get(name, 0.0) + value
             bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
         scored.eval()
+        validating = time.perf_counter()
         scores = validate(scored) if validate is not None else {"mean": None}
         history.append(_finite({"epoch": epoch + 1, **{name: total / steps for name, total in sums.items()},
                                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
+                                "val_seconds": time.perf_counter() - validating,
                                 **{f"val_f1_{name}": value for name, value in scores.items()}}))
         if validate is None or scores["mean"] > best:  # without validation every epoch is kept: the last remains
             if validate is not None:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 30's GPU detector runs (rule written first: benchmarks/results/gpu_detector/rule.txt), made for the device
+# machine of a session (PyTorch, timm, scipy, safetensors, ...; no datasets):
+#   .gpu/datasets - benchmarks/pack_detection_datasets.py's copy of the four datasets (train and val splits)
+# Two runs side by side, each with half the CPU cores drawing crops: W (ShuffleNetV2 1.5x from random weights) and L
+# (`default` fine-tuned, precise's network). A 30-step run of each measures seconds per step and per validation
+# first (SPEED_STEPS); the real runs' steps per epoch are then sized to BUDGET seconds. Each run keeps its best epoch
+# (best.safetensors) whenever it is stopped. Results go to $OUT.
+#   BUDGET=380 DEVICE=cuda WORKERS=7 bash benchmarks/gpu/train_detector.sh
+set -uo pipefail
+BUDGET=${BUDGET:-380}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-7}; EPOCHS=${EPOCHS:-12}; STOP_AFTER=${STOP_AFTER:-480}; SPEED_STEPS=${SPEED_STEPS:-30}
+OUT=${OUT:-/tmp/detector_out}; WORK=${WORK:-$OUT/work}  # under OUT: a run stopped by the call's limit still comes back; PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; nproc
+D=.gpu/datasets
+DATA=(--dataset brcam2c=$D/brcam2c --dataset crchisto=$D/crchisto --dataset consep=$D/consep --dataset monuseg=$D/monuseg
+      --mpp 0.33 --sampling dataset --randstainna 0.5 --scale-jitter 0.1 --one-to-one-matching --batch-size 32
+      --device "$DEVICE" --workers "$WORKERS" --threads 2 --quiet)
+W=(--backbone shufflenet_v2_x1_5 --lr 2e-3)
+L=(--init default --lr 6e-4)
+start=$(date +%s)
+$PY -m denuc.cli train-detector "${DATA[@]}" "${W[@]}" --epochs 1 --iters-per-epoch $SPEED_STEPS --warmup-iters 10 \
+    --run-dir "$WORK/speed_w" --overwrite > "$WORK/speed_w.txt" 2>&1 &
+$PY -m denuc.cli train-detector "${DATA[@]}" "${L[@]}" --epochs 1 --iters-per-epoch $SPEED_STEPS --warmup-iters 10 \
+    --run-dir "$WORK/speed_l" --overwrite > "$WORK/speed_l.txt" 2>&1 &
+wait
+echo "speed runs: $(( $(date +%s) - start )) s"; tail -n 3 "$WORK"/speed_*.txt
+iters() {  # steps per epoch that fit BUDGET seconds, validations included
+  $PY -c "import json; r = json.load(open('$1/log.json'))[-1]; step = (r['seconds'] - r['val_seconds']) / $SPEED_STEPS
+print(max(10, int(($BUDGET - $EPOCHS * r['val_seconds']) / $EPOCHS / step)))"
+}
+IW=$(iters "$WORK/speed_w") && IL=$(iters "$WORK/speed_l") || exit 1
+echo "iters per epoch: W $IW, L $IL"
+start=$(date +%s)
+timeout "$STOP_AFTER" $PY -m denuc.cli train-detector "${DATA[@]}" "${W[@]}" --epochs "$EPOCHS" --iters-per-epoch "$IW" \
+    --warmup-iters 100 --run-dir "$WORK/w" --overwrite > "$WORK/w.txt" 2>&1 &
+timeout "$STOP_AFTER" $PY -m denuc.cli train-detector "${DATA[@]}" "${L[@]}" --epochs "$EPOCHS" --iters-per-epoch "$IL" \
+    --warmup-iters 100 --run-dir "$WORK/l" --overwrite > "$WORK/l.txt" 2>&1 &
+wait
+echo "runs: $(( $(date +%s) - start )) s"
+for run in w l; do
+  mkdir -p "$OUT/$run"
+  cp "$WORK/$run"/{best.safetensors,model.safetensors,log.json,config.json} "$OUT/$run/" 2>/dev/null
+  cp "$WORK/$run.txt" "$OUT/$run/train.txt"; cp "$WORK/speed_$run/log.json" "$OUT/$run/speed_log.json"
+  rm -f "$WORK/$run/last.pt" "$WORK/speed_$run/last.pt"
+  tail -n 2 "$WORK/$run.txt"; $PY -c "import json; [print(r['epoch'], round(r['seconds']), r.get('val_f1_mean')) for r in json.load(open('$WORK/$run/log.json'))]"
+done
