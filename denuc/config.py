@@ -223,8 +223,14 @@ class ClassifierConfig(_ModelConfig):
     encoder_layers: list[int] | list[str] | None = None  # None: the encoder's default levels
     encoder_kwargs: dict = field(default_factory=lambda: {"num_classes": 0})  # architecture overrides
     head: str = "linear"  # "linear" or "mlp"
+    # taxonomies whose head is of another kind than ``head`` (heads added to a bundle with another kind)
+    taxonomy_heads: dict[str, str] = field(default_factory=dict)
     mlp_hidden: int = 256
     mpp: float = 0.5  # working resolution (um/px); must match the detector's in a Pipeline
+
+    def head_kind(self, taxonomy: str) -> str:
+        """The kind of ``taxonomy``'s head: "linear" or "mlp"."""
+        return self.taxonomy_heads.get(taxonomy, self.head)
 
 
 CLASSIFIER_MODES = ("frozen", "lora", "full", "joint")
@@ -251,6 +257,7 @@ class ClassifierTrainConfig(_TrainConfig):
     # are and heads are trained for ``datasets`` only (one of the same name is replaced); mode "frozen", and
     # ``model`` and ``detector`` are the bundle's (``train_classifier`` records them)
     base: str | None = None
+    base_head: str | None = None  # with ``base``: the kind of the heads trained (None: the bundle's ``head``)
     negatives: bool = True
     match_radius_um: float = 3.0  # a detection farther than this from every ground-truth point is a negative
     class_balanced: bool = False  # weight the loss by inverse class frequency
@@ -281,6 +288,9 @@ class ClassifierTrainConfig(_TrainConfig):
             raise ValueError(f"unknown offsets {self.offsets!r}; choose from ['none', 'nucleus', 'all']")
         if self.base is not None and self.mode != "frozen":
             raise ValueError(f"a base bundle's encoder stays frozen: mode must be 'frozen', got {self.mode!r}")
+        if self.base_head is not None and (self.base is None or self.base_head not in HEADS):
+            raise ValueError(f"base_head is the kind ({' or '.join(HEADS)}) of heads added to a base bundle, got "
+                             f"{self.base_head!r}" + ("" if self.base is not None else " without a base"))
         for name in ("color_jitter", "stain_vector_jitter"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -83,13 +83,30 @@ def test_new_head_is_added_and_the_rest_of_the_base_is_kept_bit_for_bit(tmp_path
     assert offsets["a"] == BASE_OFFSETS["a"] and len(offsets["crchisto"]["offsets"]) == len(CRCHISTO) + 1
 
 
+def test_a_head_of_another_kind_beside_the_base_ones(tmp_path: Path, crchisto) -> None:
+    """`--base --head mlp`: the new taxonomy gets an MLP head, the bundle's linear heads stay linear and bit for bit;
+    the bundle records the exception and loads with both kinds."""
+    base = write_base(tmp_path / "base.safetensors", CLASSES, half=True)
+    cfg = ClassifierTrainConfig(datasets=[crchisto], base=str(base), base_head="mlp", epochs=1, batch_size=2,
+                                warmup_iters=1, threads=1)
+    bundle = train_classifier(cfg, tmp_path / "run", progress=False)
+    before, after = load_file(str(base)), load_file(str(bundle))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert after["classifier.heads.crchisto.3.weight"].shape == (len(CRCHISTO) + 1, TINY.mlp_hidden)
+    model = Pipeline.from_pretrained(bundle, taxonomy="crchisto")
+    assert model.classifier.config.taxonomy_heads == {"crchisto": "mlp"} and model.classifier.config.head == "linear"
+    assert [len(model.classifier.heads[name]) for name in ("a", "crchisto")] == [2, 4]  # linear, then MLP
+    with pytest.raises(ValueError, match="without a base"):
+        ClassifierTrainConfig(datasets=[crchisto], base_head="mlp")
+
+
 def test_base_refuses_what_would_contradict_it(tmp_path: Path, crchisto, capsys) -> None:
     base = write_base(tmp_path / "base.safetensors", CLASSES, half=False)
     common = ["train-classifier", "--base", str(base), "--dataset", f"crchisto={crchisto.root}", "--quiet",
               "--run-dir", str(tmp_path / "run")]
     for extra, message in ((["--mode", "lora"], "--base: trains heads on the bundle's frozen encoder"),
                            (["--encoder", TINY.encoder], "drop --encoder"),
-                           (["--head", "linear", "--detector", str(base)], "drop --head, --detector"),
+                           (["--weights", str(base), "--detector", str(base)], "drop --weights, --detector"),
                            (["--layers", "0,1"], "drop --layers")):
         assert exit_code([*common, *extra]) == 2, extra
         err = capsys.readouterr().err

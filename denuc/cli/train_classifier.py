@@ -57,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"architecture overrides (default {json.dumps(model.encoder_kwargs)} for timm models, "
                         "none otherwise)")
     p.add_argument("--layers", default=None, help="comma-separated feature levels (default: the encoder's)")
-    p.add_argument("--head", default=None, choices=HEADS, help=f"(default: {model.head})")
+    p.add_argument("--head", default=None, choices=HEADS,
+                   help=f"(default: {model.head}; with --base, the kind of the heads trained, default the bundle's)")
     p.add_argument("--mode", default=train.mode, choices=CLASSIFIER_MODES,
                    help="frozen encoder + head, LoRA, full fine-tuning, or the joint end-to-end baseline "
                         "(default: %(default)s)")
@@ -97,11 +98,11 @@ def run(args: argparse.Namespace) -> int:
                                        f"{args.mode}")
         given = [option for option, value in (("--encoder", args.encoder), ("--weights", args.weights),
                                               ("--encoder-kwargs", args.encoder_kwargs), ("--layers", args.layers),
-                                              ("--head", args.head), ("--detector", args.detector))
+                                              ("--detector", args.detector))
                  if value is not None]
         if given:
-            raise InputError("--base", f"the encoder, its levels, the head kind and the detector come from the "
-                                       f"bundle: drop {', '.join(given)}")
+            raise InputError("--base", f"the encoder, its levels and the detector come from the bundle: drop "
+                                       f"{', '.join(given)}")
     # a shipped name stays a name; a file is recorded by its absolute path (a resumed run finds it from anywhere)
     base = args.base if args.base is None or hub.shipped(args.base, "bundle") else str(Path(args.base).resolve())
     specs = dataset_specs(args.dataset)
@@ -113,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = ClassifierTrainConfig(
             datasets=specs,
             model=ClassifierConfig(encoder=encoder, encoder_weights=weights, encoder_layers=layers,
-                                   encoder_kwargs=kwargs, head=args.head or model.head),
-            mode=args.mode, detector=args.detector or train.detector, base=base, negatives=not args.no_negatives,
+                                   encoder_kwargs=kwargs, head=(args.base is None and args.head) or model.head),
+            mode=args.mode, detector=args.detector or train.detector, base=base,
+            base_head=args.head if args.base is not None else None, negatives=not args.no_negatives,
             class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,
             iters_per_epoch=args.iters_per_epoch,
             batch_size=args.batch_size, crop_size=args.crop_size, lora_rank=args.lora_rank, seed=args.seed,

@@ -55,7 +55,7 @@ class Classifier(nn.Module):
         self.encoder = encoder
         self.taxonomies = {name: list(classes) for name, classes in taxonomies.items()}
         self.heads = nn.ModuleDict({
-            name: create_head(config.head, self.feature_dim, len(classes) + 1, config.mlp_hidden)
+            name: create_head(config.head_kind(name), self.feature_dim, len(classes) + 1, config.mlp_hidden)
             for name, classes in self.taxonomies.items()})
         self.taxonomy = next(iter(self.taxonomies))
         self.embed_encoder = embed_encoder

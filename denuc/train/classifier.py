@@ -102,9 +102,11 @@ def merge_lora(classifier: Classifier) -> Classifier:
     return merged
 
 
-def add_heads(base: str, classes: dict[str, list[NucleusClass]]) -> tuple[Pipeline, bool, dict]:
+def add_heads(base: str, classes: dict[str, list[NucleusClass]], head: str | None = None
+              ) -> tuple[Pipeline, bool, dict]:
     """The bundle ``base`` (a shipped name or a file) with a fresh head for each taxonomy of ``classes``, replacing
-    a head of the same name; its detector, encoder and other heads as they are. Also what keeps those unchanged
+    a head of the same name, of kind ``head`` (None: the bundle's ``head``); its detector, encoder and other heads
+    as they are. Also what keeps those unchanged
     in a bundle saved from it: whether the base stores float16 (shipped bundles do), and the offsets (metadata
     "class_offsets") folded into the heads kept."""
     path = hub.resolve(base, kind="bundle")
@@ -112,7 +114,11 @@ def add_heads(base: str, classes: dict[str, list[NucleusClass]]) -> tuple[Pipeli
     if found.classifier is None:
         raise InputError(base, "a detector-only model has no classifier to add heads to: give a bundle")
     old = found.classifier
-    classifier = Classifier(old.config, old.encoder, old.taxonomies | classes, embed_encoder=old.embed_encoder)
+    config = old.config
+    if head is not None:  # recorded only where it differs from the bundle's kind
+        kinds = {**config.taxonomy_heads, **dict.fromkeys(classes, head)}
+        config = replace(config, taxonomy_heads={name: kind for name, kind in kinds.items() if kind != config.head})
+    classifier = Classifier(config, old.encoder, old.taxonomies | classes, embed_encoder=old.embed_encoder)
     kept = [name for name in old.taxonomies if name not in classes]
     for name in kept:
         classifier.heads[name] = old.heads[name]
@@ -134,7 +140,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     classes = taxonomies(cfg)
     half, base_metadata = False, {}
     if cfg.base is not None:
-        base, half, offsets = add_heads(cfg.base, classes)
+        base, half, offsets = add_heads(cfg.base, classes, cfg.base_head)
         detector, classifier = base.detector, base.classifier
         base_metadata = {"class_offsets": offsets}
         cfg = replace(cfg, model=classifier.config, detector=cfg.base)  # what the run uses, recorded and resumed
