@@ -79,17 +79,18 @@ MODELS = (
         "ShuffleNetV2 1.0x, 20 epochs with RandStainNA from the start: the most tolerant of another lab's colours, "
         "1-4 points less F1 on ours"),
     ShippedModel(
-        "bundle/shufflenet_v2_x1_0.det_default_cls_e160_consep", "bundle", "bundle_default.safetensors",
+        "bundle/shufflenet_v2_x1_0.det_default_cls_e160_consep_mlp", "bundle", "bundle_default.safetensors",
         ("default-bundle",),
         "classifier: BRCAM2C train split (80 images: lymphocyte, tumour, stromal) + CRCHisto train split (70 images: "
         "epithelial, fibroblast, inflammatory, others) at 0.5 um/px, with the 80-epoch detector's false "
-        "positives as 'not a nucleus'; the consep head on the frozen encoder: CoNSeP train split (crops of 21 of "
-        "its 27 train images, 40x: other, inflammatory, epithelial, spindle); detector: the `default` detector's "
+        "positives as 'not a nucleus'; the consep head (an MLP) on the frozen encoder: CoNSeP train split (crops "
+        "of 21 of its 27 train images, 40x: other, inflammatory, epithelial, spindle); detector: the `default` "
+        "detector's "
         "(BRCAM2C + CRCHisto train splits, every nucleus centre)",
         "non-commercial research use only (CRCHisto: research use only; CoNSeP: Warwick TIA's research terms; "
         "BRCAM2C is BSD-3)",
         "the `default` detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from the 80-epoch "
-        "detector's backbone, 160 epochs; heads brcam2c and crchisto, and consep (linear, frozen encoder, 20 "
+        "detector's backbone, 160 epochs; heads brcam2c and crchisto, and consep (an MLP, frozen encoder, 20 "
         "epochs); the detector chosen for other labs' colours (CLASSIFIER_CARD.md)"),
 )
 
