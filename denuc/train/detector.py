@@ -133,9 +133,9 @@ def sampling_weights(train: list[SplitImage], sampling: str) -> np.ndarray | Non
 
 
 class CropBatches(IterableDataset):
-    """One epoch's batches of random training crops and their points, batch i drawn with ``seeds[i]``: the same
-    batches in the same order whether the training process draws them or ``DataLoader`` workers do (worker w of
-    n draws batches w, w + n, ...; the loader takes them round-robin)."""
+    """Batches of random training crops and their points, batch i of an epoch drawn with ``seeds[i]`` (set before
+    each epoch): the same batches in the same order whether the training process draws them or ``DataLoader``
+    workers do (worker w of n draws batches w, w + n, ...; the loader takes them round-robin)."""
 
     def __init__(self, train: list[SplitImage], cfg: DetectorTrainConfig, templates, seeds: np.ndarray) -> None:
         self.train, self.cfg, self.templates, self.seeds = train, cfg, templates, seeds
@@ -184,9 +184,11 @@ def train_detector(cfg: DetectorTrainConfig, run_dir: str | Path, resume: bool =
     templates = stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
     val = load_split(cfg, "val")
 
+    data = CropBatches(train, cfg, templates, np.zeros(0, np.int64))
+
     def batches() -> DataLoader:
         # the seeds come from the run's generator, which the checkpoint saves: a resumed run draws the same crops
-        data = CropBatches(train, cfg, templates, rng.integers(0, 2**63, size=cfg.iters_per_epoch))
+        data.seeds = rng.integers(0, 2**63, size=cfg.iters_per_epoch)
         return DataLoader(data, batch_size=None, num_workers=workers, pin_memory=where.type == "cuda")
 
     def step(batch: tuple[torch.Tensor, list[torch.Tensor]]) -> dict[str, torch.Tensor | float]:
