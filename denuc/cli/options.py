@@ -175,3 +175,18 @@ def encoder_layers(text: str | None) -> list[int] | list[str] | None:
     if not text:
         return None
     return [int(v) if v.lstrip("-").isdigit() else v for v in text.split(",")]
+
+
+def add_colour_options(p: argparse.ArgumentParser, train: object, applies_to: str = "") -> None:
+    """--color-jitter, --stain-vector-jitter and --randstainna: the training crops' colour augmentations, with
+    ``train``'s values as defaults; ``applies_to`` starts each help text (e.g. the modes that use them)."""
+    p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
+                   help=f"{applies_to}strength of the crops' stain (HED), brightness and contrast jitter, in [0, 1) "
+                        "(default: %(default)s)")
+    p.add_argument("--stain-vector-jitter", type=FRACTION, default=train.stain_vector_jitter, metavar="S",
+                   help=f"{applies_to}noise (standard deviation per component) on the haematoxylin and eosin colour "
+                        "vectors the crops are rebuilt with: other labs' stain hues (0.1 turns them by 6-7 degrees on "
+                        "average; default: %(default)s, off)")
+    p.add_argument("--randstainna", type=PROBABILITY, default=train.randstainna, metavar="P",
+                   help=f"{applies_to}probability that a crop is re-stained to a template drawn from the training "
+                        "images' CIELAB colour statistics (RandStainNA) before the jitter (default: %(default)s, off)")

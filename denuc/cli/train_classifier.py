@@ -16,8 +16,7 @@ from pathlib import Path
 
 from denuc.cli.options import (
     DECAY,
-    FRACTION,
-    PROBABILITY,
+    add_colour_options,
     add_training_options,
     dataset_specs,
     encoder_kwargs,
@@ -66,16 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"detector for the negatives and the bundle (default: {train.detector})")
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
-    p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
-                   help="lora / full / joint: strength of the crops' stain (HED), brightness and contrast jitter, "
-                        "in [0, 1) (default: %(default)s)")
-    p.add_argument("--stain-vector-jitter", type=FRACTION, default=train.stain_vector_jitter, metavar="S",
-                   help="lora / full / joint: noise on the haematoxylin and eosin colour vectors the crops are "
-                        "rebuilt with (0.1 turns them by 6-7 degrees on average; default: %(default)s, off)")
-    p.add_argument("--randstainna", type=PROBABILITY, default=train.randstainna, metavar="P",
-                   help="lora / full / joint: probability that a crop is re-stained to a template drawn from the "
-                        "training images' CIELAB colour statistics (RandStainNA) before the jitter (default: "
-                        "%(default)s, off)")
+    add_colour_options(p, train, "lora / full / joint: ")
     p.add_argument("--ema-decay", type=DECAY, default=train.ema_decay, metavar="D",
                    help="full: validate and keep an exponential moving average of the weights with this decay "
                         "(0.999: about the last 1,000 iterations; default: off)")

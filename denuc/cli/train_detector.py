@@ -17,6 +17,7 @@ from denuc.cli.options import (
     NON_NEGATIVE,
     POSITIVE,
     PROBABILITY,
+    add_colour_options,
     add_training_options,
     dataset_specs,
     device,
@@ -56,16 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                   ".safetensors file); the model's architecture is its own (a stride-8 head may "
                                   "become a stride-4 one with --head-stride 4), and its pixel size unless --mpp is "
                                   "given")
-    p.add_argument("--color-jitter", type=FRACTION, default=train.color_jitter, metavar="J",
-                   help="strength of the stain (HED), brightness and contrast jitter, in [0, 1) "
-                        "(default: %(default)s)")
-    p.add_argument("--stain-vector-jitter", type=FRACTION, default=train.stain_vector_jitter, metavar="S",
-                   help="noise (standard deviation per component) on the haematoxylin and eosin colour vectors the "
-                        "crops are rebuilt with: other labs' stain hues (0.1 turns them by 6-7 degrees on average; "
-                        "default: %(default)s, off)")
-    p.add_argument("--randstainna", type=PROBABILITY, default=train.randstainna, metavar="P",
-                   help="probability that a crop is re-stained to a template drawn from the training images' "
-                        "CIELAB colour statistics (RandStainNA) before the jitter (default: %(default)s, off)")
+    add_colour_options(p, train)
     p.add_argument("--sampling", choices=("image", "dataset"), default=train.sampling,
                    help="where crops come from: 'image' (every training image alike) or 'dataset' (every dataset "
                         "alike, then images by area: for several datasets of very different sizes; default: "
