@@ -3,12 +3,15 @@
 # machine of a session (PyTorch, timm, scipy, safetensors, ...; no datasets):
 #   .gpu/datasets - benchmarks/pack_detection_datasets.py's copy of the four datasets (train and val splits)
 # Two runs side by side, each with half the CPU cores drawing crops: W (ShuffleNetV2 1.5x from random weights) and L
-# (`default` fine-tuned, precise's network). A 30-step run of each measures seconds per step and per validation
-# first (SPEED_STEPS); the real runs' steps per epoch are then sized to BUDGET seconds. Each run keeps its best epoch
-# (best.safetensors) whenever it is stopped. Results go to $OUT.
+# (`default` fine-tuned, precise's network); RUNS picks some of them, c continues a W run from INIT. A timing run of
+# each comes first, two epochs of SPEED_STEPS steps: the second, warm one is timed (the first's steps include the
+# start-up, which made the first runs of 2026-12-04 too short); the real runs' steps per epoch are then sized to
+# BUDGET seconds (ITERS: given instead, no timing runs). Each run keeps its best epoch (best.safetensors) whenever it
+# is stopped. Results go to $OUT.
 #   BUDGET=380 DEVICE=cuda WORKERS=7 bash benchmarks/gpu/train_detector.sh
 set -uo pipefail
-BUDGET=${BUDGET:-380}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-7}; EPOCHS=${EPOCHS:-12}; STOP_AFTER=${STOP_AFTER:-480}; SPEED_STEPS=${SPEED_STEPS:-30}
+BUDGET=${BUDGET:-380}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-7}; EPOCHS=${EPOCHS:-12}
+STOP_AFTER=${STOP_AFTER:-480}; SPEED_STEPS=${SPEED_STEPS:-30}
 # WORK under OUT: a run stopped by the call's limit still comes back
 OUT=${OUT:-/tmp/detector_out}; WORK=${WORK:-$OUT/work}; PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
@@ -24,7 +27,7 @@ RUNS=${RUNS:-w l}  # which of them; one alone gets every worker
 start=$(date +%s)
 for run in ${ITERS:+none} $RUNS; do  # ITERS given: no speed runs
   [ "$run" = none ] && break
-  $PY -m denuc.cli train-detector "${DATA[@]}" ${RECIPE[$run]} --epochs 1 --iters-per-epoch $SPEED_STEPS --warmup-iters 10 \
+  $PY -m denuc.cli train-detector "${DATA[@]}" ${RECIPE[$run]} --epochs 2 --iters-per-epoch $SPEED_STEPS --warmup-iters 10 \
       --run-dir "$WORK/speed_$run" --overwrite > "$WORK/speed_$run.txt" 2>&1 &
 done
 wait
