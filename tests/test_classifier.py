@@ -603,3 +603,15 @@ def test_without_validation_the_last_weight_average_is_kept(tmp_path: Path, poin
     name = next(k for k in kept if k.endswith("heads.points.1.weight"))
     assert torch.equal(kept[name], state["ema"]["module.heads.points.1.weight"])
     assert not torch.equal(kept[name], state["classifier"]["heads.points.1.weight"])
+
+
+def test_joint_baseline_takes_the_scan_threshold_of_the_image() -> None:
+    """A 40x image gets the detector's 40x threshold, as the detector alone gives it (here 0: every anchor's point
+    kept by NMS; the 20x threshold 1.0 keeps none)."""
+    torch.manual_seed(0)
+    detector = Detector(PointDetector(DetectorConfig(score_threshold=1.0, score_threshold_40x=0.0, tile_size=64,
+                                                     tile_overlap=32)))
+    model = JointModel(detector, {"a": CLASSES["a"]}).eval()
+    image = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    at_40x, at_20x = model.predict(image, 0.25, "a"), model.predict(image, 0.5, "a")
+    assert len(at_20x) == 0 and len(at_40x) == len(detector.detect(image, mpp=0.25)) > 0

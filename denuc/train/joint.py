@@ -58,11 +58,12 @@ class JointModel(nn.Module):
         return sample_features([maps], [self.network.stride], points)
 
     @torch.inference_mode()
-    def predict_tiles(self, tiles: np.ndarray, taxonomy: str) -> list[Nuclei]:
-        """Detections of each RGB uint8 tile (as ``Detector.detect_tiles``) with their classes."""
+    def predict_tiles(self, tiles: np.ndarray, taxonomy: str, scan_mpp: float | None = None) -> list[Nuclei]:
+        """Detections of each RGB uint8 tile (as ``Detector.detect_tiles``: ``scan_mpp`` sets the score threshold)
+        with their classes."""
         if self.detector.config.test_time_views != 1:
             raise ValueError("the joint baseline classifies from its last forward pass: test_time_views must be 1")
-        found = self.detector.detect_tiles(tiles)  # its forward pass leaves the head features in _features
+        found = self.detector.detect_tiles(tiles, scan_mpp)  # its forward pass leaves the head features in _features
         classes = self.taxonomies[taxonomy]
         logits = self.class_logits([torch.from_numpy(n.xy) for n in found], taxonomy)
         for nuclei, lg in zip(found, logits):
@@ -72,8 +73,9 @@ class JointModel(nn.Module):
         return found
 
     def predict(self, image: np.ndarray, mpp: float, taxonomy: str) -> Nuclei:
-        """Classified nuclei of a whole RGB image (array or file) of pixel size ``mpp``, in its own pixels."""
-        return predict_image(image, mpp, self.detector.config, lambda t: self.predict_tiles(t, taxonomy))
+        """Classified nuclei of a whole RGB image (array or file) of pixel size ``mpp``, in its own pixels; the score
+        threshold is that of a scan of pixel size ``mpp`` (20x or 40x), as the detector's."""
+        return predict_image(image, mpp, self.detector.config, lambda t: self.predict_tiles(t, taxonomy, mpp))
 
     def save(self, path: str | Path, extra_metadata: dict | None = None) -> None:
         taxonomies = {n: [{"name": c.name, "color": list(c.color)} for c in cs] for n, cs in self.taxonomies.items()}
