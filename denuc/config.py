@@ -257,7 +257,7 @@ class ClassifierTrainConfig(_TrainConfig):
     # are and heads are trained for ``datasets`` only (one of the same name is replaced); mode "frozen", and
     # ``model`` and ``detector`` are the bundle's (``train_classifier`` records them)
     base: str | None = None
-    base_head: str | None = None  # with ``base``: the kind of the heads trained (None: the bundle's ``head``)
+    base_head: str | None = None  # with ``base``: the kind of the heads trained (None: the bundle's, ``head_kind``)
     negatives: bool = True
     match_radius_um: float = 3.0  # a detection farther than this from every ground-truth point is a negative
     class_balanced: bool = False  # weight the loss by inverse class frequency

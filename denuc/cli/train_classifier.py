@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = ClassifierTrainConfig(
             datasets=specs,
             model=ClassifierConfig(encoder=encoder, encoder_weights=weights, encoder_layers=layers,
-                                   encoder_kwargs=kwargs, head=(args.base is None and args.head) or model.head),
+                                   encoder_kwargs=kwargs,
+                                   head=args.head if args.head and args.base is None else model.head),
             mode=args.mode, detector=args.detector or train.detector, base=base,
             base_head=args.head if args.base is not None else None, negatives=not args.no_negatives,
             class_balanced=args.class_balanced, offsets=args.offsets, epochs=args.epochs,

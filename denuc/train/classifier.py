@@ -105,10 +105,10 @@ def merge_lora(classifier: Classifier) -> Classifier:
 def add_heads(base: str, classes: dict[str, list[NucleusClass]], head: str | None = None
               ) -> tuple[Pipeline, bool, dict]:
     """The bundle ``base`` (a shipped name or a file) with a fresh head for each taxonomy of ``classes``, replacing
-    a head of the same name, of kind ``head`` (None: the bundle's ``head``); its detector, encoder and other heads
-    as they are. Also what keeps those unchanged
-    in a bundle saved from it: whether the base stores float16 (shipped bundles do), and the offsets (metadata
-    "class_offsets") folded into the heads kept."""
+    a head of the same name, of kind ``head`` (None: the kind the bundle gives that name, ``head_kind``); its
+    detector, encoder and other heads as they are. Also what keeps those unchanged in a bundle saved from it:
+    whether the base stores float16 (shipped bundles do), and the offsets (metadata "class_offsets") folded into the
+    heads kept."""
     path = hub.resolve(base, kind="bundle")
     found = Pipeline.from_pretrained(path)
     if found.classifier is None:

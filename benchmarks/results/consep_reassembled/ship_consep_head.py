@@ -1,8 +1,8 @@
-"""Ship a `consep` head that a rule chose into the default bundle: the run's bundle (`train-classifier --base default-
-bundle --dataset consep=...`) is checked to hold the shipped bundle's every other tensor bit for bit, then written
-over `default-bundle` with the shipped file's metadata (licence, thresholds, the other heads' training record), the
-training data as denuc.hub states it, the run's classifier config and offsets, the new head's record (`consep_head`:
-its validation, epoch, recipe, the rule and the comparison that chose it) and the tag in denuc.hub.
+"""Ship a `consep` head that a rule chose into the default bundle: the run's bundle (`train-classifier --base
+default-bundle --dataset consep=...`) is checked to hold the shipped bundle's every other tensor bit for bit, then
+written over `default-bundle` with the shipped file's metadata (licence, thresholds, the other heads' training record),
+the training data as denuc.hub states it, the run's classifier config and offsets, the new head's record
+(`consep_head`: its validation, epoch, recipe, the rule and the comparison that chose it) and the tag in denuc.hub.
 
     python benchmarks/results/consep_reassembled/ship_consep_head.py RUN/model.safetensors RULE VALIDATION
 
