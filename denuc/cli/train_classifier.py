@@ -19,6 +19,7 @@ from denuc.cli.options import (
     add_colour_options,
     add_training_options,
     dataset_specs,
+    device,
     encoder_kwargs,
     encoder_layers,
 )
@@ -66,6 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-negatives", action="store_true", help="no 'not a nucleus' training examples")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
     add_colour_options(p, train, "lora / full / joint: ")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="where the detector and the classifier run: cpu, cuda or cuda:N (frozen: the features are "
+                        "cached from there; lora / full: trained in bfloat16 on a GPU; not joint; default: "
+                        "%(default)s)")
     p.add_argument("--ema-decay", type=DECAY, default=train.ema_decay, metavar="D",
                    help="full: validate and keep an exponential moving average of the weights with this decay "
                         "(0.999: about the last 1,000 iterations; default: off)")
@@ -117,7 +122,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise InputError("options", str(error)) from None
-    train = train_joint if args.mode == "joint" else train_classifier
-    path = train(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    if args.mode == "joint":
+        if args.device != "cpu":
+            raise InputError("--device", "the joint baseline trains on the CPU only: drop --device")
+        path = train_joint(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    else:
+        path = train_classifier(cfg, args.run_dir, resume=args.resume, progress=not args.quiet,
+                                overwrite=args.overwrite, device=args.device)
     print(f"{'joint model' if args.mode == 'joint' else 'model'}: {path}")
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from denuc.cli.options import dataset_specs, output_file
+from denuc.cli.options import dataset_specs, device, output_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="which offsets move: 'not a nucleus' only (default) or every output")
     p.add_argument("--out", type=Path, required=True, help="where to write the tuned bundle")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists (else refused)")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="where the bundle's networks run: cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.is_file() and args.out.samefile(resolve(args.model, kind="bundle")):
         raise InputError(args.out, "is the input bundle; write the tuned bundle to another file")
     output_file(args.out, args.overwrite)
-    chosen = tune_offsets(args.model, dataset_specs(args.dataset), args.out, args.outputs)
+    chosen = tune_offsets(args.model, dataset_specs(args.dataset), args.out, args.outputs, device=args.device)
     for name, c in chosen.items():
         print(f"{name}: offsets {c['offsets']} (classes, then not a nucleus); validation mean class F1 "
               f"{c['val_f1_before']:.4f} -> {c['val_f1_after']:.4f}")

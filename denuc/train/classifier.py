@@ -102,15 +102,15 @@ def merge_lora(classifier: Classifier) -> Classifier:
     return merged
 
 
-def add_heads(base: str, classes: dict[str, list[NucleusClass]], head: str | None = None
+def add_heads(base: str, classes: dict[str, list[NucleusClass]], head: str | None = None, device: str = "cpu"
               ) -> tuple[Pipeline, bool, dict]:
     """The bundle ``base`` (a shipped name or a file) with a fresh head for each taxonomy of ``classes``, replacing
     a head of the same name, of kind ``head`` (None: the kind the bundle gives that name, ``head_kind``); its
     detector, encoder and other heads as they are. Also what keeps those unchanged in a bundle saved from it:
     whether the base stores float16 (shipped bundles do), and the offsets (metadata "class_offsets") folded into the
-    heads kept."""
+    heads kept. ``device``: where the bundle's networks run."""
     path = hub.resolve(base, kind="bundle")
-    found = Pipeline.from_pretrained(path)
+    found = Pipeline.from_pretrained(path, device=device)
     if found.classifier is None:
         raise InputError(base, "a detector-only model has no classifier to add heads to: give a bundle")
     old = found.classifier
@@ -129,18 +129,20 @@ def add_heads(base: str, classes: dict[str, list[NucleusClass]], head: str | Non
 
 
 def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-                     epochs_this_run: int | None = None, overwrite: bool = False) -> Path:
+                     epochs_this_run: int | None = None, overwrite: bool = False, device: str = "cpu") -> Path:
     """Train (or resume) a classifier in ``run_dir``; returns the bundle ``model.safetensors`` (the detector
     ``cfg.detector`` + the classifier of the best validation epoch), or ``best.safetensors`` when
     ``epochs_this_run`` stopped it early. ``overwrite=True`` starts again in a folder that holds a trained run
-    (refused otherwise). With ``cfg.base``, the detector and classifier are that bundle's (``add_heads``)."""
+    (refused otherwise). With ``cfg.base``, the detector and classifier are that bundle's (``add_heads``).
+    ``device``: where the detector finds the negatives and the classifier trains ("cuda": LoRA and full
+    fine-tuning in bfloat16 autocast; frozen: the features are cached from there, the heads train on it too)."""
     if cfg.mode == "joint":
         raise ValueError("the joint baseline trains with denuc.train.joint.train_joint")
     run_dir, rng = loop.start(run_dir, cfg, resume, overwrite)
     classes = taxonomies(cfg)
     half, base_metadata = False, {}
     if cfg.base is not None:
-        base, half, offsets = add_heads(cfg.base, classes, cfg.base_head)
+        base, half, offsets = add_heads(cfg.base, classes, cfg.base_head, device)
         detector, classifier = base.detector, base.classifier
         base_metadata = {"class_offsets": offsets}
         cfg = replace(cfg, model=classifier.config, detector=cfg.base)  # what the run uses, recorded and resumed
@@ -149,9 +151,12 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             classifier = Classifier.create(cfg.model, classes)
         except ValueError as error:  # an unknown encoder or layer: the user's choice
             raise InputError(cfg.model.encoder, str(error)) from None
-        detector = Detector.from_pretrained(cfg.detector)
+        detector = Detector.from_pretrained(cfg.detector, device=device)
     if cfg.mode == "lora":
         add_lora(classifier, cfg.lora_rank, cfg.lora_alpha)
+    where = torch.device(device)
+    classifier.to(where)
+    bfloat16 = where.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.mode != "frozen":
         classifier.embed_encoder = True  # trained weights live in the bundle
     if abs(detector.config.mpp - cfg.model.mpp) > 1e-9:
@@ -160,7 +165,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
 
     train = point_images(cfg, detector, "train", run_dir, progress)
     val = point_images(cfg, detector, "val", run_dir, progress)
-    weights = class_weights(train, classes, cfg.class_balanced)
+    weights = {name: w.to(where) for name, w in class_weights(train, classes, cfg.class_balanced).items()}
     templates = stain_templates(run_dir, [item.image for item in train], cfg.randstainna)
     # frozen: the heads of the training datasets (a base bundle's other heads stay as they are)
     trainable = [p for name in classes for p in classifier.heads[name].parameters()] if cfg.mode == "frozen" else \
@@ -189,11 +194,12 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             features, targets, taxonomy = batch
         else:
             crops, taxonomy = batch
-            images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
+            images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops]).to(where)
             targets = [torch.from_numpy(t) for _, _, t in crops]
-            features = classifier.point_features(images, [torch.from_numpy(xy) for _, xy, _ in crops])
-        logits = [classifier.heads[t](f) for f, t in zip(features, taxonomy)]
-        return {"loss": point_loss(logits, targets, taxonomy, weights)}
+            with torch.autocast(where.type, dtype=torch.bfloat16, enabled=bfloat16):
+                features = classifier.point_features(images, [torch.from_numpy(xy).to(where) for _, xy, _ in crops])
+        logits = [classifier.heads[t](f.to(where).float()) for f, t in zip(features, taxonomy)]
+        return {"loss": point_loss(logits, [t.to(where) for t in targets], taxonomy, weights)}
 
     def train_mode() -> None:  # a frozen or LoRA encoder keeps its batch-norm statistics; full fine-tuning updates them
         classifier.train()
@@ -202,8 +208,8 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
     @torch.inference_mode()
     def validate(scored: Classifier) -> dict[str, float]:
         features = val_features if cfg.mode == "frozen" else image_features(scored, val, progress)
-        return class_f1(val, [scored.heads[item.dataset](f).softmax(-1).numpy() for item, f in zip(val, features)],
-                        classes)
+        return class_f1(val, [scored.heads[item.dataset](f.to(where)).softmax(-1).cpu().numpy()
+                              for item, f in zip(val, features)], classes)
 
     def save_best(scored: Classifier, epoch: int, scores: dict) -> None:
         chosen = merge_lora(scored) if cfg.mode == "lora" else scored
@@ -220,7 +226,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
         return run_dir / "best.safetensors"
     if cfg.offsets != "none":
         tune_offsets(run_dir / "best.safetensors", cfg.datasets, run_dir / "model.safetensors", cfg.offsets,
-                     cache_dir=run_dir, progress=progress)
+                     cache_dir=run_dir, progress=progress, device=device)
     else:
         shutil.copyfile(run_dir / "best.safetensors", run_dir / "model.safetensors")
     return run_dir / "model.safetensors"

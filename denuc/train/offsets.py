@@ -66,21 +66,21 @@ def add_offsets(classifier: Classifier, offsets: dict[str, np.ndarray]) -> None:
     for taxonomy, values in offsets.items():
         last = [m for m in classifier.heads[taxonomy].modules() if isinstance(m, nn.Linear)][-1]
         with torch.no_grad():
-            last.bias += torch.as_tensor(values, dtype=last.bias.dtype)
+            last.bias += torch.as_tensor(values, dtype=last.bias.dtype, device=last.bias.device)
 
 
 _BUNDLE_KEYS = {"format", "denuc_detector", "denuc_classifier", "taxonomies", "encoder_embedded"}
 
 
 def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, outputs: str = "nucleus",
-                 cache_dir: Path | None = None, progress: bool = True) -> dict[str, dict]:
+                 cache_dir: Path | None = None, progress: bool = True, device: str = "cpu") -> dict[str, dict]:
     """Choose each head's offsets (``best_offsets`` of ``outputs``) on the validation split of the dataset of
     the same name, fold them into the heads and save the bundle to ``out`` (same precision; its other metadata kept, the
     offsets and scores added under "class_offsets"). Heads without such a dataset, or whose dataset has no
     validation images (a warning says so), are left as they are. Validation splits only: test data never
-    informs the choice."""
+    informs the choice. ``device``: where the bundle's networks run."""
     bundle = resolve(bundle, kind="bundle")
-    pipeline = Pipeline.from_pretrained(bundle)
+    pipeline = Pipeline.from_pretrained(bundle, device=device)
     classifier = pipeline.classifier
     if classifier is None:
         raise InputError(bundle, "a detector-only model has no classes to tune")
@@ -96,7 +96,8 @@ def tune_offsets(bundle: str | Path, specs: list[DatasetSpec], out: str | Path, 
     val = point_images(cfg, pipeline.detector, "val", cache_dir, progress)
     features = image_features(classifier, val, progress)
     with torch.inference_mode():
-        probs = [classifier.heads[item.dataset](f).softmax(-1).numpy() for item, f in zip(val, features)]
+        probs = [classifier.heads[item.dataset](f.to(device)).softmax(-1).cpu().numpy()
+                 for item, f in zip(val, features)]
     chosen = {}
     for spec in specs:
         index = [i for i, item in enumerate(val) if item.dataset == spec.name]
