@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from denuc.cli.options import add_training_options, dataset_specs
+from denuc.cli.options import add_training_options, dataset_specs, device
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", default=train.detector,
                    help="the detector whose feature maps the head reads, kept frozen inside it: a shipped name or a "
                         "detector file; outlines are cheapest behind this same detector (default: %(default)s)")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="where the head trains: cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise InputError("options", str(error)) from None
     history = train_outline_head(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, device=args.device)
     # fit logs each validation score as val_f1_<dataset>; for this head the score is the mean star IoU
     scored = [row for row in history if row.get("val_f1_mean") is not None]
     best = max(scored, key=lambda row: row["val_f1_mean"]) if scored else None

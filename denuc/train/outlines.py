@@ -114,8 +114,9 @@ def targets(item: OutlineImage, index: np.ndarray, centres: np.ndarray, rays: in
 
 
 def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True, epochs_this_run: int | None = None) -> list[dict]:
-    """Train an outline head; the best epoch by validation star IoU is saved as ``best.safetensors``."""
+                       progress: bool = True, epochs_this_run: int | None = None, device: str = "cpu") -> list[dict]:
+    """Train an outline head (on ``device``); the best epoch by validation star IoU is saved as
+    ``best.safetensors``."""
     run_dir, rng = start(run_dir, cfg, resume=resume, overwrite=overwrite)
     train = load_outline_images(cfg, "train")
     if not train:
@@ -123,7 +124,7 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
     val = load_outline_images(cfg, "val")
     detector = Detector.from_pretrained(cfg.detector).model.float().to(memory_format=torch.contiguous_format)
     try:
-        model = OutlineHead(cfg.model, detector)
+        model = OutlineHead(cfg.model, detector).to(device)
     except ValueError as error:  # a detector at another pixel size
         raise InputError(cfg.detector, str(error)) from None
     trained = [p for p in model.parameters() if p.requires_grad]  # the detector stays as it is
@@ -151,8 +152,9 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
 
     def step(batch):
         crops, centres, radii = batch
-        predicted = model.read(model.features(crops), centres)  # the frozen detector records no graph
-        radii = torch.cat(radii)
+        # the frozen detector records no graph
+        predicted = model.read(model.features(crops.to(device)), [c.to(device) for c in centres])
+        radii = torch.cat(radii).to(device)
         iou = star_iou(predicted, radii).mean()
         # the metric itself (what PQ's IoU rewards) and a small L1 term that keeps gradients where IoU saturates
         return {"loss": 1 - iou + 0.02 * (predicted - radii).abs().mean(), "star_iou": iou.detach()}
@@ -164,9 +166,9 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
                 ious = []
                 for item in (i for i in val if i.dataset == name):
                     radii = targets(item, np.arange(len(item.ids)), item.centres, rays, reach)
-                    features = scored.features(pad_to(item.image, 32)[None])
-                    predicted = scored.read(features, [torch.from_numpy(item.centres).float()])
-                    ious.append(star_iou(predicted.numpy(), radii))
+                    features = scored.features(pad_to(item.image, 32)[None].to(device))
+                    predicted = scored.read(features, [torch.from_numpy(item.centres).float().to(device)])
+                    ious.append(star_iou(predicted.cpu().numpy(), radii))
                 scores[name] = float(np.concatenate(ious).mean())
         scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
         return scores
@@ -237,6 +239,6 @@ def save_outline_head(model: OutlineHead, path: str | Path, extra_metadata: dict
     metadata = stamp({"format": OUTLINE_FORMAT, "config": model.config.to_json(),
                       "denuc_detector": model.detector.config.to_json(),
                       **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()}}, tag)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
