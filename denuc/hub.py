@@ -202,7 +202,8 @@ def stamp(metadata: dict[str, str], tag: str | None = None) -> dict[str, str]:
 def describe(name_or_path: str | os.PathLike) -> dict:
     """What a model is: ``tag`` (None for a file without one), ``file``, ``sha256`` (of the file's bytes),
     ``kind``, ``denuc_version`` (that made it), ``training_data``, ``licence``, ``aliases``, ``summary`` and, for
-    a bundle, ``taxonomies`` (class names by head). For benchmark and slide records."""
+    a bundle, ``taxonomies`` (class names by head) and ``head_kinds`` ("linear" or "mlp" by head). For benchmark
+    and slide records."""
     path = resolve(name_or_path)
     metadata = read_metadata(path)
     model = next((m for m in MODELS if m.path.resolve() == path.resolve()), None)
@@ -221,6 +222,9 @@ def describe(name_or_path: str | os.PathLike) -> dict:
     if described["kind"] == "bundle" and "taxonomies" in metadata:
         described["taxonomies"] = {name: [c["name"] for c in classes]
                                    for name, classes in json.loads(metadata["taxonomies"]).items()}
+        classifier = json.loads(metadata.get("denuc_classifier", "{}"))
+        kinds, kind = classifier.get("taxonomy_heads", {}), classifier.get("head", "linear")
+        described["head_kinds"] = {name: kinds.get(name, kind) for name in described["taxonomies"]}
     return described
 
 
@@ -250,7 +254,7 @@ def format_table() -> str:
                      f"denuc {described['denuc_version']})")
         lines.append(f"    {model.summary}")
         for head, classes in described.get("taxonomies", {}).items():
-            lines.append(f"    head {head}: {', '.join(classes)}")
+            lines.append(f"    head {head} ({described['head_kinds'][head]}): {', '.join(classes)}")
         lines.append(f"    licence: {model.licence}")
     return "\n".join(lines)
 

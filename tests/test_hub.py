@@ -71,6 +71,7 @@ def test_describe_a_shipped_model_and_a_user_file(tmp_path: Path) -> None:
     assert described["training_data"].startswith("BRCAM2C") and described["aliases"] == ["fast"]
     bundle = hub.describe("default-bundle")
     assert bundle["kind"] == "bundle" and bundle["taxonomies"]["brcam2c"] == ["lymphocyte", "tumour", "stromal"]
+    assert bundle["head_kinds"] == {"brcam2c": "linear", "crchisto": "linear", "consep": "mlp"}
 
     Detector(PointDetector(DetectorConfig())).save(tmp_path / "mine.safetensors")
     mine = hub.describe(tmp_path / "mine.safetensors")
@@ -125,7 +126,8 @@ def test_hub_imports_without_torch_and_lists_the_models() -> None:
 def test_models_command_lists_tags_and_heads(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert all(model.tag in out for model in hub.MODELS) and "head crchisto: epithelial" in out
+    assert all(model.tag in out for model in hub.MODELS) and "head crchisto (linear): epithelial" in out
+    assert "head consep (mlp): other" in out
     assert main(["models", "default"]) == 0
     assert json.loads(capsys.readouterr().out)["tag"] == hub.shipped("default").tag
 
