@@ -16,7 +16,7 @@ STOP_AFTER=${STOP_AFTER:-480}; SPEED_STEPS=${SPEED_STEPS:-30}
 OUT=${OUT:-/tmp/detector_out}; WORK=${WORK:-$OUT/work}; PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; nproc
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; nproc --all  # (plain nproc obeys OMP_NUM_THREADS)
 D=.gpu/datasets
 DATA=(--dataset brcam2c=$D/brcam2c --dataset crchisto=$D/crchisto --dataset consep=$D/consep --dataset monuseg=$D/monuseg
       --mpp 0.33 --sampling dataset --randstainna 0.5 --scale-jitter 0.1 --one-to-one-matching --batch-size 32
