@@ -2,6 +2,8 @@
 
     python benchmarks/bench_slide.py [--model default [--model fast ...]] [--repeats 3]
         [--out benchmarks/results/slide/slide.json]
+    python benchmarks/bench_slide.py --device cuda --batch-size 32 --slide .gpu/slides/CMU-1-Small-Region.svs \
+        --out $OUT/slide_gpu.json        (a GPU: PyTorch only; the slide wherever the machine has it)
 
 Inputs: ../shared/slides/CMU-1-Small-Region.svs (2220 x 2967 px at 0.499 um/px, about 1.6 mm^2, of which
 the tissue mask keeps about 0.64 mm^2), and a synthetic pyramidal TIFF of four times its area (its level 0
@@ -35,7 +37,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 
 
-def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str, out: str) -> dict:
+def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str, out: str, device: str = "cpu",
+            batch_size: int = 8) -> dict:
     """Runs in the child: one slide, one model, fresh process. Returns the figures."""
     import torch
 
@@ -43,40 +46,42 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
     from denuc.inference.slide import predict_slide
     from denuc.io.slides import open_slide
 
-    model = Pipeline.from_pretrained(model_name, runtime=runtime)
+    model = Pipeline.from_pretrained(model_name, runtime=runtime, device=device)
     if detector_only:
         model = Pipeline(model.detector)
     started = time.perf_counter()
     with open_slide(slide_path) as slide:
-        summary = predict_slide(slide, model, out, progress=False, model_name=model_name)
+        summary = predict_slide(slide, model, out, progress=False, model_name=model_name, batch_size=batch_size)
     seconds = time.perf_counter() - started
     area = summary["tissue"]["area_mm2"]
     return {"model": model_name, "slide": Path(slide_path).name,
             "mode": "detection only" if model.classifier is None else "full",
-            "runtime": runtime, "timing_s": summary["timing_s"],
+            "runtime": runtime, "device": device, "batch_size": batch_size, "timing_s": summary["timing_s"],
             "classes": [c.name for c in model.classes], "wall_s": seconds, "tissue_mm2": area,
             "slide_mm2": summary["slide"]["dimensions"][0] * summary["slide"]["dimensions"][1]
             * summary["mpp"] ** 2 / 1e6,
             "tiles": summary["tiles"]["processed"], "nuclei": summary["nuclei"],
             "s_per_mm2_tissue": seconds / area, "nuclei_per_s": summary["nuclei"] / seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None}
 
 
-def build_4x_slide(path: Path) -> None:
-    """A pyramidal TIFF of the CMU region's level 0 tiled 2 x 2 (four times the area), same pixel size."""
+def build_4x_slide(source: Path, path: Path) -> None:
+    """A pyramidal TIFF of ``source``'s level 0 tiled 2 x 2 (four times the area), same pixel size."""
     from denuc.io.slides import open_slide, write_pyramidal_tiff
 
-    with open_slide(CMU) as slide:
+    with open_slide(source) as slide:
         w, h = slide.dimensions
         region = slide.read_region(0, 0, 0, w, h)
         mpp = slide.mpp
     write_pyramidal_tiff(path, np.tile(region, (2, 2, 1)), mpp)
 
 
-def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path) -> dict:
+def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path, device: str, batch_size: int
+          ) -> dict:
     command = [sys.executable, __file__, "--child", str(slide), "--model", model, "--child-out", str(out),
-               "--runtime", runtime]
+               "--runtime", runtime, "--device", device, "--batch-size", str(batch_size)]
     if detector_only:
         command.append("--detector-only")
     result = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -92,13 +97,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting on the region (median kept)")
     parser.add_argument("--detector-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: PyTorch only there (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default: %(default)s, the CLI's)")
+    parser.add_argument("--slide", type=Path, default=CMU, help="the region slide (default: %(default)s)")
     args = parser.parse_args()
     models = args.model or ["default"]
     if args.child:
-        print(json.dumps(one_run(args.child, models[0], args.detector_only, args.runtime, args.child_out)))
+        print(json.dumps(one_run(args.child, models[0], args.detector_only, args.runtime, args.child_out,
+                                 args.device, args.batch_size)))
         return
-    if not CMU.is_file():
-        sys.exit(f"benchmark slide not found: {CMU}")
+    if not args.slide.is_file():
+        sys.exit(f"benchmark slide not found: {args.slide}")
 
     from common import write_result
 
@@ -107,17 +116,17 @@ def main() -> None:
 
     with_classifier = [m for m in models if Pipeline.from_pretrained(m).classifier is not None]
     settings = [(m, d, r) for m in models for d in ([True, False] if m in with_classifier else [True])
-                for r in ("torch", "onnx")]
+                for r in (("torch", "onnx") if args.device == "cpu" else ("torch",))]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        big = Path(tmp) / "CMU-1-Small-Region-4x.tif"
-        build_4x_slide(big)
-        for slide, repeats in ((CMU, args.repeats), (big, 1)):
+        big = Path(tmp) / f"{args.slide.stem}-4x.tif"
+        build_4x_slide(args.slide, big)
+        for slide, repeats in ((args.slide, args.repeats), (big, 1)):
             trials: dict[tuple[str, bool, str], list[dict]] = {setting: [] for setting in settings}
             for i in range(repeats):  # settings interleaved within each round: other load hits all alike
                 for k, setting in enumerate(settings):
                     out = Path(tmp) / f"out-{slide.stem}-{i}-{k}"
-                    trials[setting].append(child(slide, *setting, out))
+                    trials[setting].append(child(slide, *setting, out, args.device, args.batch_size))
             for (model, _, runtime), repeated in trials.items():
                 r = sorted(repeated, key=lambda t: t["wall_s"])[len(repeated) // 2]
                 r["repeats_wall_s"] = [t["wall_s"] for t in repeated]
@@ -129,7 +138,7 @@ def main() -> None:
                       f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")
     for model in set(models) - set(with_classifier):
         print(f"model {model!r} has no classifier: the full pipeline was not measured for it")
-    results = {"models": models, "full_pipeline_measured": with_classifier, "runs": runs,
+    results = {"models": models, "full_pipeline_measured": with_classifier, "runs": runs, "device": args.device,
                "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "load_average_at_start": os.getloadavg(), "versions": software_versions()}
     write_result(args.out, results, models=models, kind="bundle")
