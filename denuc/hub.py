@@ -85,8 +85,7 @@ MODELS = (
         "epithelial, fibroblast, inflammatory, others) at 0.5 um/px, with the 80-epoch detector's false "
         "positives as 'not a nucleus'; the consep head (an MLP) on the frozen encoder: CoNSeP train split (crops "
         "of 21 of its 27 train images, 40x: other, inflammatory, epithelial, spindle); detector: the `default` "
-        "detector's "
-        "(BRCAM2C + CRCHisto train splits, every nucleus centre)",
+        "detector's (BRCAM2C + CRCHisto train splits, every nucleus centre)",
         "non-commercial research use only (CRCHisto: research use only; CoNSeP: Warwick TIA's research terms; "
         "BRCAM2C is BSD-3)",
         "the `default` detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from the 80-epoch "

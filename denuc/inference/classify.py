@@ -87,11 +87,12 @@ class Classifier(nn.Module):
         return self
 
     def point_features(self, images: torch.Tensor, points: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per image, the (n_b, feature_dim) encoder features at its points (x, y in image pixels).
+        """Per image, the (n_b, feature_dim) encoder features at its points (x, y in image pixels), on the
+        classifier's device (the images are moved there; ``sample_features`` moves the points).
 
         ``images``: (B, 3, H, W) float RGB in 0-255 at ``config.mpp``.
         """
-        maps = (self.encoder_runtime or self.encoder)(images)
+        maps = (self.encoder_runtime or self.encoder)(images.to(next(self.parameters()).device))
         return sample_features(maps, self.encoder.strides, points)
 
     def forward(self, images: torch.Tensor, points: Sequence[torch.Tensor], taxonomy: str | None = None

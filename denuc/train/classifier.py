@@ -194,10 +194,10 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | Path, resume: bo
             features, targets, taxonomy = batch
         else:
             crops, taxonomy = batch
-            images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops]).to(where)
+            images = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c, _, _ in crops])
             targets = [torch.from_numpy(t) for _, _, t in crops]
             with torch.autocast(where.type, dtype=torch.bfloat16, enabled=bfloat16):
-                features = classifier.point_features(images, [torch.from_numpy(xy).to(where) for _, xy, _ in crops])
+                features = classifier.point_features(images, [torch.from_numpy(xy) for _, xy, _ in crops])
         logits = [classifier.heads[t](f.to(where).float()) for f, t in zip(features, taxonomy)]
         return {"loss": point_loss(logits, [t.to(where) for t in targets], taxonomy, weights)}
 

@@ -132,11 +132,10 @@ def points_key(items: list[PointImage]) -> str:
 def image_features(classifier: Classifier, items: list[PointImage], progress: bool = True) -> list[torch.Tensor]:
     """The encoder's features at each image's points, one whole image at a time, on the CPU (wherever the encoder
     runs)."""
-    device, out = next(classifier.parameters()).device, []
+    out = []
     for item in tqdm(items, desc="features", leave=False, disable=not progress):
-        image = torch.from_numpy(np.array(item.image)).permute(2, 0, 1)[None].float().to(device)
-        points = [torch.from_numpy(item.xy).to(device)]
-        out.append(classifier.point_features(image, points)[0].float().cpu())
+        image = torch.from_numpy(np.array(item.image)).permute(2, 0, 1)[None].float()
+        out.append(classifier.point_features(image, [torch.from_numpy(item.xy)])[0].float().cpu())
     return out
 
 
