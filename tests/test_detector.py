@@ -309,6 +309,9 @@ def test_resume_gives_identical_weights(tmp_path: Path, ema_decay: float | None,
                               randstainna=randstainna)
     train_detector(cfg, tmp_path / "straight", progress=False)
     train_detector(cfg, tmp_path / "resumed", progress=False, epochs_this_run=1)  # "dies" after epoch 1
+    # each epoch's row times its validation apart (the GPU script sizes runs from it)
+    log = json.loads((tmp_path / "straight" / "log.json").read_text())
+    assert len(log) == 2 and all(0 < row["val_seconds"] < row["seconds"] for row in log)
     train_detector(cfg, tmp_path / "resumed", resume=True, progress=False)
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
