@@ -217,6 +217,48 @@ def test_a_head_reads_the_maps_of_its_detector_at_its_pixel_size() -> None:
     assert base.at_mpp(base.mpp) == base
 
 
+@pytest.mark.parametrize("mpp", [0.5, 0.33])
+def test_convs_run_on_windows_read_what_they_read_on_the_whole_map(mpp: float) -> None:
+    """The head's convs run only on a window around each point (``_read_windows``); its reads equal those of the
+    convs run over the whole map and read there, the design's definition, for points inside the image, on its
+    edges and past them, with batch-norm statistics that are not the identity's."""
+    import torch.nn.functional as F
+
+    from denuc.models.outline import MAPS
+
+    torch.manual_seed(0)
+    head = OutlineHead(OutlineConfig().at_mpp(mpp), DetectorConfig(mpp=mpp)).eval()
+    for module in head.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.uniform_(-0.5, 0.5)
+    images = torch.rand(2, 3, 96, 128) * 255
+    rng = np.random.default_rng(0)
+    points = [torch.from_numpy(rng.uniform([-6, -6], [134, 102], (30, 2))).float(),
+              torch.tensor([[0.0, 0.0], [127.0, 95.0], [-0.5, 50.0], [64.3, 95.5]])]
+    with torch.no_grad():
+        features = head.features(images)
+        radii = head.read(features, points)
+        whole = {"stride2": head.fine(features["stride2"]), "stride4": head.coarse(features["stride4"]),
+                 "head": features["head"]}
+        reads = []
+        for name in MAPS:  # every map read over the whole of it, as the head's lattice says
+            h, w = whole[name].shape[-2:]
+            stride = head.strides[name]
+            xy = torch.nn.utils.rnn.pad_sequence(points, batch_first=True)[:, :, None, :] + getattr(
+                head, f"{name}_offsets")
+            grid = torch.stack([(xy[..., 0] + 0.5) / (stride * w) * 2 - 1, (xy[..., 1] + 0.5) / (stride * h) * 2 - 1],
+                               -1)
+            sampled = F.grid_sample(whole[name], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            reads.append(sampled.permute(0, 2, 3, 1).reshape(*xy.shape[:2], -1))
+        real = torch.arange(30)[None] < torch.tensor([len(p) for p in points])[:, None]
+        expected = F.softplus(head.regress(torch.cat(reads, -1)[real]) + 4.0)
+    assert radii.shape == (34, head.config.rays)
+    torch.testing.assert_close(radii, expected, rtol=1e-4, atol=1e-4)
+    assert head.read(features, [torch.zeros(0, 2), torch.zeros(0, 2)]).shape == (0, head.config.rays)
+
+
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_behind_its_own_detector_one_pass_gives_points_and_outlines(sample: np.ndarray, runtime: str) -> None:
     """``sharing`` hands back a detector on the same network whose pass also keeps the head's maps: the same points

@@ -143,7 +143,8 @@ class OnnxOutlineFeatures:
                 torch.onnx.export(module, (torch.zeros(1, 3, 64, 64),), buffer, dynamo=False, opset_version=OPSET,
                                   input_names=["images"], output_names=names, dynamic_axes=axes)
 
-        self.session = _cached_session(module, f"outline features {head.config.to_json()}", export, threads)
+        # "trunk maps": since 0.11 the graph returns the detector's maps, not the head's convs of them (a new cache key)
+        self.session = _cached_session(module, f"outline trunk maps {head.config.to_json()}", export, threads)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         scores, points, *maps = self.session.run(None, {"images": images.float().cpu().contiguous().numpy()})
@@ -151,8 +152,8 @@ class OnnxOutlineFeatures:
 
 
 class DetectorWithOutlineMaps(torch.nn.Module):
-    """The detector's probabilities and points and the outline head's maps from one pass of the detector's trunk,
-    as a module ONNX export can trace (and PyTorch runs as it is)."""
+    """The detector's probabilities and points and the maps the outline head reads from one pass of the detector's
+    trunk, as a module ONNX export can trace (and PyTorch runs as it is)."""
 
     def __init__(self, head: torch.nn.Module) -> None:
         super().__init__()
@@ -161,8 +162,7 @@ class DetectorWithOutlineMaps(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         trunk = self.head.detector.trunk(images)
         logits, points = self.head.detector.points(trunk["head"])
-        maps = self.head.features_from(trunk)
-        return (logits.softmax(-1)[..., 1], points, *(maps[name] for name in MAPS))
+        return (logits.softmax(-1)[..., 1], points, *(trunk[name] for name in MAPS))
 
 
 def cache_folder() -> Path:

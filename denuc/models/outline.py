@@ -3,10 +3,12 @@
 StarDist predicts, densely, the distance from every pixel to its nucleus's boundary along N directions. Here only
 the detected points are asked (the decoupled design: the detector finds the points; everything else is read at
 them), and from the detector's own feature maps: its stride-2 and stride-4 maps and its point head's hidden map,
-read by an MLP on a lattice around each point. The detector has computed them already when it found the points,
-so an outline costs little more than the reads (``denuc.inference.outline`` runs both in one pass). The detector is
-a frozen copy inside the head: any points can be outlined, the detector's or another tool's. The output ``radii``
-(working pixels) along ``ray_angles`` turn into a polygon with ``polygons``.
+read by an MLP on a lattice around each point. The detector has computed them already when it found the points
+(``denuc.inference.outline`` runs both in one pass). The head's own convs on the stride-2 and stride-4 maps run only
+on a window around each point, just large enough for its lattice (``_read_windows``): a few percent of a crowded
+image's pixels, where running them over the whole map cost a fifth of the detector's time. The detector is a frozen
+copy inside the head: any points can be outlined, the detector's or another tool's. The output ``radii`` (working
+pixels) along ``ray_angles`` turn into a polygon with ``polygons``.
 
 Measured before this design (docs/outlines.md): a CNN on a patch per point (0.5-3x the detector's time: neighbouring
 patches overlap several times over), then a stem of the head's own (0.3-0.4x the detector's time for the stem alone).
@@ -25,7 +27,8 @@ from torch import nn
 from denuc.config import DetectorConfig, OutlineConfig
 from denuc.models.detector import BACKBONES, PointDetector
 
-MAPS = ("fine", "stride4", "head")  # the maps read, in the order of ``OutlineConfig.lattices``
+MAPS = ("stride2", "stride4", "head")  # the detector's maps read, in the order of ``OutlineConfig.lattices``
+_BLOCK = 6  # modules per depthwise-separable conv (``_separable``)
 
 
 def ray_angles(rays: int) -> np.ndarray:
@@ -34,10 +37,10 @@ def ray_angles(rays: int) -> np.ndarray:
 
 
 class OutlineHead(nn.Module):
-    """A frozen point detector (``detector``) and what reads its maps: ``fine_convs`` and ``coarse_convs``
-    depthwise-separable convs on its stride-2 and stride-4 maps, and an MLP that reads them and the point head's
-    hidden map on lattices around each point (``OutlineConfig.lattices``) and predicts the point's radii (working
-    pixels, positive)."""
+    """A frozen point detector (``detector``) and what reads its maps: ``fine`` and ``coarse``, depthwise-separable
+    convs (``OutlineConfig.fine_convs``, ``coarse_convs``) on its stride-2 and stride-4 maps, and an MLP that reads
+    their output and the point head's hidden map on lattices around each point (``OutlineConfig.lattices``) and
+    predicts the point's radii (working pixels, positive)."""
 
     def __init__(self, config: OutlineConfig, detector: PointDetector | DetectorConfig) -> None:
         super().__init__()
@@ -50,8 +53,8 @@ class OutlineHead(nn.Module):
         channels = BACKBONES[self.detector.config.backbone][1][0]
         self.fine = nn.Sequential(*(module for _ in range(config.fine_convs) for module in _separable(channels)))
         self.coarse = nn.Sequential(*(module for _ in range(config.coarse_convs) for module in _separable(channels)))
-        width = {"fine": channels, "stride4": channels, "head": self.detector.config.neck_channels}
-        self.strides = {"fine": 2, "stride4": 4, "head": self.detector.stride}
+        width = {"stride2": channels, "stride4": channels, "head": self.detector.config.neck_channels}
+        self.strides = {"stride2": 2, "stride4": 4, "head": self.detector.stride}
         for name, (grid, spacing) in zip(MAPS, config.lattices):
             steps = torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2
             lattice = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1).reshape(-1, 2) * spacing
@@ -67,27 +70,24 @@ class OutlineHead(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The maps the head reads (``MAPS``) of images (B, 3, H, W) float RGB 0-255, H and W multiples of 32."""
-        return self.features_from(self.detector.trunk(images))
-
-    def features_from(self, trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The maps the head reads from the detector's ``trunk`` maps (``PointDetector.trunk``)."""
-        return {"fine": self.fine(trunk["stride2"]), "stride4": self.coarse(trunk["stride4"]), "head": trunk["head"]}
+        """The detector's maps the head reads (``MAPS``, of ``PointDetector.trunk``) of images (B, 3, H, W) float
+        RGB 0-255, H and W multiples of 32."""
+        trunk = self.detector.trunk(images)
+        return {name: trunk[name] for name in MAPS}
 
     def read(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
         """Radii (n_1 + ... + n_B, rays) of the points ``points[b]`` (n_b, 2, working pixels) of image b of a
-        batch's ``features``, images in order. One read of each map for the whole batch (the points padded to the
-        most any image has), not one per image: fewer calls."""
+        batch's ``features`` (``features``), images in order."""
         first = features[MAPS[0]]
-        counts = torch.tensor([len(p) for p in points], device=first.device)
-        if not int(counts.sum()):
+        if not sum(len(p) for p in points):
             return first.new_zeros((0, self.config.rays))
-        xy = torch.nn.utils.rnn.pad_sequence(list(points), batch_first=True)  # (B, max n_b, 2)
-        x = torch.cat([_sample(features[name], xy, getattr(self, f"{name}_offsets"), self.strides[name])
-                       for name in MAPS], -1)
-        real = torch.arange(xy.shape[1], device=first.device)[None] < counts[:, None]
+        image = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(points)]).to(first.device)
+        xy = torch.cat(list(points)).to(first.device)
+        convs = {"stride2": self.fine, "stride4": self.coarse, "head": nn.Sequential()}
+        x = torch.cat([_read_windows(features[name], image, xy, getattr(self, f"{name}_offsets"), self.strides[name],
+                                     convs[name]) for name in MAPS], -1)
         # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
-        return F.softplus(self.regress(x[real]) + 4.0)
+        return F.softplus(self.regress(x) + 4.0)
 
 
 def _separable(channels: int) -> list[nn.Module]:
@@ -97,15 +97,32 @@ def _separable(channels: int) -> list[nn.Module]:
             nn.ReLU(inplace=True)]
 
 
-def _sample(features: torch.Tensor, xy: torch.Tensor, offsets: torch.Tensor, stride: int) -> torch.Tensor:
-    """Bilinear reads (B, N, M * C) of stride-``stride`` maps (B, C, h, w) at ``xy`` (B, N, 2) + ``offsets`` (M, 2),
-    in image pixels (feature cell j covers image pixels stride * j .. stride * (j + 1) - 1); zero outside."""
+def _read_windows(features: torch.Tensor, image: torch.Tensor, xy: torch.Tensor, offsets: torch.Tensor, stride: int,
+                  convs: nn.Sequential) -> torch.Tensor:
+    """Bilinear reads (N, M * C) of the stride-``stride`` maps (B, C, h, w) after ``convs`` (depthwise-separable
+    blocks, 3x3 padding 1), at points ``xy`` (N, 2) of images ``image`` (N,) plus ``offsets`` (M, 2), in image pixels
+    (feature cell j covers image pixels stride * j .. stride * (j + 1) - 1); zero outside the map.
+
+    The convs run on a window around each point only: the cells its reads touch plus one ring per conv block. Each
+    block's output is zeroed outside the map, as the next block's zero padding sees it there when run on the whole
+    map, so the reads equal those of the convs run on the whole map (tests/test_outline_head.py)."""
     h, w = features.shape[-2:]
-    where = xy[:, :, None, :] + offsets
-    grid = torch.stack([(where[..., 0] + 0.5) / (stride * w) * 2 - 1,
-                        (where[..., 1] + 0.5) / (stride * h) * 2 - 1], -1)
-    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, N, M)
-    return sampled.permute(0, 2, 3, 1).reshape(*xy.shape[:2], -1)
+    blocks = len(convs) // _BLOCK
+    cells = (xy[:, None, :] + offsets + 0.5) / stride - 0.5  # (N, M, 2) in cells: cell j's centre at j
+    span = float((offsets.max(0).values - offsets.min(0).values).max()) / stride
+    size = int(np.ceil(span)) + 2 + 2 * blocks  # bilinear reads touch floor(c) and floor(c) + 1
+    origin = cells.amin(1).floor().long() - blocks  # (N, 2) the window's first cell, x and y
+    steps = torch.arange(size, device=xy.device)
+    cols, rows = origin[:, 0, None] + steps, origin[:, 1, None] + steps  # (N, size)
+    inside = (((cols >= 0) & (cols < w))[:, None, :] & ((rows >= 0) & (rows < h))[:, :, None])[:, None]
+    window = features[image[:, None, None], :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    window = window.permute(0, 3, 1, 2) * inside  # (N, C, size, size)
+    for first in range(0, len(convs), _BLOCK):
+        window = convs[first:first + _BLOCK](window) * inside
+    grid = (cells - origin[:, None, :] + 0.5) / size * 2 - 1  # in the window, align_corners=False
+    sampled = F.grid_sample(window, grid[:, :, None, :], mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # (N, C, M, 1)
+    return sampled[..., 0].permute(0, 2, 1).reshape(len(xy), -1)
 
 
 def dihedral_ray_order(rays: int, transpose: bool, flip_x: bool, flip_y: bool) -> np.ndarray:
