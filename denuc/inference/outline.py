@@ -2,10 +2,10 @@
 
 Any points will do (denuc's detector's, or another tool's): the outline head (``denuc.models.outline``) reads its
 detector's feature maps around each point at the working pixel size. When that detector is also the one finding the
-points (``Outliner.sharing``), one pass of the network gives both, and outlining costs the head's few convs inside
-that pass and the reads. Large images are done in tiles with a margin of 64 um; the network's receptive field is
-wider still, so where the tiling cuts it moves radii a little (a tenth of a pixel at most with tiles a quarter of
-the size, tested).
+points (``Outliner.sharing``), one pass of the network gives both, and outlining costs the reads (the head's few
+convs, on a window around each point, and its MLP). Large images are done in tiles with a margin of 64 um; the
+network's receptive field is wider still, so where the tiling cuts it moves radii a little (a tenth of a pixel at
+most with tiles a quarter of the size, tested).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _reads_maps_of(head: OutlineHead, detector: Detector) -> bool:
 
 class _SharedPass:
     """A detector backend (``denuc.inference.detect.Backend``) running an ``Outliner``'s network: it returns the
-    detector's probabilities and points, and leaves the outline head's maps of these tiles with the outliner."""
+    detector's probabilities and points, and leaves the maps the outline head reads of these tiles with the outliner."""
 
     def __init__(self, outliner: Outliner) -> None:
         self.outliner = outliner

@@ -127,7 +127,7 @@ class OnnxEncoder:
 class OnnxOutlineFeatures:
     """An outline head's detector and the maps the head reads, in one ONNX Runtime (CPU) graph: (B, 3, H, W) float
     RGB 0-255, H and W multiples of 32, -> the detector's nucleus probability (B, A) and points (B, A, 2) (as
-    ``OnnxBackend`` gives them) and the head's maps (``OutlineHead.features``, names ``MAPS``)."""
+    ``OnnxBackend`` gives them) and the detector's maps the head reads (``OutlineHead.features``, names ``MAPS``)."""
 
     def __init__(self, head: torch.nn.Module, threads: int | None = None) -> None:
         module = DetectorWithOutlineMaps(head).eval()
