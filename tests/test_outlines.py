@@ -192,6 +192,20 @@ def test_measurements_equal_regionprops():
     assert values["area_um2"][400] == 0.25 ** 2 and values["eccentricity"][400] == 0
 
 
+def test_nuclei_in_part_of_an_image_measure_as_on_the_whole_image():
+    """``measure`` works on the box around the outlines (a slide tile with a few nuclei); the values are those of
+    the whole image's instance map, also where outlines run past the image's corner."""
+    few = random_nuclei(30, (60, 50), seed=5)
+    shift = np.array([234.0, 145.0])  # into the bottom-right corner of a 300 x 200 image: some run past it
+    nuclei = Nuclei(few.xy + shift, outlines=[o + shift for o in few.outlines], image_size=(300, 200), mpp=0.25)
+    image = np.random.default_rng(5).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    whole = measure(nuclei, image, inst_map=rasterise(nuclei))
+    boxed = measure(nuclei, image)
+    for name in MEASUREMENTS:
+        np.testing.assert_allclose(boxed[name], whole[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    assert np.isfinite(boxed["area_um2"]).sum() >= 20
+
+
 @pytest.mark.filterwarnings("ignore:.*outline\\(s\\) of fewer than 3")
 def test_measurements_on_monuseg_equal_regionprops():
     from denuc.datasets import get_dataset
