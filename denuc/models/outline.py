@@ -5,8 +5,9 @@ the detected points are asked (the decoupled design: the detector finds the poin
 them), and from the detector's own feature maps: its stride-2 and stride-4 maps and its point head's hidden map,
 read by an MLP on a lattice around each point. The detector has computed them already when it found the points
 (``denuc.inference.outline`` runs both in one pass). The head's own convs on the stride-2 and stride-4 maps run only
-on a window around each point, just large enough for its lattice (``_read_windows``): a few percent of a crowded
-image's pixels, where running them over the whole map cost a fifth of the detector's time. The detector is a frozen
+on a window around each point, just large enough for its lattice (``_read_windows``), not over the whole maps,
+which took a fifth of the detector's time on a CPU; the windows' reads take about as much more (docs/outlines.md,
+"Cost"), so the total is the same, and wider lattices cost little more. The detector is a frozen
 copy inside the head: any points can be outlined, the detector's or another tool's. The output ``radii`` (working
 pixels) along ``ray_angles`` turn into a polygon with ``polygons``.
 
