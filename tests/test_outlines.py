@@ -229,6 +229,9 @@ def test_nuclei_without_pixels_measure_nan():
         assert np.isnan(values[name][1:]).all(), name
     no_outlines = measure(Nuclei([[1, 1]]), np.zeros((4, 4, 3), np.uint8), mpp=0.5)
     assert all(np.isnan(v).all() for v in no_outlines.values())
+    all_outside = measure(Nuclei([[60, 60], [-6, -6]], outlines=[square + 50, square - 10]),
+                          np.zeros((8, 8, 3), np.uint8), mpp=0.5)
+    assert all(np.isnan(v).all() and len(v) == 2 for v in all_outside.values())
 
 
 def test_lengths_and_areas_scale_with_the_pixel_size():

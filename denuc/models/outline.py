@@ -78,7 +78,7 @@ class OutlineHead(nn.Module):
 
     def read(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
         """Radii (n_1 + ... + n_B, rays) of the points ``points[b]`` (n_b, 2, working pixels) of image b of a
-        batch's ``features`` (``features``), images in order."""
+        batch's maps (``features``), images in order."""
         first = features[MAPS[0]]
         if not sum(len(p) for p in points):
             return first.new_zeros((0, self.config.rays))
