@@ -43,13 +43,15 @@ def dataset_roots(names: Iterable[str], overrides: Iterable[str] = ()) -> dict[s
 
 
 def git_state(checkout: Path = REPOSITORY) -> dict:
-    """The checkout's HEAD commit and whether tracked or untracked (not ignored) files differ from it; both None
-    where there is no git or no repository (an unpacked release)."""
+    """The checkout's HEAD commit and whether tracked or untracked (not ignored) files differ from it, results
+    (``benchmarks/results``) aside: a benchmark's own earlier output is not a change to what ran. Both None where
+    there is no git or no repository (an unpacked release)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True, check=True).stdout
 
     try:
-        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
+        changed = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results").strip()
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed)}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
 

@@ -37,6 +37,28 @@ def test_result_records_command_commit_date_and_each_model(tmp_path, monkeypatch
                                                      sha256(hub.resolve("default", kind="bundle"))]
 
 
+def test_a_checkout_is_dirty_by_its_code_not_by_its_results(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    assert common.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"f1": 1}')  # an earlier run's output
+    (tmp_path / "benchmarks" / "results" / "b.json").write_text("{}")
+    assert common.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    state = common.git_state(tmp_path)
+    assert state["dirty"] is True and len(state["commit"]) == 40
+
+
 def test_a_weights_file_the_hub_cannot_describe_keeps_its_sha256(tmp_path):
     checkpoint = tmp_path / "joint.safetensors"  # e.g. a joint baseline's checkpoint: no detector or bundle
     save_file({"w": np.zeros(3, dtype=np.float32)}, str(checkpoint), metadata={"format": "denuc-joint"})
