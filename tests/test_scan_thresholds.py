@@ -135,3 +135,27 @@ def test_threshold_option_sets_one_threshold_for_every_scan(tmp_path, command: s
         out = tmp_path / str(found)
         assert main([command, str(SAMPLE_IMAGE), "--mpp", str(SAMPLE_MPP / 2), *option, "--out", str(out)]) == 0
         assert (len(read_points(out / "sample_brcam2c.csv", mpp=SAMPLE_MPP / 2)) > 100) == found
+
+
+def test_predict_detector_auto_runs_precise_on_40x_scans_only(tmp_path) -> None:
+    """`predict --detector auto`: each input's detector follows its scan, `precise` for a 40x one (finer than
+    FINE_SCAN_MPP), the bundle's own for a 20x one; the summary says which ran, and the 40x input's nuclei are those
+    `--detector precise` finds."""
+    import json
+
+    from denuc.cli import main
+    from denuc.io.slides import write_pyramidal_tiff
+
+    forty = tmp_path / "forty.tif"  # the sample's tissue as a 40x scan of it
+    write_pyramidal_tiff(forty, resample(read_image(SAMPLE_IMAGE), 2.0), mpp=SAMPLE_MPP / 2)
+    assert main(["predict", str(forty), "--sample", "--detector", "auto", "--out", str(tmp_path / "auto"),
+                 "--quiet"]) == 0
+    assert main(["predict", str(forty), "--detector", "precise", "--out", str(tmp_path / "precise"), "--quiet"]) == 0
+    summary = {name: json.loads((tmp_path / "auto" / f"{name}_summary.json").read_text())
+               for name in ("forty", "sample_brcam2c")}
+    precise = json.loads((tmp_path / "precise" / "forty_summary.json").read_text())
+    assert summary["forty"]["provenance"]["detector"]["tag"] == precise["provenance"]["detector"]["tag"]
+    assert summary["sample_brcam2c"]["provenance"]["detector"] is None  # the bundle's own
+    assert summary["forty"]["nuclei"] == precise["nuclei"] > 100
+    fingerprints = [s["model"]["sha256"] for s in (summary["forty"], precise, summary["sample_brcam2c"])]
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]

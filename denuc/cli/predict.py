@@ -7,17 +7,25 @@ import os
 import shlex
 import sys
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from denuc.cli import predict_cohort
 from denuc.cli.detect import SAMPLE
 from denuc.cli.options import COUNT, NON_NEGATIVE, PROBABILITY, device, output_folder, pixel_size
-from denuc.config import MPP_AUTO, RUNTIMES
+from denuc.config import FINE_SCAN_MPP, MPP_AUTO, RUNTIMES
+
+if TYPE_CHECKING:  # the networks' modules load only when a command runs
+    from denuc.inference.outline import Outliner
+    from denuc.inference.pipeline import Pipeline
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
                   ".png", ".jpg", ".jpeg", ".bmp"}
 """What a folder is searched for: the formats OpenSlide reads, and plain images."""
+AUTO_DETECTOR = "auto"
+"""``--detector auto``: `precise` for 40x scans (finer than ``FINE_SCAN_MPP``), the bundle's own detector otherwise."""
 OUTLINES_FOR_DETECTOR = "for-detector"
 """``--outlines`` without a model: the shipped head that reads the run's detector's maps (``Outliner.for_detector``)."""
 
@@ -37,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "bundle): no classifier, every nucleus unlabelled")
     p.add_argument("--detector", metavar="MODEL",
                    help="detect with this detector instead of the bundle's own; the bundle's classifier labels its "
-                        "nuclei (e.g. --detector precise: crowded 40x tissue)")
+                        "nuclei (e.g. --detector precise: crowded 40x tissue); auto: precise for each 40x scan "
+                        "(finer than 0.35 um/px), the bundle's own for the others")
     p.add_argument("--threshold", type=PROBABILITY,
                    help="the detector's score threshold in [0, 1], for every scan (default: the model's, chosen on "
                         "validation, one for 20x and one for 40x scans; per-dataset optima in DETECTOR_CARD.md)")
@@ -124,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from denuc.inference.detect import Detector
     from denuc.inference.mpp import estimating_detector, open_for_run
     from denuc.inference.pipeline import Pipeline
-    from denuc.inference.slide import model_fingerprint, predict_slide
+    from denuc.inference.slide import predict_slide
 
     output_folder(args.out)
     if args.taxonomy is not None and args.detector_only:
@@ -160,41 +169,26 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(name, f"--taxonomy {args.taxonomy!r}: no such classifier head; this model has "
                                        + (", ".join(heads) if heads else "none (it is a detector alone)"))
         model = Pipeline.from_pretrained(name, device=args.device, runtime=args.runtime, taxonomy=args.taxonomy)
-        if args.detector is not None:
-            if model.classifier is None:
-                raise InputError(name, "--detector replaces a bundle's detector, and this model has no classifier")
-            model = model.with_detector(Detector.from_pretrained(args.detector, device=args.device,
-                                                                 runtime=args.runtime))
-    model.with_test_time_views(args.tta)
-    if args.threshold is not None:
-        model.detector.with_settings(score_threshold=args.threshold, score_threshold_40x=None)  # for every scan
+        if args.detector is not None and model.classifier is None:
+            raise InputError(name, "--detector replaces a bundle's detector, and this model has no classifier")
     if args.embeddings and model.classifier is None:
         raise InputError(name, "--embeddings saves the classifier's features, and this model has no classifier")
     if args.keep_rejected and model.classifier is None:
         raise InputError(name, "--keep-rejected keeps what the classifier rejects, and this model has no classifier")
-    model.reject = not args.keep_rejected
-    outliner = None
-    if args.outlines is not None:
-        from denuc.inference.outline import Outliner
-
-        if args.outlines == OUTLINES_FOR_DETECTOR:
-            outliner, args.outlines = Outliner.for_detector(model.detector, device=args.device, runtime=args.runtime)
-        else:
-            outliner = Outliner.from_pretrained(args.outlines, device=args.device, runtime=args.runtime)
-    model_id = model_fingerprint(model)
     described = describe(name)
-    provenance = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},
-                  "outlines": None if args.outlines is None else {
-                      k: describe(args.outlines)[k] for k in ("tag", "file", "sha256", "denuc_version")},
-                  "detector": None if args.detector is None else {
-                      k: describe(args.detector)[k] for k in ("tag", "file", "sha256", "denuc_version")},
-                  "detector_only": args.detector_only, "command": args.command_line}
+    base = {"model": {k: described[k] for k in ("tag", "file", "sha256", "kind", "denuc_version")},
+            "detector_only": args.detector_only, "command": args.command_line}
+    # what an input runs: with --detector auto, `precise` for 40x scans (chosen once the input's pixel size is known)
+    auto = args.detector == AUTO_DETECTOR
+    coarse = _prepared(model, None if auto else args.detector, args, base)
+    fine = _prepared(model, "precise", args, base) if auto else coarse
     say = (lambda *a: None) if args.quiet else print
-    own_file = (resolve(args.detector, kind="detector") if args.detector is not None  # a bundle's detector has none
+    detector = None if auto else args.detector
+    own_file = (resolve(detector, kind="detector") if detector is not None  # a bundle's detector has none
                 else resolve(name, kind="detector") if args.detector_only else None)
 
-    def estimator() -> Detector:
-        return estimating_detector(model.detector, own_file)
+    def estimator() -> Detector:  # the pixel-size estimator runs the detector of 20x scans
+        return estimating_detector(coarse.model.detector, own_file)
 
     failed, stems = [], {}
     for index, (path, mpp, mpp_source) in enumerate(jobs):
@@ -210,12 +204,13 @@ def run(args: argparse.Namespace) -> int:
                         if mpp == MPP_AUTO:
                             say(f"{path}: pixel size estimated from the image: {estimate.mpp:.2f} um/px "
                                 f"(confidence {estimate.confidence:.2f})")
+                        run = fine if slide.mpp < FINE_SCAN_MPP else coarse
                         summary = predict_slide(
-                            slide, model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
+                            slide, run.model, args.out, tissue_mask=not args.no_tissue_mask, resume=args.resume,
                             overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
                             embeddings=args.embeddings, progress=not args.quiet, model_name=name,
-                            model_id=model_id, provenance=provenance, mpp_estimate=estimate, outliner=outliner,
-                            **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
+                            model_id=run.model_id, provenance=run.provenance, mpp_estimate=estimate,
+                            outliner=run.outliner, **({"chunk_tiles": args.chunk_tiles} if args.chunk_tiles else {}))
                 finally:
                     for warning in caught:
                         print(f"denuc predict: warning: {warning.message}", file=sys.stderr)
@@ -240,6 +235,43 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+@dataclass
+class _Run:
+    """What an input runs: the pipeline, its outline head (None: no outlines), its fingerprint and provenance."""
+
+    model: Pipeline
+    outliner: Outliner | None
+    model_id: str
+    provenance: dict
+
+
+def _prepared(model: Pipeline, detector: str | None, args: argparse.Namespace, base: dict) -> _Run:
+    """``model``, with ``detector`` (a detector name or file) in place of its own when given, the --threshold and
+    --outlines of ``args`` applied, and the provenance ``base`` completed for it."""
+    from denuc.hub import describe
+    from denuc.inference.detect import Detector
+    from denuc.inference.slide import model_fingerprint
+
+    if detector is not None:
+        model = model.with_detector(Detector.from_pretrained(detector, device=args.device, runtime=args.runtime))
+    model.with_test_time_views(args.tta)
+    model.reject = not args.keep_rejected
+    if args.threshold is not None:
+        model.detector.with_settings(score_threshold=args.threshold, score_threshold_40x=None)  # for every scan
+    outliner, outlines = None, args.outlines
+    if outlines is not None:
+        from denuc.inference.outline import Outliner
+
+        if outlines == OUTLINES_FOR_DETECTOR:
+            outliner, outlines = Outliner.for_detector(model.detector, device=args.device, runtime=args.runtime)
+        else:
+            outliner = Outliner.from_pretrained(outlines, device=args.device, runtime=args.runtime)
+    keys = ("tag", "file", "sha256", "denuc_version")
+    provenance = {**base, "outlines": None if outlines is None else {k: describe(outlines)[k] for k in keys},
+                  "detector": None if detector is None else {k: describe(detector)[k] for k in keys}}
+    return _Run(model, outliner, model_fingerprint(model), provenance)
 
 
 def _interrupted(args: argparse.Namespace, path: Path, not_done: list[Path]) -> str:
