@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from common import RESULTS, write_result
 
+import denuc.datasets as datasets
 from denuc.config import ClassifierTrainConfig, DatasetSpec
 from denuc.datasets.consep import HELD_OUT_TEST_SOURCES, VAL_SOURCES, source_image
 from denuc.inference.detect import Detector
@@ -52,8 +53,6 @@ def link_crops(root: Path, names: list[str], into: Path) -> Path:
 def held_out_points(detector: Detector, cfg: ClassifierTrainConfig, root: Path) -> list[PointImage]:
     """The crops of ``root`` at the classifier's pixel size with ``detector``'s points end to end (found at the
     crops' own pixel size, as ``predict`` finds them, then moved to the working pixels)."""
-    import denuc.datasets as datasets
-
     items = load_split(replace(cfg, datasets=[DatasetSpec("consep", str(root))]), "train")
     samples = {s.name: s for s in datasets.get_dataset("consep", str(root)).samples("train")}
     out = []
@@ -128,15 +127,17 @@ def main() -> None:
         rows = [r for r in found[name] if folds is None or r[0] in folds]
         return [p for _, ps, _ in rows for p in ps], [lp for _, _, lps in rows for lp in lps]
 
+    def chosen_offsets(folds=None) -> tuple[np.ndarray, float, float]:
+        points, log_probs = pooled(chooser, folds)
+        return best_offsets(points, [np.exp(lp) for lp in log_probs], classes, "all")
+
     chooser = detectors[0]
     points, log_probs = pooled(chooser)
-    offsets, before, after = best_offsets(points, [np.exp(lp) for lp in log_probs], classes, "all")
+    offsets, before, after = chosen_offsets()
     nested_points, nested_log_probs = [], []
     nested_offsets = {}
     for k in range(args.folds):
-        others = set(range(args.folds)) - {k}
-        chosen, _, _ = best_offsets(*(lambda p, lp: (p, [np.exp(x) for x in lp]))(*pooled(chooser, others)),
-                                    classes, "all")
+        chosen, _, _ = chosen_offsets(set(range(args.folds)) - {k})
         nested_offsets[k] = chosen.tolist()
         p, lp = pooled(chooser, {k})
         nested_points += p
