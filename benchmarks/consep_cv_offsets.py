@@ -30,11 +30,11 @@ from denuc.datasets.consep import HELD_OUT_TEST_SOURCES, VAL_SOURCES, source_ima
 from denuc.inference.detect import Detector
 from denuc.inference.pipeline import Pipeline
 from denuc.metrics.evaluate import evaluate
-from denuc.nuclei import NOT_A_NUCLEUS, Nuclei
+from denuc.nuclei import NOT_A_NUCLEUS
 from denuc.train.classifier import train_classifier
 from denuc.train.data import load_split
 from denuc.train.offsets import best_offsets
-from denuc.train.points import PointImage, image_features
+from denuc.train.points import PointImage, classified, image_features
 
 
 def link_crops(root: Path, names: list[str], into: Path) -> Path:
@@ -59,9 +59,8 @@ def held_out_points(detector: Detector, cfg: ClassifierTrainConfig, root: Path) 
     for item in items:
         sample = samples[item.name]
         image = sample.read_image()
-        found = Pipeline(detector).predict(image, mpp=sample.nuclei.mpp)
-        fx, fy = item.image.shape[1] / image.shape[1], item.image.shape[0] / image.shape[0]
-        xy = np.c_[(found.xy[:, 0] + 0.5) * fx - 0.5, (found.xy[:, 1] + 0.5) * fy - 0.5]
+        # moved to the working pixels as load_split moves the ground truth
+        xy = Pipeline(detector).predict(image, mpp=sample.nuclei.mpp).scaled(item.image.shape[1] / image.shape[1]).xy
         out.append(PointImage("consep", item.name, item.image, xy.reshape(-1, 2),
                               np.full(len(xy), -1, dtype=np.int64), item.nuclei))
     return out
@@ -69,13 +68,8 @@ def held_out_points(detector: Detector, cfg: ClassifierTrainConfig, root: Path) 
 
 def class_report(points: list[PointImage], log_probs: list[np.ndarray], classes, offsets: np.ndarray) -> dict:
     """Mean class F1 and each class's F1 of the pooled images with ``offsets`` added to the log-probabilities."""
-    names = [c.name for c in classes] + [NOT_A_NUCLEUS]
-
-    images = []
-    for item, lp in zip(points, log_probs):
-        labels = np.array([names[i] for i in (lp + offsets).argmax(1)], dtype=object).reshape(-1)
-        images.append((item.name, Nuclei(xy=item.xy, labels=labels, mpp=item.gt.mpp), item.gt))
-    report = evaluate(images, 3.0)
+    pairs = classified(points, [lp + offsets for lp in log_probs], {"consep": classes})
+    report = evaluate([(name, pred, gt) for _, name, pred, gt in pairs], 3.0)
     return {"mean_f1": report.mean_f1, "classes": {c: s.f1 for c, s in report.classes.items()},
             "detection_recall": report.detection.recall}
 

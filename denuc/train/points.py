@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,13 +155,17 @@ def cached_features(classifier: Classifier, items: list[PointImage], path: Path,
     return features
 
 
+def classified(val: list[PointImage], scores: list[np.ndarray], classes: dict[str, list[NucleusClass]]
+               ) -> Iterator[tuple[str, str, Nuclei, Nuclei]]:
+    """(dataset, name, prediction, ground truth) per image: its points labelled with the output of highest score
+    (``scores`` (n, classes + 1) per image: probabilities or logits; the last output "not a nucleus")."""
+    for item, p in zip(val, scores):
+        names = [c.name for c in classes[item.dataset]] + [NOT_A_NUCLEUS]
+        labels = np.array([names[i] for i in p.argmax(1)], dtype=object).reshape(-1)
+        yield item.dataset, item.name, Nuclei(xy=item.xy, labels=labels, mpp=item.gt.mpp), item.gt
+
+
 def class_f1(val: list[PointImage], probs: list[np.ndarray], classes: dict[str, list[NucleusClass]]
              ) -> dict[str, float]:
     """Mean class F1 per dataset of the classified detections (end to end), and their unweighted mean."""
-    def pairs():
-        for item, p in zip(val, probs):
-            names = [c.name for c in classes[item.dataset]] + [NOT_A_NUCLEUS]
-            labels = np.array([names[i] for i in p.argmax(1)], dtype=object).reshape(-1)
-            yield item.dataset, item.name, Nuclei(xy=item.xy, labels=labels, mpp=item.gt.mpp), item.gt
-
-    return per_dataset_scores(pairs(), lambda report: report.mean_f1)
+    return per_dataset_scores(classified(val, probs, classes), lambda report: report.mean_f1)
