@@ -324,9 +324,6 @@ class OutlineConfig(_ModelConfig):
     lattices: tuple[tuple[int, float], ...] = ((5, 2.0), (5, 4.0), (3, 8.0))
     hidden: int = 256
     max_radius: float = 22.0  # the longest ray trained on (working pixels: 11 um at 0.5 um/px)
-    # how far (working pixels) the head may move a point towards its nucleus's centre, predicted from the reads at
-    # the point, before reading the outline there; 0: points stay (heads before 0.12)
-    recentre: float = 0.0
     mpp: float = 0.5  # working resolution (um/px): the detector's
 
     def __post_init__(self) -> None:
@@ -346,7 +343,7 @@ class OutlineConfig(_ModelConfig):
         """This design at another working pixel size ``mpp``: the longest ray and the lattices keep their extent in
         um (so a head behind a finer detector reads the same tissue around each point, in more pixels)."""
         factor = self.mpp / mpp
-        return replace(self, mpp=mpp, max_radius=self.max_radius * factor, recentre=self.recentre * factor,
+        return replace(self, mpp=mpp, max_radius=self.max_radius * factor,
                        lattices=tuple((grid, spacing * factor) for grid, spacing in self.lattices))
 
 

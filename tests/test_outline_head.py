@@ -157,10 +157,10 @@ def test_radii_barely_depend_on_the_tiling(sample: np.ndarray, monkeypatch) -> N
     borders = np.stack(np.meshgrid(spots, spots), -1).reshape(-1, 2)
     borders = borders[(borders[:, 0] < width - 0.5) & (borders[:, 1] < height - 0.5)]
     xy = np.r_[rng.uniform(-0.5, [width - 0.5, height - 0.5], (300, 2)), borders]
-    whole = outliner.read(work, xy)[1]
+    whole = outliner.radii(work, xy)
     assert outline_inference.TILE >= max(width, height)  # one tile
     monkeypatch.setattr(outline_inference, "TILE", 256)
-    tiled = outliner.read(work, xy)[1]
+    tiled = outliner.radii(work, xy)
     assert whole.shape == (len(xy), 32) and (whole > 0).all()
     assert np.abs(tiled - whole).max() < 0.25 and star_iou(tiled, whole).min() > 0.95
 
@@ -197,7 +197,7 @@ def test_save_and_load_give_the_same_head(sample: np.ndarray, tmp_path: Path) ->
     assert loaded.config == config and loaded.model.detector.config == head.detector.config
     xy = np.random.default_rng(0).uniform(0, 200, (50, 2))
     work = sample[:200, :200]
-    np.testing.assert_array_equal(loaded.read(work, xy)[1], Outliner(head).read(work, xy)[1])
+    np.testing.assert_array_equal(loaded.radii(work, xy), Outliner(head).radii(work, xy))
     assert loaded.fingerprint() == Outliner(head).fingerprint()
     described = hub.describe(path)
     assert described["kind"] == "outline" and described["tag"] is None
@@ -257,39 +257,6 @@ def test_convs_run_on_windows_read_what_they_read_on_the_whole_map(mpp: float) -
     assert radii.shape == (34, head.config.rays)
     torch.testing.assert_close(radii, expected, rtol=1e-4, atol=1e-4)
     assert head.read(features, [torch.zeros(0, 2), torch.zeros(0, 2)]).shape == (0, head.config.rays)
-
-
-def test_a_recentring_head_moves_points_no_farther_than_it_may_and_outlines_there(sample: np.ndarray) -> None:
-    """``OutlineConfig.recentre``: the head moves each point by at most that many working pixels (its shift MLP made
-    large here, so that the limit binds), reads the radii at the moved point, and ``Outliner.outline`` returns the
-    moved points with outlines around them; ``at_mpp`` keeps the limit in um. A head without it moves nothing."""
-    torch.manual_seed(0)
-    config = OutlineConfig(rays=16, fine_convs=1, lattices=((3, 2.0), (3, 4.0), (1, 8.0)), hidden=32, recentre=3.0)
-    assert config.at_mpp(0.25).recentre == 6.0
-    head = OutlineHead(config, DetectorConfig())
-    head.shift[-1].bias.data = torch.tensor([40.0, -40.0])  # a shift far past the limit, towards +x, -y
-    outliner = Outliner(head)
-    work = sample[:256, :256]
-    xy = np.random.default_rng(0).uniform(20, 230, (40, 2))
-    centres, radii = outliner.read(work, xy)
-    moved = centres - xy
-    assert np.linalg.norm(moved, axis=1) == pytest.approx(np.full(40, 3.0), abs=1e-4)
-    assert (moved[:, 0] > 0).all() and (moved[:, 1] < 0).all()
-    with torch.no_grad():
-        maps = head.features(torch.tensor(work).permute(2, 0, 1).float()[None])
-        np.testing.assert_allclose(radii, head.read(maps, [torch.from_numpy(centres).float()]).numpy(), rtol=1e-5)
-    outlined = outliner.outline(work, Nuclei(xy=xy, mpp=config.mpp), config.mpp)
-    np.testing.assert_allclose(outlined.xy, centres, atol=1e-6)
-    (tiled, _), = outliner.outline_tiles(work[None], [Nuclei(xy=xy, mpp=config.mpp)], config.mpp)  # slides' path
-    np.testing.assert_allclose(tiled.xy, centres, atol=1e-4)
-    for centre, vertices in zip(outlined.xy, outlined.outlines):  # star-convex about the moved point
-        np.testing.assert_allclose(np.arctan2(*(vertices - centre)[:, ::-1].T) % (2 * np.pi),
-                                   np.linspace(0, 2 * np.pi, 16, endpoint=False), atol=1e-6)
-    fixed = Outliner(OutlineHead(OutlineConfig(rays=16, fine_convs=1, lattices=config.lattices, hidden=32),
-                                 DetectorConfig()))
-    assert fixed.model.shift is None
-    np.testing.assert_array_equal(fixed.read(work, xy)[0], xy)
-    np.testing.assert_array_equal(fixed.outline(work, Nuclei(xy=xy, mpp=0.5), 0.5).xy, xy)
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
@@ -415,28 +382,6 @@ def test_training_writes_the_best_head_and_resumes_exactly(consep: Path, tmp_pat
         assert torch.equal(resumed[key], straight[key]), key
 
 
-def test_training_crops_carry_the_points_the_shift_is_learnt_from(consep: Path) -> None:
-    """``training_crop``: through every flip and transpose, ``true_xy`` is where the nucleus's centre lies in the crop
-    (the crop's pixel there is the nucleus's), ``xy`` within the jitter of it and ``far_xy`` within
-    ``OutlineConfig.recentre``; a head that recentres trains its shift and logs how far it misses."""
-    from denuc.train.outlines import load_outline_images, training_crop
-
-    config = OutlineConfig(fine_convs=1, hidden=32, recentre=5.0)
-    cfg = OutlineTrainConfig(datasets=[DatasetSpec("consep", str(consep))], model=config, epochs=1,
-                             iters_per_epoch=2, batch_size=16, warmup_iters=1)
-    item = load_outline_images(cfg, "train")[0]
-    rng = np.random.default_rng(0)
-    for _ in range(16):
-        crop = training_crop(item, 4, 2.0, config, 0.0, rng)
-        assert (np.linalg.norm(crop.xy - crop.true_xy, axis=1) <= 2.0 + 1e-5).all()
-        assert (np.linalg.norm(crop.far_xy - crop.true_xy, axis=1) <= 5.0 + 1e-5).all()
-        assert not torch.equal(crop.far_xy, crop.true_xy)
-        col, row = np.rint(crop.true_xy.numpy()).astype(int).T
-        assert (crop.pixels[1, row, col] < 120).all()  # the dark nucleus, not the pink background (green 200)
-    history = train_outline_head(cfg, consep / "run", progress=False)
-    assert history[0]["centre_miss_px"] > 0
-
-
 def test_training_refuses_a_dataset_without_outlines(tmp_path: Path) -> None:
     root = tmp_path / "brcam2c"
     root.mkdir()
@@ -545,6 +490,6 @@ def test_onnx_network_gives_the_torch_radii() -> None:
     """The head's network in ONNX Runtime (the CPU default) and in PyTorch give the same outlines."""
     image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[:300, :260]
     xy = np.random.default_rng(0).uniform(0, 250, (40, 2))
-    torch_radii = Outliner.from_pretrained("default-outlines", runtime="torch").read(image, xy)[1]
-    onnx_radii = Outliner.from_pretrained("default-outlines", runtime="onnx").read(image, xy)[1]
+    torch_radii = Outliner.from_pretrained("default-outlines", runtime="torch").radii(image, xy)
+    onnx_radii = Outliner.from_pretrained("default-outlines", runtime="onnx").radii(image, xy)
     assert np.abs(torch_radii - onnx_radii).max() < 1e-3

@@ -88,15 +88,12 @@ class Outliner:
         return cls(heads[tag], device, runtime), tag
 
     @torch.inference_mode()
-    def read(self, work: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The centres (n, 2) at which the outlines of points ``xy`` (n, 2) are read (the points themselves unless
-        the head recentres them: ``OutlineHead.centres``) and the radii (n, rays) there, all in working pixels of an
-        RGB uint8 image ``work`` already at the working pixel size. Tiles of TILE pixels, each run with a margin of
-        MARGIN pixels."""
-        centres = np.array(xy, dtype=np.float64).reshape(-1, 2)
-        radii = np.zeros((len(xy), self.config.rays), dtype=np.float64)
+    def radii(self, work: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        """Radii (n, rays) in working pixels of points ``xy`` (n, 2) of an RGB uint8 image ``work`` already at the
+        working pixel size. Tiles of TILE pixels, each run with a margin of MARGIN pixels."""
+        out = np.zeros((len(xy), self.config.rays), dtype=np.float32)
         if not len(xy):
-            return centres, radii
+            return out
         h, w = work.shape[:2]
         # each point belongs to the tile its pixel lies in (points just past the image: the nearest tile)
         tile_x = np.clip(np.floor((xy[:, 0] + 0.5) / TILE), 0, (w - 1) // TILE).astype(int)
@@ -108,25 +105,21 @@ class Outliner:
             rx1, ry1 = min(w, (tx + 1) * TILE + MARGIN), min(h, (ty + 1) * TILE + MARGIN)
             region = pad_to_multiple(work[ry0:ry1, rx0:rx1], 32)
             pixels = torch.tensor(region, device=self.device).permute(2, 0, 1).float()[None]  # a copy: may be a view
-            maps = self.features(pixels)
-            local = self.model.centres(maps, [torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)])
-            radii[own] = self.model.read(maps, local).cpu().numpy()
-            centres[own] = local[0].cpu().numpy().astype(np.float64) + (rx0, ry0) if self.config.recentre else xy[own]
-        return centres, radii
+            local = torch.from_numpy(xy[own] - (rx0, ry0)).float().to(self.device)
+            out[own] = self.model.read(self.features(pixels), [local]).cpu().numpy()
+        return out
 
     def outline(self, image: np.ndarray, nuclei: Nuclei, mpp: float) -> Nuclei:
         """``nuclei`` (points in ``image``'s pixels, pixel size ``mpp``) with their ``outlines`` in the same
         pixels, trimmed where they would overlap (``trim_to_neighbours``); they may reach past the image
-        (``denuc.outlines.clip_outlines`` clips them). A head that recentres (``OutlineConfig.recentre``) moves each
-        point to its outline's centre."""
+        (``denuc.outlines.clip_outlines`` clips them)."""
         factor = scale_to(mpp, self.config.mpp)
         work = resample(image, factor)
         fx, fy = work.shape[1] / image.shape[1], work.shape[0] / image.shape[0]
-        to_work = np.array([fx, fy])
-        centres, radii = self.read(work, (nuclei.xy + 0.5) * to_work - 0.5)
-        vertices = polygons(centres, trim_to_neighbours(centres, radii))
-        xy = _inside((centres + 0.5) / to_work - 0.5, image.shape) if self.config.recentre else nuclei.xy
-        return replace(nuclei, xy=xy, outlines=[(v + 0.5) / to_work - 0.5 for v in vertices])
+        xy = np.c_[(nuclei.xy[:, 0] + 0.5) * fx - 0.5, (nuclei.xy[:, 1] + 0.5) * fy - 0.5]
+        vertices = polygons(xy, trim_to_neighbours(xy, self.radii(work, xy).astype(np.float64)))
+        to_image = np.array([fx, fy])
+        return replace(nuclei, outlines=[(v + 0.5) / to_image - 0.5 for v in vertices])
 
     @torch.inference_mode()
     def outline_tiles(self, tiles: np.ndarray, found: list[Nuclei], mpp: float | None = None
@@ -147,23 +140,12 @@ class Outliner:
             work, fxy = resample_tiles(tiles, factor, 32)
             maps = self.features(torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float())
         points = [torch.from_numpy((nuclei.xy + 0.5) * fxy - 0.5).float().to(self.device) for nuclei in found]
-        points = self.model.centres(maps, points)
         radii = self.model.read(maps, points).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
         out = []
-        for tile, nuclei, at, tile_radii in zip(tiles, found, points,
-                                                np.split(radii, np.cumsum([len(n) for n in found])[:-1])):
-            if self.config.recentre:
-                nuclei = replace(nuclei, xy=_inside((at.cpu().numpy().astype(np.float64) + 0.5) / fxy - 0.5,
-                                                    tile.shape))
+        for tile, nuclei, tile_radii in zip(tiles, found, np.split(radii, np.cumsum([len(n) for n in found])[:-1])):
             outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, tile_radii)))
             out.append((outlined, measure(outlined, tile, mpp)))
         return out
-
-
-def _inside(xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Points (n, 2) moved onto the nearest pixel of an image of ``shape`` (H, W, ...) if they lie past it: a
-    nucleus cut by the border is recentred towards the middle of its part outside."""
-    return np.clip(xy, -0.5, np.array([shape[1], shape[0]]) - 0.5)
 
 
 def _load_head(path_or_name: str | os.PathLike) -> OutlineHead:

@@ -9,9 +9,7 @@ on a window around each point, just large enough for its lattice (``_read_window
 which took a fifth of the detector's time on a CPU; the windows' reads take about as much more (docs/outlines.md,
 "Cost"), so the total is the same, and wider lattices cost little more. The detector is a frozen
 copy inside the head: any points can be outlined, the detector's or another tool's. The output ``radii`` (working
-pixels) along ``ray_angles`` turn into a polygon with ``polygons``. A head with ``OutlineConfig.recentre`` first
-moves each point to where it predicts the nucleus's centre is (``centres``) and reads the radii there: an outline
-read about a point off its nucleus's centre is often wrong (docs/outlines.md).
+pixels) along ``ray_angles`` turn into a polygon with ``polygons``.
 
 Measured before this design (docs/outlines.md): a CNN on a patch per point (0.5-3x the detector's time: neighbouring
 patches overlap several times over), then a stem of the head's own (0.3-0.4x the detector's time for the stem alone).
@@ -43,8 +41,7 @@ class OutlineHead(nn.Module):
     """A frozen point detector (``detector``) and what reads its maps: ``fine`` and ``coarse``, depthwise-separable
     convs (``OutlineConfig.fine_convs``, ``coarse_convs``) on its stride-2 and stride-4 maps, and an MLP that reads
     their output and the point head's hidden map on lattices around each point (``OutlineConfig.lattices``) and
-    predicts the point's radii (working pixels, positive); with ``OutlineConfig.recentre``, a second MLP reading the
-    same predicts where the point's nucleus's centre is (``centres``), where the radii are then read."""
+    predicts the point's radii (working pixels, positive)."""
 
     def __init__(self, config: OutlineConfig, detector: PointDetector | DetectorConfig) -> None:
         super().__init__()
@@ -66,9 +63,6 @@ class OutlineHead(nn.Module):
         inputs = sum(grid * grid * width[name] for name, (grid, _) in zip(MAPS, config.lattices))
         self.regress = nn.Sequential(nn.Linear(inputs, config.hidden), nn.ReLU(inplace=True),
                                      nn.Linear(config.hidden, config.rays))
-        # the shift (x, y, working pixels) from a point to its nucleus's centre (``centres``)
-        self.shift = (nn.Sequential(nn.Linear(inputs, config.hidden), nn.ReLU(inplace=True),
-                                    nn.Linear(config.hidden, 2)) if config.recentre else None)
 
     def train(self, mode: bool = True) -> "OutlineHead":
         """Training mode for what the head trains; the detector stays frozen, batch-norm statistics included."""
@@ -85,32 +79,16 @@ class OutlineHead(nn.Module):
     def read(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
         """Radii (n_1 + ... + n_B, rays) of the points ``points[b]`` (n_b, 2, working pixels) of image b of a
         batch's maps (``features``), images in order."""
-        if not sum(len(p) for p in points):
-            return features[MAPS[0]].new_zeros((0, self.config.rays))
-        # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
-        return F.softplus(self.regress(self._lattice_reads(features, points)) + 4.0)
-
-    def centres(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``points`` (as ``read`` takes them) moved to their nuclei's centres as the head predicts them from the
-        reads at the points, by at most ``OutlineConfig.recentre`` working pixels; the points themselves when the
-        head does not recentre. Outlines are then read at the centres: an outline read far off its nucleus's centre
-        is often wrong (docs/outlines.md)."""
-        if self.shift is None or not sum(len(p) for p in points):
-            return points
-        shift = self.shift(self._lattice_reads(features, points))
-        limit = self.config.recentre
-        shift = shift * (limit / shift.norm(dim=1, keepdim=True).clamp(min=limit))  # no longer than the limit
-        moved = torch.cat(list(points)).to(shift.device) + shift
-        return list(moved.split([len(p) for p in points]))
-
-    def _lattice_reads(self, features: dict[str, torch.Tensor], points: list[torch.Tensor]) -> torch.Tensor:
-        """What the MLPs read (n, inputs) around the points (as ``read`` takes them, at least one)."""
         first = features[MAPS[0]]
+        if not sum(len(p) for p in points):
+            return first.new_zeros((0, self.config.rays))
         image = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(points)]).to(first.device)
         xy = torch.cat(list(points)).to(first.device)
         convs = {"stride2": self.fine, "stride4": self.coarse, "head": nn.Sequential()}
-        return torch.cat([_read_windows(features[name], image, xy, getattr(self, f"{name}_offsets"),
-                                        self.strides[name], convs[name]) for name in MAPS], -1)
+        x = torch.cat([_read_windows(features[name], image, xy, getattr(self, f"{name}_offsets"), self.strides[name],
+                                     convs[name]) for name in MAPS], -1)
+        # softplus keeps radii positive; +4 starts the untrained head near a 4-pixel radius
+        return F.softplus(self.regress(x) + 4.0)
 
 
 def _separable(channels: int) -> list[nn.Module]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import denuc.datasets as datasets
-from denuc.config import OutlineConfig, OutlineTrainConfig
+from denuc.config import OutlineTrainConfig
 from denuc.errors import InputError
 from denuc.hub import OUTLINE_FORMAT, stamp
 from denuc.inference.detect import Detector
@@ -140,28 +139,25 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
 
     def batches():
         for _ in range(cfg.iters_per_epoch):
-            crops = []
+            crops, centres, radii = [], [], []
             for _ in range(CROPS_PER_STEP):  # each dataset alike, then each of its images by nucleus count
                 members = by_dataset[names[rng.integers(len(names))]]
                 counts = np.array([len(train[k].ids) for k in members], dtype=np.float64)
                 item = train[members[rng.choice(len(members), p=counts / counts.sum())]]
-                crops.append(training_crop(item, per_crop, jitter, cfg.model, cfg.color_jitter, rng))
-            yield crops
+                crop, xy, r = training_crop(item, per_crop, jitter, rays, reach, cfg.color_jitter, rng)
+                crops.append(crop)
+                centres.append(xy)
+                radii.append(r)
+            yield torch.stack(crops), centres, radii
 
-    def step(crops: list[Crop]):
+    def step(batch):
+        crops, centres, radii = batch
         # the frozen detector records no graph
-        features = model.features(torch.stack([crop.pixels for crop in crops]).to(device))
-        predicted = model.read(features, [crop.xy.to(device) for crop in crops])
-        radii = torch.cat([crop.radii for crop in crops]).to(device)
+        predicted = model.read(model.features(crops.to(device)), [c.to(device) for c in centres])
+        radii = torch.cat(radii).to(device)
         iou = star_iou(predicted, radii).mean()
         # the metric itself (what PQ's IoU rewards) and a small L1 term that keeps gradients where IoU saturates
-        losses = {"loss": 1 - iou + 0.02 * (predicted - radii).abs().mean(), "star_iou": iou.detach()}
-        if cfg.model.recentre:  # and where the centres are, from points as far off as the head may move them
-            moved = torch.cat(model.centres(features, [crop.far_xy.to(device) for crop in crops]))
-            miss = (moved - torch.cat([crop.true_xy for crop in crops]).to(device)).norm(dim=1).mean()
-            losses["centre_miss_px"] = miss.detach()
-            losses["loss"] = losses["loss"] + miss / cfg.model.recentre
-        return losses
+        return {"loss": 1 - iou + 0.02 * (predicted - radii).abs().mean(), "star_iou": iou.detach()}
 
     def validate(scored) -> dict[str, float]:
         scores = {}
@@ -187,22 +183,11 @@ def train_outline_head(cfg: OutlineTrainConfig, run_dir: str | Path, resume: boo
                epochs_this_run=epochs_this_run)
 
 
-class Crop(NamedTuple):
-    """A training crop (``training_crop``) and its nuclei, crop pixels."""
-
-    pixels: torch.Tensor  # (3, CROP, CROP) float 0-255
-    xy: torch.Tensor  # (n, 2) the nuclei's centres moved by up to the jitter ...
-    radii: torch.Tensor  # (n, rays) ... and their radii measured from there
-    far_xy: torch.Tensor  # (n, 2) the centres moved by up to OutlineConfig.recentre ...
-    true_xy: torch.Tensor  # (n, 2) ... and where they are
-
-
-def training_crop(item: OutlineImage, count: int, jitter: float, config: OutlineConfig, color_jitter: float,
-                  rng: np.random.Generator) -> Crop:
+def training_crop(item: OutlineImage, count: int, jitter: float, rays: int, reach: float, color_jitter: float,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A CROP-pixel crop of ``item`` (white beyond the image) around ``count`` of its nuclei, randomly flipped or
-    transposed and re-coloured, their centres moved by up to ``jitter`` pixels with their radii measured from there
-    (rays permuted to match the flips), and moved by up to ``config.recentre`` pixels."""
-    rays, reach = config.rays, config.reach
+    transposed and re-coloured, their centres moved by up to ``jitter`` pixels, and their radii (rays permuted to
+    match the flips)."""
     h, w = item.image.shape[-2:]
     anchor = item.centres[rng.integers(len(item.ids))]
     x0 = int(np.clip(round(anchor[0] - CROP / 2), min(0, w - CROP), max(0, w - CROP)))
@@ -213,30 +198,24 @@ def training_crop(item: OutlineImage, count: int, jitter: float, config: Outline
     if not len(inside):
         inside = np.array([int(np.argmin(np.abs(item.centres - anchor).sum(1)))])
     index = rng.choice(inside, size=count)
-    centres = item.centres[index] + _in_disc(jitter, count, rng)
+    angle, length = rng.uniform(0, 2 * np.pi, count), jitter * np.sqrt(rng.uniform(0, 1, count))
+    centres = item.centres[index] + np.stack([np.cos(angle), np.sin(angle)], 1) * length[:, None]
     radii = targets(item, index, centres, rays, reach)
-    far = item.centres[index] + _in_disc(config.recentre, count, rng) if config.recentre else item.centres[index]
     crop = torch.full((3, CROP, CROP), 255.0)
     sx, sy = max(x0, 0), max(y0, 0)
     part = item.image[:, sy:min(y0 + CROP, h), sx:min(x0 + CROP, w)]
     crop[:, sy - y0:sy - y0 + part.shape[1], sx - x0:sx - x0 + part.shape[2]] = part
-    points = np.stack([centres, far, item.centres[index]]) - (x0, y0)  # (3, n, 2)
+    xy = centres - (x0, y0)
     transpose, flip_x, flip_y = (bool(v) for v in rng.integers(0, 2, 3))
     if transpose:
-        crop, points = crop.transpose(-1, -2), points[..., ::-1]
+        crop, xy = crop.transpose(-1, -2), xy[:, ::-1]
     if flip_x:
-        crop, points = crop.flip(-1), np.stack([CROP - 1 - points[..., 0], points[..., 1]], -1)
+        crop, xy = crop.flip(-1), np.c_[CROP - 1 - xy[:, 0], xy[:, 1]]
     if flip_y:
-        crop, points = crop.flip(-2), np.stack([points[..., 0], CROP - 1 - points[..., 1]], -1)
+        crop, xy = crop.flip(-2), np.c_[xy[:, 0], CROP - 1 - xy[:, 1]]
     radii = radii[:, dihedral_ray_order(rays, transpose, flip_x, flip_y)]
-    xy, far_xy, true_xy = (torch.from_numpy(np.ascontiguousarray(p)).float() for p in points)
-    return Crop(recolour(crop, color_jitter, rng), xy, torch.from_numpy(radii).float(), far_xy, true_xy)
-
-
-def _in_disc(radius: float, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` shifts (n, 2) uniformly distributed over a disc of ``radius``."""
-    angle, length = rng.uniform(0, 2 * np.pi, count), radius * np.sqrt(rng.uniform(0, 1, count))
-    return np.stack([np.cos(angle), np.sin(angle)], 1) * length[:, None]
+    return (recolour(crop, color_jitter, rng), torch.from_numpy(np.ascontiguousarray(xy)).float(),
+            torch.from_numpy(radii).float())
 
 
 def recolour(crop: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
