@@ -186,6 +186,31 @@ def test_tiles_at_a_finer_pixel_size_get_the_outlines_of_their_nuclei(sample: np
     assert abs(np.nanmedian(ratio) - 1) < 0.1 and np.nanmean(np.abs(ratio - 1) < 0.25) > 0.8
 
 
+def test_nuclei_a_tile_does_not_want_still_trim_its_outlines(sample: np.ndarray) -> None:
+    """``outline_tiles(wanted=...)`` (a slide's tile outlines only the nuclei it owns): the wanted nuclei get
+    exactly the outlines they get among all, trimmed by the others' points; their measurements change only where an
+    outline crossed a left-out neighbour's by a fraction of a pixel, which it now keeps."""
+    outliner = Outliner.from_pretrained("default-outlines")
+    truth = read_points(SAMPLE_POINTS)
+    tile = np.ascontiguousarray(sample[:256, :256])
+    inside = truth.subset(((truth.xy >= 0) & (truth.xy < 255)).all(1))
+    wanted = np.random.default_rng(0).random(len(inside)) < 0.5
+    ((every, every_values),) = outliner.outline_tiles(tile[None], [inside])
+    ((some, some_values),) = outliner.outline_tiles(tile[None], [inside], wanted=[wanted])
+    assert len(some) == wanted.sum() > 30
+    np.testing.assert_array_equal(some.xy, inside.xy[wanted])
+    untrimmed = trim_to_neighbours(some.xy, np.ones((len(some), 32)) * 100) != trim_to_neighbours(
+        inside.xy, np.ones((len(inside), 32)) * 100)[wanted]
+    assert untrimmed.any()  # the left-out nuclei do trim some wanted ones
+    for own, among_all in zip(some.outlines, [o for o, keep in zip(every.outlines, wanted) if keep]):
+        np.testing.assert_array_equal(own, among_all)
+    gained = some_values["area_um2"] - every_values["area_um2"][wanted]
+    assert (gained >= 0).all() and (gained == 0).mean() > 0.8
+    for name in MEASUREMENTS:
+        same = np.isclose(some_values[name], every_values[name][wanted], equal_nan=True)
+        assert same[gained == 0].all(), name
+
+
 def test_save_and_load_give_the_same_head(sample: np.ndarray, tmp_path: Path) -> None:
     """Head and its detector (another architecture than the shipped one) travel in one file."""
     torch.manual_seed(1)

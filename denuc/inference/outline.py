@@ -122,16 +122,23 @@ class Outliner:
         return replace(nuclei, outlines=[(v + 0.5) / to_image - 0.5 for v in vertices])
 
     @torch.inference_mode()
-    def outline_tiles(self, tiles: np.ndarray, found: list[Nuclei], mpp: float | None = None
-                      ) -> list[tuple[Nuclei, dict[str, np.ndarray]]]:
+    def outline_tiles(self, tiles: np.ndarray, found: list[Nuclei], mpp: float | None = None,
+                      wanted: list[np.ndarray] | None = None) -> list[tuple[Nuclei, dict[str, np.ndarray]]]:
         """Per tile of a batch (B, H, W, 3) uint8 of pixel size ``mpp`` (default: the head's working pixel size;
         any H, W), its ``found`` nuclei (tile pixels) with outlines (trimmed where they would overlap)
         and their measurements (``denuc.outlines.measure``). The network runs once over the batch, or not at all
         when the detector that found the nuclei ran it on these very tiles (``sharing``). Tiles at another pixel
         size (a detector working at a finer resolution) are resampled to the head's; outlines stay in tile pixels.
         A nucleus is measured on its tile's pixels: one reaching past the tile (possible only for one wider than
-        the tile overlap, 16 um by default, at a tile's edge) is measured on its part inside."""
+        the tile overlap, 16 um by default, at a tile's edge) is measured on its part inside.
+
+        ``wanted``: per tile, a boolean mask of the nuclei to outline and measure (default: all); only those are
+        returned. The others' points still trim their outlines, which need only their neighbours' points: a slide's
+        tile keeps only the nuclei it owns, and those of its overlap that a neighbour owns need no outline here.
+        Measured without the others' outlines, a nucleus gains the few pixels where its own outline crosses the
+        bisector with such a neighbour by a fraction of a pixel (``trim_to_neighbours``)."""
         mpp = self.config.mpp if mpp is None else mpp
+        wanted = [np.ones(len(nuclei), dtype=bool) for nuclei in found] if wanted is None else wanted
         factor = scale_to(mpp, self.config.mpp)
         last, self._last = self._last, None
         if last is not None and last[0] is tiles and factor == 1.0:
@@ -139,11 +146,16 @@ class Outliner:
         else:
             work, fxy = resample_tiles(tiles, factor, 32)
             maps = self.features(torch.from_numpy(work).to(self.device).permute(0, 3, 1, 2).float())
-        points = [torch.from_numpy((nuclei.xy + 0.5) * fxy - 0.5).float().to(self.device) for nuclei in found]
+        points = [torch.from_numpy((nuclei.xy[keep] + 0.5) * fxy - 0.5).float().to(self.device)
+                  for nuclei, keep in zip(found, wanted)]
         radii = self.model.read(maps, points).cpu().numpy().astype(np.float64) / np.sqrt(fxy.prod())
         out = []
-        for tile, nuclei, tile_radii in zip(tiles, found, np.split(radii, np.cumsum([len(n) for n in found])[:-1])):
-            outlined = replace(nuclei, outlines=polygons(nuclei.xy, trim_to_neighbours(nuclei.xy, tile_radii)))
+        for tile, nuclei, keep, own_radii in zip(tiles, found, wanted,
+                                                 np.split(radii, np.cumsum([len(p) for p in points])[:-1])):
+            every = np.zeros((len(nuclei), self.config.rays))  # the others' radii: unused, their points trim
+            every[keep] = own_radii
+            kept = nuclei.subset(keep)
+            outlined = replace(kept, outlines=polygons(kept.xy, trim_to_neighbours(nuclei.xy, every)[keep]))
             out.append((outlined, measure(outlined, tile, mpp)))
         return out
 

@@ -411,21 +411,20 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
                 t1 = time.perf_counter()
                 found = model.predict_tiles(pixels, embeddings=embeddings, scan_mpp=slide.mpp)
                 t2 = time.perf_counter()
-                measured = [None] * len(batch)
-                if outliner is not None:
-                    found, measured = zip(*outliner.outline_tiles(pixels, found, model.mpp))
+                mine, seam = zip(*(grid.ownership(tile, nuclei.xy, radius) for tile, nuclei in zip(batch, found)))
                 t3 = time.perf_counter()
-                for tile, nuclei, values in zip(batch, found, measured):
-                    mine, seam = grid.ownership(tile, nuclei.xy, radius)
-                    owned = grid.to_level0(tile, nuclei.subset(mine), slide.dimensions)
-                    if values is not None:
-                        values = {name: v[mine] for name, v in values.items()}
-                    parts.append((tile, owned, seam[mine], values))
-                    nuclei_found += len(owned)
+                if outliner is not None:  # only the nuclei each tile owns; the others' points still trim them
+                    owned, measured = zip(*outliner.outline_tiles(pixels, found, model.mpp, wanted=mine))
+                else:
+                    owned, measured = [n.subset(keep) for n, keep in zip(found, mine)], [None] * len(batch)
+                t4 = time.perf_counter()
+                for tile, nuclei, near_seam, keep, values in zip(batch, owned, seam, mine, measured):
+                    parts.append((tile, grid.to_level0(tile, nuclei, slide.dimensions), near_seam[keep], values))
+                    nuclei_found += len(nuclei)
                 clock["waiting_for_tiles"] += t1 - t0
                 clock["model"] += t2 - t1
-                clock["outlines"] += t3 - t2
-                clock["ownership"] += time.perf_counter() - t3
+                clock["ownership"] += t3 - t2 + time.perf_counter() - t4
+                clock["outlines"] += t4 - t3
                 bar.update(len(batch))
                 bar.set_postfix(nuclei=nuclei_found, refresh=False)
             t0 = time.perf_counter()
