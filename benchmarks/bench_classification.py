@@ -37,6 +37,7 @@ from denuc.inference.pipeline import Pipeline
 from denuc.io.images import read_image, resample
 from denuc.metrics.evaluate import Report, evaluate
 from denuc.nuclei import UNLABELLED, Nuclei
+from denuc.train import stain
 from denuc.train.joint import JointModel
 
 REFERENCES = {  # published BRCAM2C test figures (3 um), from the dataset notes
@@ -142,6 +143,20 @@ def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: restain(image, tissue_statistics([image]), target)
 
 
+def normalised(restain: Callable[[np.ndarray], np.ndarray] | None, train_roots: dict[str, Path]
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    """``restain`` (or nothing) followed by Reinhard's transfer of the image to the training images' colours: the
+    centre of their tissue statistics (``StainTemplates.fit``)."""
+    images = [read_image(sample.image_path) for name, root in train_roots.items()
+              for sample in get_dataset(name, root).samples("train")]
+    mean, std = stain.StainTemplates.fit(images).centre
+
+    def apply(image: np.ndarray) -> np.ndarray:
+        image = image if restain is None else restain(image)
+        return np.clip(np.rint(stain.restain(image, mean, std)), 0, 255).astype(np.uint8)
+    return apply
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", metavar="NAME=BUNDLE",
@@ -156,6 +171,10 @@ def main() -> None:
                         help="re-stain every image first to the colours of CMU-1-Small-Region.svs (-cmu1) or of "
                              "the TCGA slide (-tcga): Macenko's stain vectors, or Reinhard's CIELAB statistics of "
                              "each image's tissue (bench_stain_shift.py; needs torchstain and OpenSlide)")
+    parser.add_argument("--normalise", action="store_true",
+                        help="then move every image to the training images' colours (Reinhard's transfer to the "
+                             "centre of the BRCAM2C and CRCHisto train images' CIELAB tissue statistics) before "
+                             "the models see it")
     parser.add_argument("--datasets", default="brcam2c,crchisto",
                         help="comma-separated: brcam2c, crchisto, consep, monuseg (../shared/datasets)")
     parser.add_argument("--detector", default=None,
@@ -170,7 +189,10 @@ def main() -> None:
     joints = dict(item.split("=", 1) for item in args.joint)
     restain = None if args.restain == "none" else restainer(args.restain)
     roots = dataset_roots(args.datasets.split(","), args.root)
+    if args.normalise:
+        restain = normalised(restain, dataset_roots(("brcam2c", "crchisto"), args.root))
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
+               "normalise": args.normalise,
                "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
                "models": {}}
@@ -179,6 +201,7 @@ def main() -> None:
     if args.out.exists():  # keep the figures of models scored by earlier runs with the same protocol
         earlier = json.loads(args.out.read_text())
         if (all(earlier.get(k, "none") == results[k] for k in ("split", "radius_um", "protocol", "restain"))
+                and earlier.get("normalise", False) == results["normalise"]
                 and earlier.get("roots") == results.get("roots")):
             results["models"] = earlier["models"]
             # files written before results recorded their provenance have none to keep
