@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from common import RESULTS, dataset_roots, write_result
 
+from denuc.colour import StainNormaliser
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.inference.pipeline import Pipeline
 from denuc.io.images import read_image, resample
 from denuc.metrics.evaluate import Report, evaluate
 from denuc.nuclei import UNLABELLED, Nuclei
-from denuc.train import stain
 from denuc.train.joint import JointModel
 
 REFERENCES = {  # published BRCAM2C test figures (3 um), from the dataset notes
@@ -145,16 +145,11 @@ def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def normalised(restain: Callable[[np.ndarray], np.ndarray] | None, train_roots: dict[str, Path]
                ) -> Callable[[np.ndarray], np.ndarray]:
-    """``restain`` (or nothing) followed by Reinhard's transfer of the image to the training images' colours: the
-    centre of their tissue statistics (``StainTemplates.fit``)."""
-    images = [read_image(sample.image_path) for name, root in train_roots.items()
-              for sample in get_dataset(name, root).samples("train")]
-    mean, std = stain.StainTemplates.fit(images).centre
-
-    def apply(image: np.ndarray) -> np.ndarray:
-        image = image if restain is None else restain(image)
-        return np.clip(np.rint(stain.restain(image, mean, std)), 0, 255).astype(np.uint8)
-    return apply
+    """``restain`` (or nothing) followed by ``denuc.colour.StainNormaliser``: Reinhard's transfer of each image to
+    the training images' colours (the centre of their tissue statistics), what ``predict --normalise-stain`` does."""
+    normaliser = StainNormaliser.fit([read_image(sample.image_path) for name, root in train_roots.items()
+                                      for sample in get_dataset(name, root).samples("train")])
+    return lambda image: normaliser.apply(image if restain is None else restain(image))
 
 
 def main() -> None:

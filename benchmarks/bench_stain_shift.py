@@ -29,12 +29,12 @@ import torch
 import torchstain
 from common import RESULTS, dataset_roots, write_result
 
+from denuc.colour import lab_to_rgb, rgb_to_lab
+from denuc.colour import tissue_statistics as lab_statistics
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.io.images import read_image
 from denuc.metrics.evaluate import evaluate
-from denuc.train.stain import lab_to_rgb, rgb_to_lab
-from denuc.train.stain import tissue_statistics as lab_statistics
 
 DATASETS = dataset_roots(("brcam2c", "crchisto"))  # the 20x datasets: the other's train split is a target
 

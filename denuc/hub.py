@@ -43,6 +43,7 @@ PROVENANCE_KEYS = ("tag", "training_data", "licence", "denuc_version")
 _RESEARCH_ONLY = "research use only (trained on CRCHisto, whose licence is research use only; BRCAM2C is BSD-3)"
 _DETECTOR_DATA = ("BRCAM2C train split (80 images) + CRCHisto train split (70 images, resampled to 0.5 um/px): "
                   "every nucleus centre, classified or not")
+_BRCAM2C_CRCHISTO_COLOURS = {"mean": [65.9643, 24.4158, -19.4045], "std": [13.4813, 7.0908, 8.7997]}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ShippedModel:
     training_data: str
     licence: str
     summary: str
+    # the centre of the training images' tissue colours in CIELAB (benchmarks/training_colours.py), what
+    # ``predict --normalise-stain`` moves slides to (``denuc.colour.StainNormaliser``); None: not recorded
+    training_colours: dict | None = None
 
     @property
     def path(self) -> Path:
@@ -67,17 +71,17 @@ MODELS = (
         "detector/shufflenet_v2_x1_0.e80_randstainna_ft12", "detector", "detector_default.safetensors", ("default",),
         _DETECTOR_DATA, _RESEARCH_ONLY,
         "ShuffleNetV2 1.0x point detector, 80 epochs then 12 fine-tuned with RandStainNA colour augmentation; "
-        "256 px tiles (DETECTOR_CARD.md)"),
+        "256 px tiles (DETECTOR_CARD.md)", _BRCAM2C_CRCHISTO_COLOURS),
     ShippedModel(
         "detector/shufflenet_v2_x0_5.e20_randstainna_ft12", "detector", "detector_fast.safetensors", ("fast",),
         _DETECTOR_DATA, _RESEARCH_ONLY,
         "ShuffleNetV2 0.5x, 20 epochs then 12 with RandStainNA: about three quarters of default's time for "
-        "1-2 points less F1"),
+        "1-2 points less F1", _BRCAM2C_CRCHISTO_COLOURS),
     ShippedModel(
         "detector/shufflenet_v2_x1_0.e20_randstainna", "detector", "detector_stain_robust.safetensors",
         ("stain-robust",), _DETECTOR_DATA, _RESEARCH_ONLY,
         "ShuffleNetV2 1.0x, 20 epochs with RandStainNA from the start: the most tolerant of another lab's colours, "
-        "1-4 points less F1 on ours"),
+        "1-4 points less F1 on ours", _BRCAM2C_CRCHISTO_COLOURS),
     ShippedModel(
         "bundle/shufflenet_v2_x1_0.det_default_cls_e160_consep_mlp", "bundle", "bundle_default.safetensors",
         ("default-bundle",),
@@ -90,7 +94,7 @@ MODELS = (
         "BRCAM2C is BSD-3)",
         "the `default` detector (384 px tiles) + a ShuffleNetV2 1.0x classifier started from the 80-epoch "
         "detector's backbone, 160 epochs; heads brcam2c and crchisto, and consep (an MLP, frozen encoder, 20 "
-        "epochs); the detector chosen for other labs' colours (CLASSIFIER_CARD.md)"),
+        "epochs); the detector chosen for other labs' colours (CLASSIFIER_CARD.md)", _BRCAM2C_CRCHISTO_COLOURS),
 )
 
 _FOUR_DATASETS_DATA = ("`default` fine-tuned on the train splits of BRCAM2C (80 images), CRCHisto (70), CoNSeP "
@@ -200,7 +204,8 @@ def stamp(metadata: dict[str, str], tag: str | None = None) -> dict[str, str]:
 
 def describe(name_or_path: str | os.PathLike) -> dict:
     """What a model is: ``tag`` (None for a file without one), ``file``, ``sha256`` (of the file's bytes),
-    ``kind``, ``denuc_version`` (that made it), ``training_data``, ``licence``, ``aliases``, ``summary`` and, for
+    ``kind``, ``denuc_version`` (that made it), ``training_data``, ``licence``, ``aliases``, ``summary``,
+    ``training_colours`` (a file's metadata, else the shipped model's; None when not recorded) and, for
     a bundle, ``taxonomies`` (class names by head) and ``head_kinds`` ("linear" or "mlp" by head). For benchmark
     and slide records."""
     path = resolve(name_or_path)
@@ -217,7 +222,9 @@ def describe(name_or_path: str | os.PathLike) -> dict:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     described = {**text, "file": str(path), "sha256": digest.hexdigest(), "kind": kind_of(metadata, path),
-                 "aliases": list(model.aliases) if model else [], "summary": model.summary if model else None}
+                 "aliases": list(model.aliases) if model else [], "summary": model.summary if model else None,
+                 "training_colours": (json.loads(metadata["training_colours"]) if "training_colours" in metadata
+                                      else model.training_colours if model else None)}
     if described["kind"] == "bundle" and "taxonomies" in metadata:
         described["taxonomies"] = {name: [c["name"] for c in classes]
                                    for name, classes in json.loads(metadata["taxonomies"]).items()}

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from denuc.colour import lab_to_rgb, restain, rgb_to_lab
 from denuc.config import DetectorTrainConfig
 from denuc.io.images import read_image
 from denuc.nuclei import Nuclei
 from denuc.train.augment import random_crop
 from denuc.train.data import SplitImage
-from denuc.train.stain import StainTemplates, color_jitter, lab_to_rgb, restain, rgb_to_lab
+from denuc.train.stain import StainTemplates, color_jitter
 
 SAMPLE = Path(__file__).resolve().parents[1] / "denuc" / "data" / "sample_brcam2c.png"
 

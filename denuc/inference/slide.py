@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -55,6 +56,7 @@ import torch
 from PIL import Image
 
 import denuc
+from denuc.colour import StainNormaliser
 from denuc.errors import DiskFullError, InputError, OutputExistsError
 from denuc.inference.mpp import MppEstimate, check_plausibility
 from denuc.inference.outline import Outliner
@@ -80,6 +82,7 @@ from denuc.outlines import MEASUREMENTS, clip_outlines
 THUMBNAIL_MIN_MPP = 2.0  # um per thumbnail pixel: about a nucleus radius, so overview dots can sit on nuclei
 THUMBNAIL_MAX_SIDE = 4096
 OVERVIEW_MIN_SIDE = 1024  # small inputs (plain images) get an overview this large, up to their own pixels
+STAIN_SAMPLE_TILES = 16  # tiles whose colours a slide's stain normalisation starts from
 DOTS_PER_PIXEL_MAX = 1 / 16  # above this many nuclei per tissue-mask pixel, dots hide the tissue: draw density
 # the CSV, Parquet and GeoJSON rows of one nucleus, measured (a detector's: 105 + 70 + 227 bytes), and what each
 # class's probability adds to them (19 + 10 + 45 bytes): to say how much space the outputs need when it runs out
@@ -131,6 +134,7 @@ def predict_slide(
     stem: str | None = None,
     mpp_estimate: MppEstimate | None = None,
     outliner: Outliner | None = None,
+    normaliser: StainNormaliser | None = None,
 ) -> dict:
     """Detect (and classify) the nuclei of a slide and write the outputs listed in the module docstring.
 
@@ -144,7 +148,9 @@ def predict_slide(
     or ``overwrite`` (module docstring): an ``OutputExistsError`` naming the file. ``mpp_estimate``: the
     slide's ``estimate_mpp`` (``inference.mpp.open_for_run``), recorded and checked against ``slide.mpp``.
     ``outliner``: also outline and measure each nucleus (``Outliner.outline_tiles``); the tables then hold the
-    measurements and the GeoJSON polygons.
+    measurements and the GeoJSON polygons. ``normaliser``: move the slide's colours to its target before the model
+    sees them, by one transfer from the tissue colours of tiles spread over the slide (``StainNormaliser``), the
+    same for every tile.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -161,6 +167,7 @@ def predict_slide(
         "runtime": model.detector.runtime, "tissue_mask": tissue_mask, "embeddings": embeddings,
         "batch_size": batch_size, "chunk_tiles": chunk_tiles, "denuc": denuc.__version__,
         "outlines": None if outliner is None else outliner.fingerprint(),
+        "normalise_stain": None if normaliser is None else normaliser.to_json(),
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     done = None if overwrite else _completed_summary(paths, fingerprint, embeddings, slide.path)
@@ -189,6 +196,13 @@ def predict_slide(
             tiles = [(row, col) for row in range(len(grid.ys)) for col in range(len(grid.xs))]
         chunks = [tiles[i:i + chunk_tiles] for i in range(0, len(tiles), chunk_tiles)]
         timings["tissue_mask"] += time.perf_counter()
+        # one transfer for the whole slide, from the tissue colours of up to STAIN_SAMPLE_TILES of its tiles spread
+        # over it, at the working resolution (a thumbnail's blur would move them); none without tissue
+        source = None
+        if normaliser is not None and tiles:
+            spread = tiles[::max(1, len(tiles) // STAIN_SAMPLE_TILES)][:STAIN_SAMPLE_TILES]
+            source = normaliser.statistics(np.concatenate([grid.read(slide, t).reshape(-1, 3) for t in spread]))
+        recolour = None if source is None else functools.partial(normaliser.apply, source=source)
 
         manifest = {"settings": settings, "fingerprint": fingerprint, "chunks": len(chunks), "tiles": len(tiles)}
         if resume and (partial / "manifest.json").is_file():
@@ -205,7 +219,7 @@ def predict_slide(
         todo = [k for k in range(len(chunks)) if not shard_path(partial, k).is_file()]
         _run_chunks(slide, model, grid, chunks, todo, partial, batch_size=batch_size, workers=workers,
                     embeddings=embeddings, progress=progress, on_chunk=on_chunk, stem=stem, timings=timings,
-                    outliner=outliner)
+                    outliner=outliner, recolour=recolour)
     timings["assemble_outputs"] = -time.perf_counter()
     staged = output_paths(partial, stem)  # written beside the shards, renamed into place together at the end
     try:
@@ -242,6 +256,10 @@ def predict_slide(
         "settings": {"batch_size": batch_size, "workers": workers, "device": settings["device"],
                      "runtime": settings["runtime"],
                      "tissue_mask": tissue_mask, "embeddings": embeddings, "resumed": len(todo) < len(chunks)},
+        "stain_normalised": None if source is None else {
+            "method": "Reinhard (CIELAB tissue mean and standard deviation), one transfer for the slide",
+            "from": {"mean": source[0].round(4).tolist(), "std": source[1].round(4).tolist()},
+            "to": json.loads(normaliser.to_json())},
         "versions": software_versions(),
         "runtime_s": time.perf_counter() - started,
         # where the time went (this run's tiles only): reading runs in worker threads, overlapped with the model,
@@ -382,8 +400,9 @@ def _read_ahead(read: Callable[[Tile], np.ndarray], tiles: Iterable[Tile], worke
 def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Tile]], todo: list[int],
                 partial: Path, *, batch_size: int, workers: int, embeddings: bool, progress: bool,
                 on_chunk: Callable[[int], None] | None, stem: str, timings: dict[str, float],
-                outliner: Outliner | None = None) -> None:
-    """Predict the chunks ``todo`` and save each as a shard; add seconds per stage to ``timings``."""
+                outliner: Outliner | None = None, recolour: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """Predict the chunks ``todo`` and save each as a shard; add seconds per stage to ``timings``. ``recolour``:
+    applied to each tile as it is read (in the reading threads)."""
     from tqdm.auto import tqdm
 
     total = sum(len(c) for c in chunks)
@@ -395,6 +414,8 @@ def _run_chunks(slide: Slide, model: Pipeline, grid: Grid, chunks: list[list[Til
     def read(tile: Tile) -> np.ndarray:
         begin = time.perf_counter()
         pixels = grid.read(slide, tile)
+        if recolour is not None:
+            pixels = recolour(pixels)
         read_seconds.append(time.perf_counter() - begin)
         return pixels
 

@@ -15,17 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from denuc.colour import images_statistics, restain
+
 # Ruifrok & Johnston's H&E-DAB stain vectors, as in scikit-image's rgb2hed: stain jitter perturbs each
 # stain's optical density, which mimics scanner and staining variation better than RGB jitter alone.
 _HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
 _RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB)
 
-# sRGB (D65) <-> CIE XYZ <-> CIELAB, the same constants as scikit-image's rgb2lab / lab2rgb.
-_XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                          [0.019334, 0.119193, 0.950227]], np.float32)
-_RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB).astype(np.float32)
-_WHITE_D65 = np.array([0.95047, 1.0, 1.08883], np.float32)
-TISSUE_MAX_L = 90.0  # CIELAB lightness above this is glass / background, not stain
 # RandStainNA's recommended setting: the fitted distribution's standard deviation scaled by 1 + (-0.3).
 TEMPLATE_SPREAD = 0.7
 
@@ -55,45 +51,6 @@ def color_jitter(crop: np.ndarray, strength: float, rng: np.random.Generator, ve
     return np.clip(rgb, 0, 255).astype(np.float32)
 
 
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """RGB 0-255 (any shape ending in 3) to CIELAB (L 0-100), D65 white; float32 (half the time of float64,
-    within 1e-4 of scikit-image's rgb2lab)."""
-    c = np.asarray(rgb, np.float32) / np.float32(255)
-    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    t = (linear @ _XYZ_FROM_RGB.T) / _WHITE_D65
-    f = np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16 / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
-
-
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """CIELAB to RGB 0-255 float (clipped to the sRGB gamut), the inverse of ``rgb_to_lab``."""
-    fy = (lab[..., 0] + 16) / 116
-    f = np.stack([fy + lab[..., 1] / 500, fy, np.maximum(fy - lab[..., 2] / 200, 0)], -1)
-    t = np.where(f > 6 / 29, f ** 3, (f - 16 / 116) / 7.787)
-    linear = np.clip((t * _WHITE_D65) @ _RGB_FROM_XYZ.T, 0, 1)
-    c = np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
-    return np.clip(c, 0, 1) * 255.0
-
-
-def tissue_statistics(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-channel mean and standard deviation of the tissue pixels (L < 90) of a CIELAB image; None when
-    fewer than 1% of its pixels are tissue (a blank crop has no stain to move). Sums in the image's dtype:
-    float32 is exact enough for a crop or one image; pass float64 to pool millions of pixels."""
-    tissue = lab[lab[..., 0] < TISSUE_MAX_L]
-    if len(tissue) < 0.01 * lab[..., 0].size or len(tissue) < 2:
-        return None
-    return tissue.mean(0), tissue.std(0) + 1e-6
-
-
-def restain(rgb: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
-    """Reinhard's colour transfer: ``rgb``'s tissue CIELAB mean and spread moved to the target's (float RGB)."""
-    lab = rgb_to_lab(rgb)
-    own = tissue_statistics(lab)
-    if own is None:
-        return np.asarray(rgb, np.float32)
-    return lab_to_rgb((lab - own[0]) / own[1] * target_std + target_mean).astype(np.float32)
-
-
 @dataclass
 class StainTemplates:
     """A normal distribution over images' tissue CIELAB statistics (3 means, 3 standard deviations), fitted
@@ -104,10 +61,9 @@ class StainTemplates:
 
     @classmethod
     def fit(cls, images: list[np.ndarray]) -> "StainTemplates":
-        stats = [s for s in (tissue_statistics(rgb_to_lab(image)) for image in images) if s is not None]
+        stats = images_statistics(images)
         if len(stats) < 2:
             raise ValueError(f"RandStainNA needs at least two images with tissue, got {len(stats)}")
-        stats = np.array([np.stack(s) for s in stats])  # (n, 2, 3)
         return cls(stats.mean(0), stats.std(0))
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
