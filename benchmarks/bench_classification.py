@@ -20,7 +20,6 @@ models can be scored one run at a time; the provenance of the runs that scored t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import time
@@ -65,12 +64,11 @@ def at_ground_truth(model: Pipeline, sample, image: np.ndarray) -> np.ndarray:
 
 
 def bench(name: str, path: str, split: str, radius_um: float, roots: dict[str, Path], joint: bool = False,
-          views: int = 1, restain: Callable[[np.ndarray], np.ndarray] | None = None, detector: str | None = None,
-          classifier_colours: StainNormaliser | None = None) -> dict:
+          views: int = 1, restain: Callable[[np.ndarray], np.ndarray] | None = None, detector: str | None = None
+          ) -> dict:
     """End-to-end figures of a bundle (and at the ground-truth points), or of a joint model (end to end only).
     ``views``: test-time views of the bundle's detector and classifier (``Pipeline.with_test_time_views``);
-    ``restain``: applied to every image first (another lab's colours). ``roots``: the datasets and their folders.
-    ``classifier_colours``: each image's colours moved there for the classifier only (``Pipeline.recolour``)."""
+    ``restain``: applied to every image first (another lab's colours). ``roots``: the datasets and their folders."""
     result = {"bundle": path, "kind": "joint" if joint else "bundle", "datasets": {}}
     if detector is not None:
         result["detector"] = detector
@@ -97,9 +95,6 @@ def bench(name: str, path: str, split: str, radius_um: float, roots: dict[str, P
         for sample in get_dataset(dataset, roots[dataset]).samples(split):
             image = read_image(sample.image_path)
             image = image if restain is None else restain(image)
-            if classifier_colours is not None and not joint:
-                model.recolour = functools.partial(classifier_colours.apply,
-                                                   source=classifier_colours.statistics(image))
             started = time.perf_counter()
             found = predict(image, sample)
             seconds += time.perf_counter() - started
@@ -148,11 +143,13 @@ def restainer(name: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: restain(image, tissue_statistics([image]), target)
 
 
-def training_colours(train_roots: dict[str, Path]) -> StainNormaliser:
-    """``denuc.colour.StainNormaliser`` to the training images' colours (the centre of their tissue statistics):
-    what ``predict --normalise-stain`` moves slides to."""
-    return StainNormaliser.fit([read_image(sample.image_path) for name, root in train_roots.items()
-                                for sample in get_dataset(name, root).samples("train")])
+def normalised(restain: Callable[[np.ndarray], np.ndarray] | None, train_roots: dict[str, Path]
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    """``restain`` (or nothing) followed by ``denuc.colour.StainNormaliser``: Reinhard's transfer of each image to
+    the training images' colours (the centre of their tissue statistics), what ``predict --normalise-stain`` does."""
+    normaliser = StainNormaliser.fit([read_image(sample.image_path) for name, root in train_roots.items()
+                                      for sample in get_dataset(name, root).samples("train")])
+    return lambda image: normaliser.apply(image if restain is None else restain(image))
 
 
 def main() -> None:
@@ -173,9 +170,6 @@ def main() -> None:
                         help="then move every image to the training images' colours (Reinhard's transfer to the "
                              "centre of the BRCAM2C and CRCHisto train images' CIELAB tissue statistics) before "
                              "the models see it")
-    parser.add_argument("--normalise-classifier", action="store_true",
-                        help="as --normalise, but for the classifier's tiles only; the detector sees the image as "
-                             "given (Pipeline.recolour)")
     parser.add_argument("--datasets", default="brcam2c,crchisto",
                         help="comma-separated: brcam2c, crchisto, consep, monuseg (../shared/datasets)")
     parser.add_argument("--detector", default=None,
@@ -190,15 +184,10 @@ def main() -> None:
     joints = dict(item.split("=", 1) for item in args.joint)
     restain = None if args.restain == "none" else restainer(args.restain)
     roots = dataset_roots(args.datasets.split(","), args.root)
-    if args.normalise and args.normalise_classifier:
-        raise SystemExit("--normalise moves the whole image, --normalise-classifier the classifier's: give one")
-    colours = (training_colours(dataset_roots(("brcam2c", "crchisto"), args.root))
-               if args.normalise or args.normalise_classifier else None)
     if args.normalise:
-        before = restain
-        restain = lambda image: colours.apply(image if before is None else before(image))  # noqa: E731
+        restain = normalised(restain, dataset_roots(("brcam2c", "crchisto"), args.root))
     results = {"split": args.split, "radius_um": args.radius_um, "protocol": "denuc", "restain": args.restain,
-               "normalise": "classifier" if args.normalise_classifier else args.normalise,
+               "normalise": args.normalise,
                "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "references": REFERENCES,
                "models": {}}
@@ -215,8 +204,7 @@ def main() -> None:
                 [earlier["provenance"]] if "provenance" in earlier else [])
     for name, path in models.items():
         results["models"][name] = bench(name, path, args.split, args.radius_um, roots, views=args.tta,
-                                         restain=restain, detector=args.detector,
-                                         classifier_colours=colours if args.normalise_classifier else None)
+                                         restain=restain, detector=args.detector)
     for name, path in joints.items():
         results["models"][name] = bench(name, path, args.split, args.radius_um, roots, joint=True,
                                          restain=restain)

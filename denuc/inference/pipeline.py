@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 
 import numpy as np
 from safetensors.torch import save_file
@@ -43,9 +42,6 @@ class Pipeline:
         # off: keep them, labelled with their most probable class, for images unlike the training data, where the
         # rejection costs more recall: CLASSIFIER_CARD.md)
         self.reject = True
-        # what the classifier's tiles go through first, not the detector's (an inference setting: denuc predict
-        # --normalise-stain sets a slide's colour transfer here, ``denuc.colour.StainNormaliser``); None: nothing
-        self.recolour: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def mpp(self) -> float:
@@ -137,14 +133,13 @@ class Pipeline:
         tiles is the caller's business (see ``denuc.inference.tiling.iter_tiles``). With a classifier, detections
         it calls "not a nucleus" are dropped (unless ``self.reject`` is off); the others get the most probable class
         and ``probs``, the class probabilities given that the point is a nucleus (renormalised without "not a
-        nucleus"). The classifier sees the tiles through ``self.recolour`` when set; the detector, as they are.
+        nucleus").
         """
         found = self.detector.detect_tiles(tiles, scan_mpp)
         if self.classifier is None:
             return found
         results = []
-        seen = tiles if self.recolour is None else self.recolour(tiles)
-        for nuclei, (probs, features) in zip(found, self.classify_tiles(seen, [n.xy for n in found])):
+        for nuclei, (probs, features) in zip(found, self.classify_tiles(tiles, [n.xy for n in found])):
             labels, class_probs, rejected = self.name_classes(probs)
             rejected &= self.reject
             kept = nuclei.subset(~rejected)
