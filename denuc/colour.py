@@ -21,6 +21,7 @@ _RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB).astype(np.float32)
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883], np.float32)
 TISSUE_MAX_L = 90.0  # CIELAB lightness above this is glass / background, not stain
 
+
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """RGB 0-255 (any shape ending in 3) to CIELAB (L 0-100), D65 white; float32 (half the time of float64,
     within 1e-4 of scikit-image's rgb2lab)."""
@@ -51,13 +52,16 @@ def tissue_statistics(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return tissue.mean(0), tissue.std(0) + 1e-6
 
 
-def restain(rgb: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
-    """Reinhard's colour transfer: ``rgb``'s tissue CIELAB mean and spread moved to the target's (float RGB)."""
+def restain(rgb: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray,
+            source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Reinhard's colour transfer: ``rgb``'s tissue CIELAB mean and spread (``source``, default its own) moved to
+    the target's (float RGB); unchanged without tissue to take its own statistics from."""
     lab = rgb_to_lab(rgb)
-    own = tissue_statistics(lab)
-    if own is None:
+    source = tissue_statistics(lab) if source is None else source
+    if source is None:
         return np.asarray(rgb, np.float32)
-    return lab_to_rgb((lab - own[0]) / own[1] * target_std + target_mean).astype(np.float32)
+    mean, std = (np.asarray(v, np.float32) for v in source)
+    return lab_to_rgb((lab - mean) / std * np.float32(target_std) + np.float32(target_mean)).astype(np.float32)
 
 
 def images_statistics(images: list[np.ndarray]) -> np.ndarray:
@@ -96,14 +100,11 @@ class StainNormaliser:
 
     @staticmethod
     def statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """An image's (a slide thumbnail's) tissue statistics, what ``apply`` moves from; None without tissue."""
+        """The tissue statistics of ``rgb`` (an image, or pixels pooled from a slide's tiles), what ``apply``
+        moves from; None without tissue."""
         return tissue_statistics(rgb_to_lab(rgb).astype(np.float64))
 
     def apply(self, rgb: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """``rgb`` (uint8 RGB, any shape ending in 3) moved from ``source`` (default: its own statistics) to the
         target, uint8; unchanged when there is no tissue to take statistics from."""
-        source = self.statistics(rgb) if source is None else source
-        if source is None:
-            return rgb
-        lab = (rgb_to_lab(rgb) - source[0].astype(np.float32)) / source[1].astype(np.float32)
-        return np.rint(lab_to_rgb(lab * self.std.astype(np.float32) + self.mean.astype(np.float32))).astype(np.uint8)
+        return np.rint(restain(rgb, self.mean, self.std, source)).astype(np.uint8)
