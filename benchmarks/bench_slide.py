@@ -38,10 +38,12 @@ CMU = SLIDES / "CMU-1-Small-Region.svs"
 
 
 def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str, out: str, device: str = "cpu",
-            batch_size: int = 8) -> dict:
+            batch_size: int = 8, normalise: bool = False) -> dict:
     """Runs in the child: one slide, one model, fresh process. Returns the figures."""
     import torch
 
+    from denuc.colour import StainNormaliser
+    from denuc.hub import describe
     from denuc.inference.pipeline import Pipeline
     from denuc.inference.slide import predict_slide
     from denuc.io.slides import open_slide
@@ -51,11 +53,14 @@ def one_run(slide_path: str, model_name: str, detector_only: bool, runtime: str,
         model = Pipeline(model.detector)
     started = time.perf_counter()
     with open_slide(slide_path) as slide:
-        summary = predict_slide(slide, model, out, progress=False, model_name=model_name, batch_size=batch_size)
+        colours = describe(model_name)["training_colours"] if normalise else None
+        normaliser = None if colours is None else StainNormaliser.from_dict(colours)
+        summary = predict_slide(slide, model, out, progress=False, model_name=model_name, batch_size=batch_size,
+                                normaliser=normaliser)
     seconds = time.perf_counter() - started
     area = summary["tissue"]["area_mm2"]
     return {"model": model_name, "slide": Path(slide_path).name,
-            "mode": "detection only" if model.classifier is None else "full",
+            "mode": "detection only" if model.classifier is None else "full", "normalise_stain": normalise,
             "runtime": runtime, "device": device, "batch_size": batch_size, "timing_s": summary["timing_s"],
             "classes": [c.name for c in model.classes], "wall_s": seconds, "tissue_mm2": area,
             "slide_mm2": summary["slide"]["dimensions"][0] * summary["slide"]["dimensions"][1]
@@ -78,12 +83,14 @@ def build_4x_slide(source: Path, path: Path) -> None:
     write_pyramidal_tiff(path, np.tile(region, (2, 2, 1)), mpp)
 
 
-def child(slide: Path, model: str, detector_only: bool, runtime: str, out: Path, device: str, batch_size: int
-          ) -> dict:
+def child(slide: Path, model: str, detector_only: bool, runtime: str, normalise: bool, out: Path, device: str,
+          batch_size: int) -> dict:
     command = [sys.executable, __file__, "--child", str(slide), "--model", model, "--child-out", str(out),
                "--runtime", runtime, "--device", device, "--batch-size", str(batch_size)]
     if detector_only:
         command.append("--detector-only")
+    if normalise:
+        command.append("--normalise-stain")
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -100,11 +107,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: PyTorch only there (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default: %(default)s, the CLI's)")
     parser.add_argument("--slide", type=Path, default=CMU, help="the region slide (default: %(default)s)")
+    parser.add_argument("--normalise-stain", action="store_true",
+                        help="instead: each model's full pipeline in ONNX Runtime (the CLI's) without and with "
+                             "--normalise-stain, side by side")
     args = parser.parse_args()
     models = args.model or ["default"]
     if args.child:
         print(json.dumps(one_run(args.child, models[0], args.detector_only, args.runtime, args.child_out,
-                                 args.device, args.batch_size)))
+                                 args.device, args.batch_size, args.normalise_stain)))
         return
     if not args.slide.is_file():
         sys.exit(f"benchmark slide not found: {args.slide}")
@@ -115,24 +125,27 @@ def main() -> None:
     from denuc.inference.slide import software_versions
 
     with_classifier = [m for m in models if Pipeline.from_pretrained(m).classifier is not None]
-    settings = [(m, d, r) for m in models for d in ([True, False] if m in with_classifier else [True])
+    settings = [(m, d, r, False) for m in models for d in ([True, False] if m in with_classifier else [True])
                 for r in (("torch", "onnx") if args.device == "cpu" else ("torch",))]
+    if args.normalise_stain:
+        settings = [(m, False, "onnx", n) for m in with_classifier for n in (False, True)]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / f"{args.slide.stem}-4x.tif"
         build_4x_slide(args.slide, big)
         for slide, repeats in ((args.slide, args.repeats), (big, 1)):
-            trials: dict[tuple[str, bool, str], list[dict]] = {setting: [] for setting in settings}
+            trials: dict[tuple[str, bool, str, bool], list[dict]] = {setting: [] for setting in settings}
             for i in range(repeats):  # settings interleaved within each round: other load hits all alike
                 for k, setting in enumerate(settings):
                     out = Path(tmp) / f"out-{slide.stem}-{i}-{k}"
                     trials[setting].append(child(slide, *setting, out, args.device, args.batch_size))
-            for (model, _, runtime), repeated in trials.items():
+            for (model, _, runtime, normalise), repeated in trials.items():
                 r = sorted(repeated, key=lambda t: t["wall_s"])[len(repeated) // 2]
                 r["repeats_wall_s"] = [t["wall_s"] for t in repeated]
                 runs.append(r)
                 where = ", ".join(f"{k} {v:.2f}" for k, v in r["timing_s"].items())
-                print(f"{r['slide']:28s} {model:8s} {r['mode']:15s} {runtime:5s} {r['tissue_mm2']:.2f} mm^2 tissue, "
+                print(f"{r['slide']:28s} {model:8s} {r['mode']:15s} {runtime:5s}"
+                      f"{' normalised' if normalise else ''} {r['tissue_mm2']:.2f} mm^2 tissue, "
                       f"{r['tiles']} tiles, {r['nuclei']} nuclei: {r['wall_s']:.2f} s (median of {repeats}), "
                       f"{r['s_per_mm2_tissue']:.2f} s/mm^2, {r['nuclei_per_s']:.0f} nuclei/s, "
                       f"peak {r['peak_rss_mb']:.0f} MB\n    time (s): {where}")

@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "classification" / "training_colours.json")
     args = parser.parse_args()
     colours = training_colours()
-    print(colours.to_json())
-    write_result(args.out, {"images": "BRCAM2C train + CRCHisto train", **json.loads(colours.to_json())}, [])
+    print(json.dumps(colours.to_dict()))
+    write_result(args.out, {"images": "BRCAM2C train + CRCHisto train", **colours.to_dict()}, [])
 
 
 if __name__ == "__main__":

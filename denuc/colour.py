@@ -9,7 +9,6 @@ colours the model was trained on. Numpy only: the lower layers and the command l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,13 +89,12 @@ class StainNormaliser:
         return cls(mean, std)
 
     @classmethod
-    def from_json(cls, text: str) -> "StainNormaliser":
-        values = json.loads(text)
+    def from_dict(cls, values: dict) -> "StainNormaliser":
+        """From ``to_dict``'s form (how ``denuc.hub`` records a model's training colours)."""
         return cls(np.array(values["mean"], np.float64), np.array(values["std"], np.float64))
 
-    def to_json(self) -> str:
-        return json.dumps({"mean": [round(float(v), 4) for v in self.mean],
-                           "std": [round(float(v), 4) for v in self.std]})
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": [round(float(v), 4) for v in self.mean], "std": [round(float(v), 4) for v in self.std]}
 
     @staticmethod
     def statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

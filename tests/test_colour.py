@@ -37,12 +37,12 @@ def test_an_image_alone_is_moved_to_the_target_and_a_slide_by_one_transfer() -> 
     np.testing.assert_array_equal(TARGET.apply(glass), glass)
 
 
-def test_fit_is_the_centre_of_the_images_statistics_and_travels_as_json() -> None:
+def test_fit_is_the_centre_of_the_images_statistics_and_travels_as_a_dict() -> None:
     image = read_image(SAMPLE)
     images = [image, TARGET.apply(image)]
     fitted = StainNormaliser.fit(images)
     np.testing.assert_allclose(np.stack([fitted.mean, fitted.std]), images_statistics(images).mean(0), rtol=1e-6)
-    again = StainNormaliser.from_json(fitted.to_json())
+    again = StainNormaliser.from_dict(fitted.to_dict())
     np.testing.assert_allclose(again.mean, fitted.mean, atol=1e-4)
     np.testing.assert_allclose(again.std, fitted.std, atol=1e-4)
     with pytest.raises(ValueError, match="no image with tissue"):
@@ -60,7 +60,7 @@ def test_the_shipped_training_colours_are_those_of_the_training_images() -> None
         warnings.simplefilter("ignore", UserWarning)  # CRCHisto's known unmatched class centres
         images = [read_image(sample.image_path) for name in ("brcam2c", "crchisto")
                   for sample in get_dataset(name, SHARED / name).samples("train")]
-    fitted = json.loads(StainNormaliser.fit(images).to_json())
+    fitted = StainNormaliser.fit(images).to_dict()
     for name in ("default", "fast", "stain-robust", "default-bundle"):
         assert hub.describe(name)["training_colours"] == fitted, name
     assert hub.describe("precise")["training_colours"] is None  # trained on four datasets: not recorded

@@ -250,8 +250,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _normaliser(reference: str, name: str, described: dict) -> "StainNormaliser":
     """What ``--normalise-stain`` moves slides to: the model's training colours, or a reference image's."""
-    import numpy as np
-
     from denuc.colour import StainNormaliser
     from denuc.errors import InputError
     from denuc.io.images import read_image
@@ -264,8 +262,7 @@ def _normaliser(reference: str, name: str, described: dict) -> "StainNormaliser"
     if described["training_colours"] is None:
         raise InputError(name, "--normalise-stain: this model records no training colours; give an image whose "
                                "colours to use (--normalise-stain REFERENCE.png)")
-    colours = described["training_colours"]
-    return StainNormaliser(np.array(colours["mean"]), np.array(colours["std"]))
+    return StainNormaliser.from_dict(described["training_colours"])
 
 
 @dataclass

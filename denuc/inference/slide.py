@@ -167,7 +167,7 @@ def predict_slide(
         "runtime": model.detector.runtime, "tissue_mask": tissue_mask, "embeddings": embeddings,
         "batch_size": batch_size, "chunk_tiles": chunk_tiles, "denuc": denuc.__version__,
         "outlines": None if outliner is None else outliner.fingerprint(),
-        "normalise_stain": None if normaliser is None else normaliser.to_json(),
+        "normalise_stain": None if normaliser is None else normaliser.to_dict(),
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     done = None if overwrite else _completed_summary(paths, fingerprint, embeddings, slide.path)
@@ -259,7 +259,7 @@ def predict_slide(
         "stain_normalised": None if source is None else {
             "method": "Reinhard (CIELAB tissue mean and standard deviation), one transfer for the slide",
             "from": {"mean": source[0].round(4).tolist(), "std": source[1].round(4).tolist()},
-            "to": json.loads(normaliser.to_json())},
+            "to": normaliser.to_dict()},
         "versions": software_versions(),
         "runtime_s": time.perf_counter() - started,
         # where the time went (this run's tiles only): reading runs in worker threads, overlapped with the model,
