@@ -2,6 +2,7 @@
 
     python benchmarks/bench_classification.py [--model default=default --model frozen=runs/x/model.safetensors ...]
         [--joint joint=runs/y/best.safetensors] [--tta 1] [--split test] [--restain none|macenko-cmu1|macenko-tcga|...]
+        [--normalise]
         [--datasets brcam2c,crchisto] [--detector NAME] [--out benchmarks/results/classification/classification.json]
 
 For each model bundle and dataset: the model runs on the raw images at their native pixel size (detector,
@@ -12,7 +13,9 @@ unlabelled ground truth is not scored). A dataset without a head of its own name
 run with the bundle's first head and scored for detection only. Bundles are also scored as the detector alone
 (``detector_alone``): the recall the "not a nucleus" class costs is ``detector_alone.recall`` minus
 ``end_to_end.detection.recall``. ``--detector`` replaces the bundle's own detector by another one (e.g. one at
-another working resolution), as ``denuc predict --detector`` does (``Pipeline.with_detector``). Prints a table and
+another working resolution), as ``denuc predict --detector`` does (``Pipeline.with_detector``). ``--normalise`` moves
+each image (after any re-staining) to the training images' colours first, as ``denuc predict --normalise-stain``
+moves a slide (``denuc.colour.StainNormaliser``; there one transfer per slide). Prints a table and
 saves every figure as JSON; models already in the output file (same split, radius and re-staining) are kept, so
 models can be scored one run at a time; the provenance of the runs that scored them is kept too (``earlier_runs``).
 """
