@@ -2,6 +2,8 @@
 
     python benchmarks/bench_slide.py [--model default [--model fast ...]] [--repeats 3]
         [--out benchmarks/results/slide/slide.json]
+    python benchmarks/bench_slide.py --normalise-stain --repeats 5 \
+        --out benchmarks/results/slide/slide_normalise_stain.json   (without and with it, side by side)
     python benchmarks/bench_slide.py --device cuda --batch-size 32 --slide .gpu/slides/CMU-1-Small-Region.svs \
         --out $OUT/slide_gpu.json        (a GPU: PyTorch only; the slide wherever the machine has it)
 
