@@ -9,7 +9,6 @@ colours the model was trained on. Numpy only: the lower layers and the command l
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,31 +106,3 @@ class StainNormaliser:
         """``rgb`` (uint8 RGB, any shape ending in 3) moved from ``source`` (default: its own statistics) to the
         target, uint8; unchanged when there is no tissue to take statistics from."""
         return np.rint(restain(rgb, self.mean, self.std, source)).astype(np.uint8)
-
-    def table(self, source: tuple[np.ndarray, np.ndarray]) -> "TransferTable":
-        """``apply`` from ``source``, as a table filled with each colour the first time it is seen: the same output,
-        for a slide's many tiles at a fraction of the time (tiles share most of their colours)."""
-        return TransferTable(self, source)
-
-
-class TransferTable:
-    """``StainNormaliser.apply(rgb, source)`` looked up per colour (``StainNormaliser.table``): a 2^24-entry table
-    (64 MB), filled as colours first appear. Safe to call from several threads (a slide's reading threads)."""
-
-    def __init__(self, normaliser: StainNormaliser, source: tuple[np.ndarray, np.ndarray]) -> None:
-        self.normaliser, self.source = normaliser, source
-        self.values = np.zeros((1 << 24, 3), np.uint8)
-        self.known = np.zeros(1 << 24, bool)
-        self._filling = threading.Lock()
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """``rgb`` (uint8 RGB, any shape ending in 3) moved as ``StainNormaliser.apply`` moves it."""
-        codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-        if not self.known[codes].all():
-            with self._filling:  # colours are marked known only once their values are in the table
-                new = np.unique(codes[~self.known[codes]])
-                colours = np.stack([new >> 16, (new >> 8) & 255, new & 255], -1).astype(np.uint8)
-                self.values[new] = self.normaliser.apply(colours, self.source)
-                self.known[new] = True
-        return self.values[codes]
-

@@ -37,22 +37,6 @@ def test_an_image_alone_is_moved_to_the_target_and_a_slide_by_one_transfer() -> 
     np.testing.assert_array_equal(TARGET.apply(glass), glass)
 
 
-def test_the_table_of_a_slide_gives_what_apply_gives_from_any_thread() -> None:
-    """``StainNormaliser.table`` (what a slide's reading threads use): the same pixels as ``apply``, whether a colour
-    is new to the table or already in it, with tiles looked up by several threads at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    image = read_image(SAMPLE)
-    source = StainNormaliser.statistics(image)
-    table = TARGET.table(source)
-    tiles = [image[y:y + 125, x:x + 125] for y in range(0, 500, 125) for x in range(0, 500, 125)]
-    with ThreadPoolExecutor(4) as pool:
-        looked_up = list(pool.map(table, tiles))
-    for tile, moved in zip(tiles, looked_up):
-        np.testing.assert_array_equal(moved, TARGET.apply(tile, source))
-    np.testing.assert_array_equal(table(image), TARGET.apply(image, source))  # every colour known by now
-
-
 def test_fit_is_the_centre_of_the_images_statistics_and_travels_as_a_dict() -> None:
     image = read_image(SAMPLE)
     images = [image, TARGET.apply(image)]

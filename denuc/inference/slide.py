@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -201,7 +202,7 @@ def predict_slide(
         if normaliser is not None and tiles:
             spread = tiles[::max(1, len(tiles) // STAIN_SAMPLE_TILES)][:STAIN_SAMPLE_TILES]
             source = normaliser.statistics(np.concatenate([grid.read(slide, t).reshape(-1, 3) for t in spread]))
-        recolour = None if source is None else normaliser.table(source)
+        recolour = None if source is None else functools.partial(normaliser.apply, source=source)
 
         manifest = {"settings": settings, "fingerprint": fingerprint, "chunks": len(chunks), "tiles": len(tiles)}
         if resume and (partial / "manifest.json").is_file():
