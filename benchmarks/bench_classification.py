@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS, dataset_roots, write_result
+from training_colours import training_colours
 
-from denuc.colour import StainNormaliser
 from denuc.datasets import get_dataset
 from denuc.inference.detect import Detector
 from denuc.inference.pipeline import Pipeline
@@ -150,8 +150,7 @@ def normalised(restain: Callable[[np.ndarray], np.ndarray] | None, train_roots: 
                ) -> Callable[[np.ndarray], np.ndarray]:
     """``restain`` (or nothing) followed by ``denuc.colour.StainNormaliser``: Reinhard's transfer of each image to
     the training images' colours (the centre of their tissue statistics), what ``predict --normalise-stain`` does."""
-    normaliser = StainNormaliser.fit([read_image(sample.image_path) for name, root in train_roots.items()
-                                      for sample in get_dataset(name, root).samples("train")])
+    normaliser = training_colours(train_roots)
     return lambda image: normaliser.apply(image if restain is None else restain(image))
 
 

@@ -18,9 +18,10 @@ from denuc.datasets import get_dataset
 from denuc.io.images import read_image
 
 
-def training_colours() -> StainNormaliser:
-    return StainNormaliser.fit([read_image(sample.image_path)
-                                for name, root in dataset_roots(("brcam2c", "crchisto")).items()
+def training_colours(roots: dict[str, Path] | None = None) -> StainNormaliser:
+    """The BRCAM2C and CRCHisto train images' colours (``roots``: their folders, default ../shared's)."""
+    roots = dataset_roots(("brcam2c", "crchisto")) if roots is None else roots
+    return StainNormaliser.fit([read_image(sample.image_path) for name, root in roots.items()
                                 for sample in get_dataset(name, root).samples("train")])
 
 

@@ -59,8 +59,7 @@ def restain(rgb: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray,
     source = tissue_statistics(lab) if source is None else source
     if source is None:
         return np.asarray(rgb, np.float32)
-    mean, std = (np.asarray(v, np.float32) for v in source)
-    return lab_to_rgb((lab - mean) / std * np.float32(target_std) + np.float32(target_mean)).astype(np.float32)
+    return lab_to_rgb((lab - source[0]) / source[1] * target_std + target_mean).astype(np.float32)
 
 
 def images_statistics(images: list[np.ndarray]) -> np.ndarray:
@@ -105,4 +104,10 @@ class StainNormaliser:
     def apply(self, rgb: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """``rgb`` (uint8 RGB, any shape ending in 3) moved from ``source`` (default: its own statistics) to the
         target, uint8; unchanged when there is no tissue to take statistics from."""
-        return np.rint(restain(rgb, self.mean, self.std, source)).astype(np.uint8)
+        source = self.statistics(rgb) if source is None else source
+        if source is None:
+            return rgb
+        # float32 throughout: a slide's tiles are many pixels
+        mean, std = (np.asarray(v, np.float32) for v in source)
+        return np.rint(restain(rgb, self.mean.astype(np.float32), self.std.astype(np.float32), (mean, std))
+                       ).astype(np.uint8)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_IMAGE as SAMPLE
 from PIL import Image
 
 from denuc import hub
@@ -15,7 +16,6 @@ from denuc.cli import main
 from denuc.colour import StainNormaliser, images_statistics, rgb_to_lab
 from denuc.io.images import read_image
 
-SAMPLE = Path(__file__).resolve().parents[1] / "denuc" / "data" / "sample_brcam2c.png"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TARGET = StainNormaliser(np.array([60.0, 28.0, -22.0]), np.array([14.0, 8.0, 9.0]))
 
